@@ -1,0 +1,359 @@
+"""Public knowledge cross-entropy: argument checking and normalisation for the custom ops."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from vfm.ops import knowledge_ce as _ops  # noqa: F401  (registers torch.ops.vfm.*)
+from vfm.ops.kce_reference import KD_MODES, KD_NONE, PEN_MODES, PEN_NONE, PEN_POSTERIOR, pack_allowed_bits
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+class KnowledgeCEParts(NamedTuple):
+    """What ``return_parts=True`` returns.
+
+    ``loss`` is the differentiable loss; the other fields are detached diagnostics, each weighted
+    and reduced like the loss (per row for ``reduction="none"``), so that
+    ``loss == ce + kd + penalty + z_loss``.  ``n_outside_allowed`` counts the rows whose target
+    counts for CE but lies outside the row's allowed labels (a rule contradicting a gold label).
+    """
+
+    loss: Tensor
+    ce: Tensor
+    kd: Tensor
+    penalty: Tensor
+    z_loss: Tensor
+    n_outside_allowed: Tensor
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _shape(t) -> str:
+    return "(" + ", ".join(str(int(s)) for s in t.shape) + ")"
+
+
+def _require_tensor(name: str, value, *, floating: Optional[bool] = None) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating is True and not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if floating is False and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got dtype {value.dtype}")
+    return value
+
+
+def _require_number(name: str, value, *, low=None, high=None, low_open=False, high_open=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
+def _same_device(name: str, t: Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but logits are on {device}")
+
+
+def _check_target_range(target: Tensor, vocab: int, ignore_index: int) -> None:
+    if _compiling() or target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if bool(bad.any()):
+        values = target[bad].unique()[:8].tolist()
+        raise ValueError(
+            f"target holds values outside [0, {vocab}) that are not ignore_index={ignore_index}: {values}"
+        )
+
+
+def _normalise_teacher_topk(teacher_topk, lead_shape, n_rows: int, vocab: int, device):
+    if not isinstance(teacher_topk, (tuple, list)) or len(teacher_topk) != 2:
+        raise TypeError("teacher_topk must be a pair (indices [N, k] int, logprobs [N, k] float)")
+    idx = _require_tensor("teacher_topk[0] (indices)", teacher_topk[0], floating=False)
+    lp = _require_tensor("teacher_topk[1] (logprobs)", teacher_topk[1], floating=True)
+    if tuple(idx.shape[:-1]) != tuple(lead_shape) or idx.dim() != len(lead_shape) + 1:
+        raise ValueError(f"teacher_topk indices have shape {_shape(idx)}; expected {tuple(lead_shape)} + (k,)")
+    if lp.shape != idx.shape:
+        raise ValueError(f"teacher_topk logprobs shape {_shape(lp)} differs from indices shape {_shape(idx)}")
+    _same_device("teacher_topk indices", idx, device)
+    _same_device("teacher_topk logprobs", lp, device)
+    idx = idx.reshape(n_rows, -1).long()
+    lp = lp.reshape(n_rows, -1).float()
+    if not _compiling() and idx.numel():
+        if bool(((idx < -1) | (idx >= vocab)).any()):
+            bad = idx[(idx < -1) | (idx >= vocab)].unique()[:8].tolist()
+            raise ValueError(f"teacher_topk indices must lie in [0, {vocab}) or be -1 (padding); got {bad}")
+        srt = idx.sort(dim=-1).values
+        dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
+        if bool(dup.any()):
+            row = int(dup.any(-1).nonzero()[0, 0])
+            raise ValueError(f"teacher_topk indices repeat within row {row}; indices must be distinct per row")
+    return idx.contiguous(), lp.contiguous()
+
+
+def _normalise_allowed(allowed, lead_shape, n_rows: int, vocab: int, device) -> Tuple[Tensor, Tensor]:
+    if isinstance(allowed, Tensor):
+        if allowed.dtype != torch.bool:
+            raise TypeError(f"allowed must be a bool tensor (or a (group_masks, group_ids) pair), got {allowed.dtype}")
+        if tuple(allowed.shape) != tuple(lead_shape) + (vocab,):
+            raise ValueError(f"allowed has shape {_shape(allowed)}; expected logits' shape {tuple(lead_shape) + (vocab,)}")
+        _same_device("allowed", allowed, device)
+        masks = allowed.reshape(n_rows, vocab)
+        gid = torch.arange(n_rows, device=device, dtype=torch.int64)
+    elif isinstance(allowed, (tuple, list)) and len(allowed) == 2:
+        masks, gid = allowed
+        _require_tensor("allowed[0] (group_masks)", masks)
+        if masks.dtype != torch.bool or masks.dim() != 2:
+            raise TypeError(f"allowed group_masks must be a 2-D bool tensor [G, V], got {masks.dtype} {_shape(masks)}")
+        if masks.shape[1] != vocab:
+            raise ValueError(f"allowed group_masks cover {masks.shape[1]} labels but logits have V={vocab}")
+        gid = _require_tensor("allowed[1] (group_ids)", gid, floating=False)
+        if tuple(gid.shape) != tuple(lead_shape):
+            raise ValueError(f"allowed group_ids shape {_shape(gid)} differs from target shape {tuple(lead_shape)}")
+        _same_device("allowed group_masks", masks, device)
+        _same_device("allowed group_ids", gid, device)
+        gid = gid.reshape(n_rows).long()
+        if not _compiling() and gid.numel() and bool(((gid < -1) | (gid >= masks.shape[0])).any()):
+            bad = gid[(gid < -1) | (gid >= masks.shape[0])].unique()[:8].tolist()
+            raise ValueError(f"allowed group_ids must lie in [-1, {masks.shape[0]}); got {bad}")
+    else:
+        raise TypeError("allowed must be a bool tensor [N, V] or a pair (group_masks [G, V] bool, group_ids [N] int)")
+    counts = masks.sum(-1)
+    unconstrained = (counts == 0) | (counts == vocab)
+    if masks.shape[0] == 0:
+        gid = torch.full_like(gid, -1)
+    else:
+        gid = torch.where((gid < 0) | unconstrained[gid.clamp_min(0)], torch.full_like(gid, -1), gid)
+    return pack_allowed_bits(masks), gid.to(torch.int32).contiguous()
+
+
+def _denominator(value) -> Tensor:
+    return torch.where(value > 0, 1.0 / value.clamp_min(1e-38), torch.zeros_like(value))
+
+
+def knowledge_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    ce_weight: float = 1.0,
+    teacher_logits: Optional[Tensor] = None,
+    teacher_topk: Optional[Sequence[Tensor]] = None,
+    temperature: float = 1.0,
+    kd_weight: float = 0.0,
+    kd: str = "kl",
+    jsd_beta: float = 0.5,
+    allowed: Union[Tensor, Sequence[Tensor], None] = None,
+    penalty_weight: float = 0.0,
+    penalty: str = "mass",
+    rule_strength: Optional[float] = None,
+    soft_mask: Optional[Tensor] = None,
+    num_items_in_batch: Union[int, Tensor, None] = None,
+    inplace_backward: bool = False,
+    return_parts: bool = False,
+):
+    """Cross-entropy + distillation + knowledge penalty + z-loss, fused in one pass over logits.
+
+    L_i = ce_weight * CE_i + kd_weight * KD_i + penalty_weight * pen_i + z_loss * lse_i^2
+    (DESIGN.md, "Op 1", has every formula).
+
+    Args:
+        logits: (N, V) or (*, V) student logits, fp32/fp16/bf16 (fp64 on the torch and cpp
+            backends). The loss is computed in fp32 whatever the dtype.
+        target: (N,) or (*) integer class indices; ``ignore_index`` marks unlabelled rows.
+        weight: (V,) class weights of the CE term (as ``torch.nn.functional.cross_entropy``).
+        ignore_index: target value that does not count for CE.
+        reduction: ``"mean"`` (CE divided by the counted rows' class weights; KD, penalty and
+            z-loss by the number of soft_mask rows), ``"sum"`` or ``"none"`` (per row).
+        label_smoothing: eps in [0, 1], exactly as torch's cross_entropy.
+        z_loss: coefficient of lse^2 (0 disables it).
+        softcap: c > 0 applies z <- c * tanh(z / c) to the student logits first.
+        ce_weight: weight of the CE term.
+        teacher_logits: (N, V) / (*, V) full teacher logits (no gradient flows to them).
+        teacher_topk: (indices (N, k) int, logprobs (N, k) float) sparse teacher, ``kd="kl"``
+            only; index -1 is padding.
+        temperature: T > 0 of the distillation and posterior terms (scaled by T^2).
+        kd_weight: weight of the KD term (needs a teacher when nonzero).
+        kd: ``"kl"`` = KL(q||p), ``"reverse_kl"`` = KL(p||q) or ``"jsd"`` (generalised, beta).
+        jsd_beta: beta in (0, 1) of ``kd="jsd"``.
+        allowed: allowed labels per row: bool (N, V), or (group_masks (G, V) bool,
+            group_ids (N,) int, -1 = unconstrained).
+        penalty_weight: weight of the knowledge penalty (needs ``allowed`` when nonzero).
+        penalty: ``"mass"`` (-log of the probability mass on the allowed labels) or
+            ``"posterior"`` (KL to the rule-projected teacher, Hu et al. 2016).
+        rule_strength: C of the posterior penalty; None = infinity (hard restriction).
+        soft_mask: (N,) / (*) bool rows that count for KD, penalty and z-loss; default
+            ``target != ignore_index``.
+        num_items_in_batch: with ``reduction="mean"``, replaces every denominator (gradient
+            accumulation).
+        inplace_backward: write the gradient into the logits' storage (smallest memory; the
+            logits' values are destroyed).
+        return_parts: return :class:`KnowledgeCEParts` instead of the loss alone.
+
+    Returns:
+        The fp32 loss: a scalar, or shape ``target.shape`` for ``reduction="none"`` (0 where a row
+        counts for no term); or :class:`KnowledgeCEParts` with ``return_parts=True``.
+
+    Raises:
+        TypeError / ValueError: naming the argument, for wrong types, shapes, devices, values
+        out of range and impossible option combinations.
+    """
+    logits = _require_tensor("logits", logits, floating=True)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape (*, V) with V >= 1, got {_shape(logits)}")
+    target = _require_tensor("target", target, floating=False)
+    vocab = int(logits.shape[-1])
+    lead_shape = tuple(logits.shape[:-1])
+    if tuple(target.shape) != lead_shape:
+        raise ValueError(f"target shape {_shape(target)} does not match logits shape {_shape(logits)} without its last dim")
+    device = logits.device
+    _same_device("target", target, device)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = int(ignore_index)
+    label_smoothing = _require_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    z_loss = _require_number("z_loss", z_loss, low=0.0)
+    softcap_value = 0.0 if softcap is None else _require_number("softcap", softcap, low=0.0, low_open=True)
+    ce_weight = _require_number("ce_weight", ce_weight)
+    temperature = _require_number("temperature", temperature, low=0.0, low_open=True)
+    kd_weight = _require_number("kd_weight", kd_weight)
+    penalty_weight = _require_number("penalty_weight", penalty_weight)
+    if kd not in KD_MODES:
+        raise ValueError(f"kd must be one of {tuple(KD_MODES)}, got {kd!r}")
+    jsd_beta = _require_number("jsd_beta", jsd_beta)
+    if kd == "jsd" and not 0.0 < jsd_beta < 1.0:
+        raise ValueError(f"jsd_beta must lie strictly between 0 and 1, got {jsd_beta}")
+    if penalty not in PEN_MODES:
+        raise ValueError(f"penalty must be one of {tuple(PEN_MODES)}, got {penalty!r}")
+    strength = math.inf if rule_strength is None else _require_number("rule_strength", rule_strength, low=0.0)
+    if num_items_in_batch is not None and reduction != "mean":
+        raise ValueError(f"num_items_in_batch needs reduction='mean', got reduction={reduction!r}")
+    for name, flag in (("inplace_backward", inplace_backward), ("return_parts", return_parts)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+
+    z2d = logits.reshape(-1, vocab)
+    if z2d.stride(-1) != 1:
+        z2d = z2d.contiguous()
+    n_rows = z2d.shape[0]
+    tgt = target.reshape(n_rows).long()
+    _check_target_range(tgt, vocab, ignore_index)
+
+    w = None
+    if weight is not None:
+        w = _require_tensor("weight", weight, floating=True)
+        if tuple(w.shape) != (vocab,):
+            raise ValueError(f"weight must have shape ({vocab},) (one per class), got {_shape(w)}")
+        _same_device("weight", w, device)
+        w = w.float().contiguous()
+
+    if teacher_logits is not None and teacher_topk is not None:
+        raise ValueError("give either teacher_logits or teacher_topk, not both")
+    teacher = topk_idx = topk_lp = None
+    if teacher_logits is not None:
+        teacher = _require_tensor("teacher_logits", teacher_logits, floating=True)
+        if teacher.shape != logits.shape:
+            raise ValueError(
+                f"teacher_logits shape {_shape(teacher)} differs from logits shape {_shape(logits)}"
+                + (f" (teacher vocabulary {teacher.shape[-1]} vs student {vocab})" if teacher.dim() and teacher.shape[-1] != vocab else "")
+            )
+        _same_device("teacher_logits", teacher, device)
+        teacher = teacher.detach().reshape(n_rows, vocab)
+        if teacher.stride(-1) != 1:
+            teacher = teacher.contiguous()
+    if teacher_topk is not None:
+        if kd != "kl":
+            raise ValueError(f"teacher_topk supports kd='kl' only, got kd={kd!r}")
+        topk_idx, topk_lp = _normalise_teacher_topk(teacher_topk, lead_shape, n_rows, vocab, device)
+        topk_lp = topk_lp.detach()
+    if kd_weight != 0.0 and teacher is None and topk_idx is None:
+        raise ValueError(f"kd_weight={kd_weight} needs a teacher: pass teacher_logits or teacher_topk")
+
+    if penalty_weight != 0.0 and allowed is None:
+        raise ValueError(f"penalty_weight={penalty_weight} needs allowed (the allowed-label masks)")
+    allowed_bits = group_ids = None
+    if allowed is not None:
+        allowed_bits, group_ids = _normalise_allowed(allowed, lead_shape, n_rows, vocab, device)
+
+    valid = tgt != ignore_index
+    if soft_mask is not None:
+        _require_tensor("soft_mask", soft_mask)
+        if soft_mask.dtype != torch.bool:
+            raise TypeError(f"soft_mask must be a bool tensor, got {soft_mask.dtype}")
+        if tuple(soft_mask.shape) != lead_shape:
+            raise ValueError(f"soft_mask shape {_shape(soft_mask)} differs from target shape {lead_shape}")
+        _same_device("soft_mask", soft_mask, device)
+        soft = soft_mask.reshape(n_rows)
+    else:
+        soft = valid
+    valid_f = valid.float()
+    soft_f = soft.float()
+
+    if reduction == "mean":
+        if num_items_in_batch is not None:
+            if isinstance(num_items_in_batch, Tensor):
+                items = num_items_in_batch.to(device=device, dtype=torch.float32).reshape(())
+            else:
+                items = torch.tensor(_require_number("num_items_in_batch", num_items_in_batch, low=0.0, low_open=True),
+                                     dtype=torch.float32, device=device)
+            inv_ce = inv_soft = _denominator(items)
+        else:
+            w_y = w[torch.where(valid, tgt, torch.zeros_like(tgt))] * valid_f if w is not None else valid_f
+            inv_ce = _denominator(w_y.sum())
+            inv_soft = _denominator(soft_f.sum())
+    else:
+        inv_ce = inv_soft = torch.ones((), dtype=torch.float32, device=device)
+    scales = torch.stack([
+        ce_weight * valid_f * inv_ce,
+        kd_weight * soft_f * inv_soft,
+        penalty_weight * soft_f * inv_soft,
+        z_loss * soft_f * inv_soft,
+    ]).contiguous()
+
+    kd_mode = KD_MODES[kd] if kd_weight != 0.0 else KD_NONE
+    pen_mode = PEN_MODES[penalty] if penalty_weight != 0.0 else PEN_NONE
+    if pen_mode != PEN_POSTERIOR and kd_mode == KD_NONE:
+        teacher = None  # unused: do not make the kernels read it
+    if kd_mode == KD_NONE:
+        topk_idx = topk_lp = None
+    compute_grad = z2d.requires_grad and torch.is_grad_enabled()
+    reduce = reduction != "none"
+    args = (z2d, tgt, w, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales, ignore_index,
+            label_smoothing, softcap_value, temperature, kd_mode, jsd_beta, pen_mode, strength,
+            ce_weight != 0.0, z_loss != 0.0)
+    if compute_grad and inplace_backward:
+        loss, parts = _ops.InplaceKnowledgeCrossEntropy.apply(z2d, reduce, *args[1:])
+    else:
+        loss, parts, _ = torch.ops.vfm.knowledge_cross_entropy(*args, compute_grad, reduce)
+    if not reduce:
+        loss = loss.reshape(lead_shape)
+    if not return_parts:
+        return loss
+    parts = parts.detach()
+    if reduce:
+        ce, kd_part, pen, zl = (parts[i].sum() for i in range(4))
+        n_out = parts[4].sum().round().long()
+    else:
+        ce, kd_part, pen, zl = (parts[i].reshape(lead_shape) for i in range(4))
+        n_out = parts[4].reshape(lead_shape).round().long()
+    return KnowledgeCEParts(loss, ce, kd_part, pen, zl, n_out)

@@ -1,0 +1,246 @@
+"""The ``vfm::knowledge_cross_entropy`` custom ops: schema, fake, autograd, backend dispatch.
+
+Two ops share one implementation:
+
+* ``vfm::knowledge_cross_entropy`` returns (loss, parts, grad) where ``grad`` is a new tensor
+  holding d(loss)/d(logits) for an upstream gradient of one (empty when no gradient is wanted).
+* ``vfm::knowledge_cross_entropy_inplace`` (``mutates_args=("logits",)``) writes that gradient
+  into the logits' own storage and returns (loss, parts); this is ``inplace_backward=True``.
+
+The gradient is computed in the forward pass (the kernels already hold every row statistic
+then), so backward only scales it by the upstream gradient: no pass over the logits at all when
+that gradient is exactly one, which is what ``loss.backward()`` sends.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from vfm import _registry
+from vfm.ops.kce_reference import KCEConfig, kce_forward_torch
+
+OP = "knowledge_cross_entropy"
+
+
+# ------------------------------------------------------------------ backend registration --
+def _check_torch(device: torch.device) -> Optional[str]:
+    return None
+
+
+def _check_cpp(device: torch.device) -> Optional[str]:
+    if device.type != "cpu":
+        return f"the cpp backend runs on CPU tensors only (got {device.type})"
+    try:
+        from vfm.ops import kce_cpp
+    except ImportError as exc:  # pragma: no cover - only in a broken checkout
+        return f"the cpp adapter failed to import: {exc}"
+    ok, why = kce_cpp.cpp_available()
+    return None if ok else why
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_missing_reason(device: torch.device) -> Optional[str]:
+    """Why Triton kernels cannot run on ``device`` (None when they can)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if _interpret():
+            return None
+        return "Triton kernels run on CUDA tensors; set TRITON_INTERPRET=1 to run them on CPU"
+    return f"Triton kernels do not run on {device.type} tensors"
+
+
+def _cpp_impl(*args):
+    from vfm.ops.kce_cpp import kce_forward_cpp
+
+    return kce_forward_cpp(*args)
+
+
+def _triton_impl(*args):
+    from vfm.kernels.knowledge_ce import kce_forward_triton
+
+    return kce_forward_triton(*args)
+
+
+_registry.register(OP, "torch", kce_forward_torch, _check_torch)
+_registry.register(OP, "cpp", _cpp_impl, _check_cpp)
+_registry.register(OP, "triton", _triton_impl, triton_missing_reason)
+
+
+def _unsupported(backend: str, logits: Tensor, teacher: Optional[Tensor]) -> Optional[str]:
+    if backend == "triton":
+        for name, t in (("logits", logits), ("teacher_logits", teacher)):
+            if t is not None and t.dtype == torch.float64:
+                return f"{name} is float64, which the triton kernels do not support (use torch or cpp)"
+    return None
+
+
+def _run(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales, grad, cfg):
+    backend, impl = _registry.resolve(OP, logits.device, lambda b: _unsupported(b, logits, teacher))
+    return impl(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales, grad, cfg)
+
+
+def _config(ignore_index, label_smoothing, softcap, temperature, kd_mode, jsd_beta, pen_mode, rule_strength,
+            use_ce, use_z) -> KCEConfig:
+    return KCEConfig(
+        ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap, temperature=temperature,
+        kd_mode=kd_mode, jsd_beta=jsd_beta, pen_mode=pen_mode, rule_strength=rule_strength, use_ce=use_ce,
+        use_z=use_z,
+    )
+
+
+# ------------------------------------------------------------------------------ the ops --
+@torch.library.custom_op("vfm::knowledge_cross_entropy", mutates_args=())
+def knowledge_cross_entropy_op(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    teacher: Optional[Tensor],
+    topk_idx: Optional[Tensor],
+    topk_lp: Optional[Tensor],
+    allowed_bits: Optional[Tensor],
+    group_ids: Optional[Tensor],
+    scales: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
+    temperature: float,
+    kd_mode: int,
+    jsd_beta: float,
+    pen_mode: int,
+    rule_strength: float,
+    use_ce: bool,
+    use_z: bool,
+    compute_grad: bool,
+    reduce: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Normalised op (see :mod:`vfm.ops.kce_reference`); returns (loss, parts, grad)."""
+    cfg = _config(ignore_index, label_smoothing, softcap, temperature, kd_mode, jsd_beta, pen_mode, rule_strength,
+                  use_ce, use_z)
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else None
+    row_loss, parts = _run(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales,
+                           grad, cfg)
+    loss = row_loss.sum() if reduce else row_loss
+    if grad is None:
+        grad = logits.new_empty(0)
+    return loss, parts, grad
+
+
+@knowledge_cross_entropy_op.register_fake
+def _(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales, ignore_index,
+      label_smoothing, softcap, temperature, kd_mode, jsd_beta, pen_mode, rule_strength, use_ce, use_z,
+      compute_grad, reduce):
+    n_rows = logits.shape[0]
+    loss = logits.new_empty((), dtype=torch.float32) if reduce else logits.new_empty((n_rows,), dtype=torch.float32)
+    parts = logits.new_empty((5, n_rows), dtype=torch.float32)
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else logits.new_empty(0)
+    return loss, parts, grad
+
+
+@torch.library.custom_op("vfm::knowledge_cross_entropy_inplace", mutates_args=("logits",))
+def knowledge_cross_entropy_inplace_op(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    teacher: Optional[Tensor],
+    topk_idx: Optional[Tensor],
+    topk_lp: Optional[Tensor],
+    allowed_bits: Optional[Tensor],
+    group_ids: Optional[Tensor],
+    scales: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
+    temperature: float,
+    kd_mode: int,
+    jsd_beta: float,
+    pen_mode: int,
+    rule_strength: float,
+    use_ce: bool,
+    use_z: bool,
+    reduce: bool,
+) -> Tuple[Tensor, Tensor]:
+    """Like :func:`knowledge_cross_entropy_op`, but the gradient overwrites ``logits``."""
+    cfg = _config(ignore_index, label_smoothing, softcap, temperature, kd_mode, jsd_beta, pen_mode, rule_strength,
+                  use_ce, use_z)
+    row_loss, parts = _run(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales,
+                           logits, cfg)
+    loss = row_loss.sum() if reduce else row_loss
+    return loss, parts
+
+
+@knowledge_cross_entropy_inplace_op.register_fake
+def _(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales, ignore_index,
+      label_smoothing, softcap, temperature, kd_mode, jsd_beta, pen_mode, rule_strength, use_ce, use_z, reduce):
+    n_rows = logits.shape[0]
+    loss = logits.new_empty((), dtype=torch.float32) if reduce else logits.new_empty((n_rows,), dtype=torch.float32)
+    return loss, logits.new_empty((5, n_rows), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------- autograd --
+def _scale_grad(grad: Tensor, g_loss: Tensor, reduce: bool, inplace: bool) -> Tensor:
+    if torch.is_grad_enabled() or g_loss.requires_grad:
+        raise RuntimeError(
+            "knowledge_cross_entropy does not support double backward (create_graph=True): its gradient "
+            "is computed by a fused kernel, not by differentiable operations"
+        )
+    if reduce:
+        if not torch.compiler.is_compiling() and bool(g_loss == 1):
+            return grad  # loss.backward(): the kernel's gradient is already the answer, no pass needed
+        factor = g_loss.to(grad.dtype)
+    else:
+        factor = g_loss.to(grad.dtype)[:, None]
+    return grad.mul_(factor) if inplace else grad * factor
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.reduce = inputs[-1]
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(output[2])
+
+
+def _backward(ctx, g_loss, g_parts, g_grad):
+    (grad,) = ctx.saved_tensors
+    nones = (None,) * 20
+    if g_loss is None:
+        return (None,) + nones
+    return (_scale_grad(grad, g_loss, ctx.reduce, inplace=False),) + nones
+
+
+knowledge_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class InplaceKnowledgeCrossEntropy(torch.autograd.Function):
+    """Autograd wrapper of the mutating op (torch.library cannot attach autograd to a mutating op).
+
+    The forward writes the gradient into the logits' storage; backward hands that storage back,
+    scaled by the upstream gradient in place.  The logits are not marked dirty: any other use of
+    their old values that autograd saved fails its version check, as it should.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, reduce, *args):
+        loss, parts = torch.ops.vfm.knowledge_cross_entropy_inplace(logits, *args, reduce)
+        ctx.reduce = reduce
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(logits)
+        ctx.mark_non_differentiable(parts)
+        return loss, parts
+
+    @staticmethod
+    def backward(ctx, g_loss, g_parts):
+        (grad,) = ctx.saved_tensors
+        nones = (None,) * 19
+        if g_loss is None:
+            return (None,) + nones
+        return (_scale_grad(grad, g_loss, ctx.reduce, inplace=True),) + nones
