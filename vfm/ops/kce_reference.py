@@ -28,7 +28,7 @@ Args:
     cfg: :class:`KCEConfig` of scalar options.
 
 Returns:
-    (row_loss (N,) float32, parts (5, N) float32): parts rows are the scaled CE, KD, penalty and
+    (row_loss (N,), parts (5, N)), float32 (float64 allowed for float64 logits): parts rows are the scaled CE, KD, penalty and
     z-loss terms and the 0/1 flag "target is counted, row is constrained and target is outside
     the allowed set"; row_loss = parts[0] + parts[1] + parts[2] + parts[3].
 
@@ -253,6 +253,6 @@ def kce_forward_torch(
         if cfg.softcap > 0:
             g_total.mul_(1.0 - (zc / cfg.softcap) ** 2)
         grad.copy_(g_total)
-    parts = torch.stack([ce_row, kd_row, pen_row, z_row, outside]).float()
+    parts = torch.stack([ce_row, kd_row, pen_row, z_row, outside])
     row_loss = parts[:4].sum(0)
     return row_loss, parts

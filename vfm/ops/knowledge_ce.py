@@ -99,6 +99,11 @@ def _config(ignore_index, label_smoothing, softcap, temperature, kd_mode, jsd_be
     )
 
 
+def _loss_dtype(logits: Tensor) -> torch.dtype:
+    """The loss is fp32 whatever the logits' dtype, except fp64 logits give an fp64 loss."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
 # ------------------------------------------------------------------------------ the ops --
 @torch.library.custom_op("vfm::knowledge_cross_entropy", mutates_args=())
 def knowledge_cross_entropy_op(
@@ -130,6 +135,8 @@ def knowledge_cross_entropy_op(
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else None
     row_loss, parts = _run(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales,
                            grad, cfg)
+    out_dtype = _loss_dtype(logits)
+    row_loss, parts = row_loss.to(out_dtype), parts.to(out_dtype)
     loss = row_loss.sum() if reduce else row_loss
     if grad is None:
         grad = logits.new_empty(0)
@@ -140,9 +147,9 @@ def knowledge_cross_entropy_op(
 def _(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales, ignore_index,
       label_smoothing, softcap, temperature, kd_mode, jsd_beta, pen_mode, rule_strength, use_ce, use_z,
       compute_grad, reduce):
-    n_rows = logits.shape[0]
-    loss = logits.new_empty((), dtype=torch.float32) if reduce else logits.new_empty((n_rows,), dtype=torch.float32)
-    parts = logits.new_empty((5, n_rows), dtype=torch.float32)
+    n_rows, out_dtype = logits.shape[0], _loss_dtype(logits)
+    loss = logits.new_empty((), dtype=out_dtype) if reduce else logits.new_empty((n_rows,), dtype=out_dtype)
+    parts = logits.new_empty((5, n_rows), dtype=out_dtype)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else logits.new_empty(0)
     return loss, parts, grad
 
@@ -175,6 +182,8 @@ def knowledge_cross_entropy_inplace_op(
                   use_ce, use_z)
     row_loss, parts = _run(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales,
                            logits, cfg)
+    out_dtype = _loss_dtype(logits)
+    row_loss, parts = row_loss.to(out_dtype), parts.to(out_dtype)
     loss = row_loss.sum() if reduce else row_loss
     return loss, parts
 
@@ -182,9 +191,9 @@ def knowledge_cross_entropy_inplace_op(
 @knowledge_cross_entropy_inplace_op.register_fake
 def _(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales, ignore_index,
       label_smoothing, softcap, temperature, kd_mode, jsd_beta, pen_mode, rule_strength, use_ce, use_z, reduce):
-    n_rows = logits.shape[0]
-    loss = logits.new_empty((), dtype=torch.float32) if reduce else logits.new_empty((n_rows,), dtype=torch.float32)
-    return loss, logits.new_empty((5, n_rows), dtype=torch.float32)
+    n_rows, out_dtype = logits.shape[0], _loss_dtype(logits)
+    loss = logits.new_empty((), dtype=out_dtype) if reduce else logits.new_empty((n_rows,), dtype=out_dtype)
+    return loss, logits.new_empty((5, n_rows), dtype=out_dtype)
 
 
 # ---------------------------------------------------------------------------- autograd --
