@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
@@ -216,7 +217,28 @@ def knowledge_cross_entropy(
         TypeError / ValueError: naming the argument, for wrong types, shapes, devices, values
         out of range and impossible option combinations.
     """
-    logits = _require_tensor("logits", logits, floating=True)
+    return _call(_prepare(dict(locals())))
+
+
+class _Prepared(NamedTuple):
+    args: tuple
+    compute_grad: bool
+    reduce: bool
+    inplace: bool
+    lead_shape: tuple
+    return_parts: bool
+
+
+def _prepare(a: dict) -> "_Prepared":
+    (target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, ce_weight,
+     teacher_logits, teacher_topk, temperature, kd_weight, kd, jsd_beta, allowed, penalty_weight,
+     penalty, rule_strength, soft_mask, num_items_in_batch, inplace_backward, return_parts) = (
+        a["target"], a["weight"], a["ignore_index"], a["reduction"], a["label_smoothing"],
+        a["z_loss"], a["softcap"], a["ce_weight"], a["teacher_logits"], a["teacher_topk"],
+        a["temperature"], a["kd_weight"], a["kd"], a["jsd_beta"], a["allowed"], a["penalty_weight"],
+        a["penalty"], a["rule_strength"], a["soft_mask"], a["num_items_in_batch"],
+        a["inplace_backward"], a["return_parts"])
+    logits = _require_tensor("logits", a["logits"], floating=True)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have shape (*, V) with V >= 1, got {_shape(logits)}")
     target = _require_tensor("target", target, floating=False)
@@ -252,6 +274,7 @@ def knowledge_cross_entropy(
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
 
+    acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z2d = logits.reshape(-1, vocab)
     if z2d.stride(-1) != 1:
         z2d = z2d.contiguous()
@@ -265,7 +288,7 @@ def knowledge_cross_entropy(
         if tuple(w.shape) != (vocab,):
             raise ValueError(f"weight must have shape ({vocab},) (one per class), got {_shape(w)}")
         _same_device("weight", w, device)
-        w = w.float().contiguous()
+        w = w.to(acc_dtype).contiguous()
 
     if teacher_logits is not None and teacher_topk is not None:
         raise ValueError("give either teacher_logits or teacher_topk, not both")
@@ -306,23 +329,23 @@ def knowledge_cross_entropy(
         soft = soft_mask.reshape(n_rows)
     else:
         soft = valid
-    valid_f = valid.float()
-    soft_f = soft.float()
+    valid_f = valid.to(acc_dtype)
+    soft_f = soft.to(acc_dtype)
 
     if reduction == "mean":
         if num_items_in_batch is not None:
             if isinstance(num_items_in_batch, Tensor):
-                items = num_items_in_batch.to(device=device, dtype=torch.float32).reshape(())
+                items = num_items_in_batch.to(device=device, dtype=acc_dtype).reshape(())
             else:
                 items = torch.tensor(_require_number("num_items_in_batch", num_items_in_batch, low=0.0, low_open=True),
-                                     dtype=torch.float32, device=device)
+                                     dtype=acc_dtype, device=device)
             inv_ce = inv_soft = _denominator(items)
         else:
             w_y = w[torch.where(valid, tgt, torch.zeros_like(tgt))] * valid_f if w is not None else valid_f
             inv_ce = _denominator(w_y.sum())
             inv_soft = _denominator(soft_f.sum())
     else:
-        inv_ce = inv_soft = torch.ones((), dtype=torch.float32, device=device)
+        inv_ce = inv_soft = torch.ones((), dtype=acc_dtype, device=device)
     scales = torch.stack([
         ce_weight * valid_f * inv_ce,
         kd_weight * soft_f * inv_soft,
@@ -337,17 +360,35 @@ def knowledge_cross_entropy(
     if kd_mode == KD_NONE:
         topk_idx = topk_lp = None
     compute_grad = z2d.requires_grad and torch.is_grad_enabled()
-    reduce = reduction != "none"
     args = (z2d, tgt, w, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales, ignore_index,
             label_smoothing, softcap_value, temperature, kd_mode, jsd_beta, pen_mode, strength,
             ce_weight != 0.0, z_loss != 0.0)
-    if compute_grad and inplace_backward:
+    return _Prepared(args, compute_grad, reduction != "none", inplace_backward and compute_grad, lead_shape,
+                     return_parts)
+
+
+def prepare_arguments(logits: Tensor, target: Tensor, **options) -> "_Prepared":
+    """Validate and normalise a call's arguments exactly as :func:`knowledge_cross_entropy` does.
+
+    Returns the positional arguments of ``torch.ops.vfm.knowledge_cross_entropy`` (without the
+    trailing ``compute_grad, reduce`` flags) and the call's flags; used by tests and benchmarks.
+    """
+    bound = inspect.signature(knowledge_cross_entropy).bind(logits, target, **options)
+    bound.apply_defaults()
+    return _prepare(bound.arguments)
+
+
+def _call(p: "_Prepared"):
+    args, reduce = p.args, p.reduce
+    z2d = args[0]
+    if p.inplace:
         loss, parts = _ops.InplaceKnowledgeCrossEntropy.apply(z2d, reduce, *args[1:])
     else:
-        loss, parts, _ = torch.ops.vfm.knowledge_cross_entropy(*args, compute_grad, reduce)
+        loss, parts, _ = torch.ops.vfm.knowledge_cross_entropy(*args, p.compute_grad, reduce)
+    lead_shape = p.lead_shape
     if not reduce:
         loss = loss.reshape(lead_shape)
-    if not return_parts:
+    if not p.return_parts:
         return loss
     parts = parts.detach()
     if reduce:

@@ -87,6 +87,9 @@ def _unsupported(backend: str, logits: Tensor, teacher: Optional[Tensor]) -> Opt
 
 def _run(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales, grad, cfg):
     backend, impl = _registry.resolve(OP, logits.device, lambda b: _unsupported(b, logits, teacher))
+    if backend != "torch":  # kernels take fp32 weights and scales (fp64 ones only feed the reference)
+        scales = scales.float()
+        weight = weight.float() if weight is not None else None
     return impl(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales, grad, cfg)
 
 
@@ -197,6 +200,14 @@ def _(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group_id
 
 
 # ---------------------------------------------------------------------------- autograd --
+def _is_eager_tensor(t: Tensor) -> bool:
+    """True for a real tensor in eager mode (not fake, functional or being traced)."""
+    if type(t) is not torch.Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    key = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "PROXY", None)
+    return key is None or torch._C._get_dispatch_mode(key) is None
+
+
 def _scale_grad(grad: Tensor, g_loss: Tensor, reduce: bool, inplace: bool) -> Tensor:
     if torch.is_grad_enabled() or g_loss.requires_grad:
         raise RuntimeError(
@@ -204,7 +215,7 @@ def _scale_grad(grad: Tensor, g_loss: Tensor, reduce: bool, inplace: bool) -> Te
             "is computed by a fused kernel, not by differentiable operations"
         )
     if reduce:
-        if not torch.compiler.is_compiling() and bool(g_loss == 1):
+        if _is_eager_tensor(g_loss) and bool(g_loss == 1):
             return grad  # loss.backward(): the kernel's gradient is already the answer, no pass needed
         factor = g_loss.to(grad.dtype)
     else:
@@ -214,6 +225,7 @@ def _scale_grad(grad: Tensor, g_loss: Tensor, reduce: bool, inplace: bool) -> Te
 
 def _setup_context(ctx, inputs, output):
     ctx.reduce = inputs[-1]
+    ctx.has_grad = inputs[-2]  # compute_grad: the public API sets it whenever logits need a gradient
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[2])
 
@@ -221,7 +233,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g_loss, g_parts, g_grad):
     (grad,) = ctx.saved_tensors
     nones = (None,) * 20
-    if g_loss is None:
+    if g_loss is None or not ctx.has_grad:
         return (None,) + nones
     return (_scale_grad(grad, g_loss, ctx.reduce, inplace=False),) + nones
 
