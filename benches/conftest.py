@@ -1,0 +1,1 @@
+"""Benchmarks run the real kernels: the Triton interpreter is never enabled here."""
