@@ -52,7 +52,7 @@ def triton_missing_reason(device: torch.device) -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
     if device.type == "cuda":
-        return None
+        return None if torch.cuda.is_available() else "no CUDA device is available"
     if device.type == "cpu":
         if _interpret():
             return None
