@@ -114,6 +114,11 @@ def pack_allowed_bits(mask: Tensor) -> Tensor:
     return out
 
 
+def _times(weight: Tensor, value: Tensor) -> Tensor:
+    """weight * value with 0 * anything = 0 (a zero probability contributes nothing)."""
+    return torch.where(weight == 0, torch.zeros_like(weight), weight * value)
+
+
 def _where_rows(cond: Tensor, value: Tensor) -> Tensor:
     return torch.where(cond, value, torch.zeros_like(value))
 
@@ -192,7 +197,7 @@ def kce_forward_torch(
             log_qt = torch.log(q_t)  # -inf off the teacher's support; q_t * log_qt uses xlogy
         active = active & has_teacher
         if cfg.kd_mode == KD_KL:
-            kl = (torch.xlogy(q_t, q_t) - q_t * log_pt).sum(-1)
+            kl = (torch.xlogy(q_t, q_t) - _times(q_t, log_pt)).sum(-1)
             kd = temp * temp * kl
             g_kd = temp * (p_t - q_t)
         elif cfg.kd_mode == KD_REVERSE_KL:
@@ -204,7 +209,7 @@ def kce_forward_torch(
             beta = float(cfg.jsd_beta)
             m = beta * q_t + (1 - beta) * p_t
             log_m = torch.log(m)
-            kl_qm = (torch.xlogy(q_t, q_t) - q_t * log_m).sum(-1)
+            kl_qm = (torch.xlogy(q_t, q_t) - _times(q_t, log_m)).sum(-1)
             kl_pm = (p_t * (log_pt - log_m)).sum(-1)
             kd = temp * temp * (beta * kl_qm + (1 - beta) * kl_pm)
             g_kd = temp * (1 - beta) * p_t * (log_pt - log_m - kl_pm[:, None])
@@ -237,7 +242,7 @@ def kce_forward_torch(
                     s_rule = s - cfg.rule_strength * (~allowed).to(ct)
                 log_r = torch.log_softmax(s_rule, dim=-1)
                 r = torch.exp(log_r)
-                pen = temp * temp * (torch.xlogy(r, r) - r * log_pt).sum(-1)
+                pen = temp * temp * (torch.xlogy(r, r) - _times(r, log_pt)).sum(-1)
                 g_pen = temp * (p_t - r)
             pen_row = _where_rows(active, sp * pen)
             add_grad(sp, active, g_pen)
@@ -251,7 +256,8 @@ def kce_forward_torch(
 
     if grad is not None:
         if cfg.softcap > 0:
-            g_total.mul_(1.0 - (zc / cfg.softcap) ** 2)
+            # rows that count for nothing keep exact zeros even where their logits are NaN
+            g_total = torch.where(g_total == 0, g_total, g_total * (1.0 - (zc / cfg.softcap) ** 2))
         grad.copy_(g_total)
     parts = torch.stack([ce_row, kd_row, pen_row, z_row, outside])
     row_loss = parts[:4].sum(0)

@@ -80,8 +80,8 @@ _registry.register(OP, "triton", _triton_impl, triton_missing_reason)
 def _unsupported(backend: str, logits: Tensor, teacher: Optional[Tensor]) -> Optional[str]:
     if backend == "triton":
         for name, t in (("logits", logits), ("teacher_logits", teacher)):
-            if t is not None and t.dtype == torch.float64:
-                return f"{name} is float64, which the triton kernels do not support (use torch or cpp)"
+            if t is not None and t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                return f"{name} is {t.dtype}, which the triton kernels do not support (use torch or cpp)"
     return None
 
 
