@@ -24,7 +24,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 log "1/3 build (sm_90)"
-if ! timeout 300 $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+# The GPU needs only the CUDA half of the extension: without CUDA sources, skip native code.
+if ls csrc/cuda/*.cu >/dev/null 2>&1; then export VFM_BUILD_EXT=1; else export VFM_BUILD_EXT=0; fi
+if ! timeout 200 $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
   log "build FAILED"; tail -40 "$OUT/build.log"
 fi
 grep -i "warning: the native extension" "$OUT/build.log" && tail -40 "$OUT/build.log"
@@ -32,9 +34,9 @@ $PY -m vfm.cli doctor 2>&1 | tee "$OUT/doctor.txt"
 $PY -c "import torch; print(torch.cuda.get_device_name(0), torch.__version__)" | tee -a "$OUT/gpu_check.log"
 
 log "2/3 GPU tests"
-VFM_TEST_GPU=1 timeout 240 $PY -m pytest tests/test_gpu_knowledge_ce.py -q -p no:cacheprovider -rf 2>&1 \
+VFM_TEST_GPU=1 timeout 150 $PY -m pytest tests/test_gpu_knowledge_ce.py -q -p no:cacheprovider -rf 2>&1 \
   | tail -40 | tee "$OUT/gpu_tests.txt"
 
 log "3/3 benchmark (N=8192, V=128256, bf16)"
-timeout 330 $PY -m vfm.bench --device cuda --repeat 10 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+timeout 280 $PY -m vfm.bench --device cuda --repeat 10 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 log "done"
