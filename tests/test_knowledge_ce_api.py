@@ -170,6 +170,19 @@ def test_inplace_backward_overwrites_logits_storage():
     torch.testing.assert_close(grad_y * 2.0, ref)
 
 
+def test_retain_graph_second_backward():
+    x = torch.randn(4, 6, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3])
+    loss = kce(x * 1, t, reduction="none")
+    g1 = torch.autograd.grad(loss, x, torch.ones(4), retain_graph=True)[0]
+    g2 = torch.autograd.grad(loss, x, 2 * torch.ones(4))[0]
+    torch.testing.assert_close(g2, 2 * g1)
+    loss = kce(x * 1, t)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
 def test_non_unit_upstream_gradient_scales():
     x = torch.randn(5, 8, requires_grad=True)
     t = torch.randint(0, 8, (5,))

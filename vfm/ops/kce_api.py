@@ -383,6 +383,8 @@ def _call(p: "_Prepared"):
     z2d = args[0]
     if p.inplace:
         loss, parts = _ops.InplaceKnowledgeCrossEntropy.apply(z2d, reduce, *args[1:])
+    elif _ops._is_eager_tensor(z2d):
+        loss, parts = _ops.EagerKnowledgeCrossEntropy.apply(z2d, p.compute_grad, reduce, *args[1:])
     else:
         loss, parts, _ = torch.ops.vfm.knowledge_cross_entropy(*args, p.compute_grad, reduce)
     lead_shape = p.lead_shape

@@ -107,6 +107,20 @@ def _loss_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+def forward_impl(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales, ignore_index,
+                 label_smoothing, softcap, temperature, kd_mode, jsd_beta, pen_mode, rule_strength, use_ce, use_z,
+                 grad: Optional[Tensor], reduce: bool) -> Tuple[Tensor, Tensor]:
+    """Run the chosen backend; the gradient (if ``grad`` is given) lands in ``grad``. Returns (loss, parts)."""
+    cfg = _config(ignore_index, label_smoothing, softcap, temperature, kd_mode, jsd_beta, pen_mode, rule_strength,
+                  use_ce, use_z)
+    row_loss, parts = _run(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales,
+                           grad, cfg)
+    out_dtype = _loss_dtype(logits)
+    if row_loss.dtype != out_dtype:
+        row_loss, parts = row_loss.to(out_dtype), parts.to(out_dtype)
+    return (row_loss.sum() if reduce else row_loss), parts
+
+
 # ------------------------------------------------------------------------------ the ops --
 @torch.library.custom_op("vfm::knowledge_cross_entropy", mutates_args=())
 def knowledge_cross_entropy_op(
@@ -133,14 +147,10 @@ def knowledge_cross_entropy_op(
     reduce: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Normalised op (see :mod:`vfm.ops.kce_reference`); returns (loss, parts, grad)."""
-    cfg = _config(ignore_index, label_smoothing, softcap, temperature, kd_mode, jsd_beta, pen_mode, rule_strength,
-                  use_ce, use_z)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else None
-    row_loss, parts = _run(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales,
-                           grad, cfg)
-    out_dtype = _loss_dtype(logits)
-    row_loss, parts = row_loss.to(out_dtype), parts.to(out_dtype)
-    loss = row_loss.sum() if reduce else row_loss
+    loss, parts = forward_impl(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales,
+                               ignore_index, label_smoothing, softcap, temperature, kd_mode, jsd_beta, pen_mode,
+                               rule_strength, use_ce, use_z, grad, reduce)
     if grad is None:
         grad = logits.new_empty(0)
     return loss, parts, grad
@@ -181,14 +191,9 @@ def knowledge_cross_entropy_inplace_op(
     reduce: bool,
 ) -> Tuple[Tensor, Tensor]:
     """Like :func:`knowledge_cross_entropy_op`, but the gradient overwrites ``logits``."""
-    cfg = _config(ignore_index, label_smoothing, softcap, temperature, kd_mode, jsd_beta, pen_mode, rule_strength,
-                  use_ce, use_z)
-    row_loss, parts = _run(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales,
-                           logits, cfg)
-    out_dtype = _loss_dtype(logits)
-    row_loss, parts = row_loss.to(out_dtype), parts.to(out_dtype)
-    loss = row_loss.sum() if reduce else row_loss
-    return loss, parts
+    return forward_impl(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales,
+                        ignore_index, label_smoothing, softcap, temperature, kd_mode, jsd_beta, pen_mode,
+                        rule_strength, use_ce, use_z, logits, reduce)
 
 
 @knowledge_cross_entropy_inplace_op.register_fake
@@ -251,7 +256,10 @@ class InplaceKnowledgeCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, reduce, *args):
-        loss, parts = torch.ops.vfm.knowledge_cross_entropy_inplace(logits, *args, reduce)
+        if _is_eager_tensor(logits):
+            loss, parts = forward_impl(logits, *args, logits, reduce)
+        else:
+            loss, parts = torch.ops.vfm.knowledge_cross_entropy_inplace(logits, *args, reduce)
         ctx.reduce = reduce
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits)
@@ -265,3 +273,42 @@ class InplaceKnowledgeCrossEntropy(torch.autograd.Function):
         if g_loss is None:
             return (None,) + nones
         return (_scale_grad(grad, g_loss, ctx.reduce, inplace=True),) + nones
+
+
+class EagerKnowledgeCrossEntropy(torch.autograd.Function):
+    """The eager path of ``vfm::knowledge_cross_entropy``: same implementation and backward.
+
+    Calling the backend through an autograd.Function skips the custom-op dispatcher's Python
+    work (argument re-binding, redispatch), about a quarter of a millisecond a call, which on a
+    GPU would sit between kernels.  torch.compile, export, fake tensors and opcheck go through the
+    registered custom op instead (see ``vfm.ops.kce_api``), so both paths run the same code.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, compute_grad, reduce, *args):
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else None
+        loss, parts = forward_impl(logits, *args, grad, reduce)
+        ctx.reduce = reduce
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(parts)
+        ctx.has_grad = grad is not None
+        ctx.grad = grad  # not save_for_backward: it is no input or output, and is used exactly once
+        return loss, parts
+
+    @staticmethod
+    def backward(ctx, g_loss, g_parts):
+        nones = (None,) * 20
+        if g_loss is None or not ctx.has_grad:
+            return (None,) + nones
+        if ctx.grad is None:
+            raise RuntimeError(
+                "knowledge_cross_entropy: backward ran twice through the same graph (retain_graph=True) after a "
+                "first backward with upstream gradient 1, which hands the fused gradient buffer to autograd. "
+                "Recompute the loss instead."
+            )
+        out = _scale_grad(ctx.grad, g_loss, ctx.reduce, inplace=False)
+        if out is ctx.grad:
+            # Handing the buffer itself over: drop ctx's reference so autograd adopts it as .grad
+            # instead of copying it.
+            ctx.grad = None
+        return (out,) + nones
