@@ -278,3 +278,15 @@ def test_random_option_combinations_match_oracle(case, reduction, n_rows, vocab,
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=5e-5, atol=5e-5)
     torch.testing.assert_close(x.grad.double(), xr.grad, rtol=0, atol=5e-5 * max(1.0, xr.grad.abs().max().item()))
     assert not math.isnan(loss.sum().item())
+
+
+def test_group_mask_cache_follows_in_place_edits():
+    logits = torch.randn(6, 10)
+    target = torch.randint(0, 10, (6,))
+    masks = torch.rand(3, 10) < 0.5
+    gid = torch.tensor([0, 1, 2, 0, 1, -1])
+    for _ in range(3):
+        got = kce(logits, target, allowed=(masks, gid), penalty_weight=1.0)
+        want = plain_knowledge_ce(logits, target, allowed=(masks, gid), penalty_weight=1.0)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+        masks[:, torch.randint(0, 10, (1,))] ^= True  # edit in place: the packed cache must notice

@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import weakref
+from collections import OrderedDict
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -69,15 +71,24 @@ def _same_device(name: str, t: Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} is on {t.device} but logits are on {device}")
 
 
-def _check_target_range(target: Tensor, vocab: int, ignore_index: int) -> None:
+def _check_target_range(target: Tensor, valid: Tensor, vocab: int, ignore_index: int) -> None:
+    """Targets must be ignore_index or lie in [0, V).
+
+    CPU tensors raise ValueError listing the offending values.  On other devices reading the
+    values would synchronise the host with the device on every call (stalling a training step),
+    so the check runs asynchronously (``torch._assert_async``), as torch's own cross-entropy
+    does there, and a violation fails with the same message at the next synchronisation.
+    """
     if _compiling() or target.numel() == 0:
         return
-    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
-    if bool(bad.any()):
-        values = target[bad].unique()[:8].tolist()
-        raise ValueError(
-            f"target holds values outside [0, {vocab}) that are not ignore_index={ignore_index}: {values}"
-        )
+    msg = f"target holds values outside [0, {vocab}) that are not ignore_index={ignore_index}"
+    lo, hi = torch.aminmax(torch.where(valid, target, torch.zeros_like(target)))
+    if target.device.type != "cpu":
+        torch._assert_async((lo >= 0) & (hi < vocab), msg)
+        return
+    if int(lo) < 0 or int(hi) >= vocab:
+        bad = valid & ((target < 0) | (target >= vocab))
+        raise ValueError(f"{msg}: {target[bad].unique()[:8].tolist()}")
 
 
 def _normalise_teacher_topk(teacher_topk, lead_shape, n_rows: int, vocab: int, device):
@@ -94,14 +105,20 @@ def _normalise_teacher_topk(teacher_topk, lead_shape, n_rows: int, vocab: int, d
     idx = idx.reshape(n_rows, -1).long()
     lp = lp.reshape(n_rows, -1).float()
     if not _compiling() and idx.numel():
-        if bool(((idx < -1) | (idx >= vocab)).any()):
-            bad = idx[(idx < -1) | (idx >= vocab)].unique()[:8].tolist()
-            raise ValueError(f"teacher_topk indices must lie in [0, {vocab}) or be -1 (padding); got {bad}")
+        range_msg = f"teacher_topk indices must lie in [0, {vocab}) or be -1 (padding)"
+        out_of_range = (idx < -1) | (idx >= vocab)
         srt = idx.sort(dim=-1).values
         dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
-        if bool(dup.any()):
-            row = int(dup.any(-1).nonzero()[0, 0])
-            raise ValueError(f"teacher_topk indices repeat within row {row}; indices must be distinct per row")
+        dup_msg = "teacher_topk indices repeat within a row; indices must be distinct per row"
+        if device.type != "cpu":  # no host synchronisation off the CPU (see _check_target_range)
+            torch._assert_async(~out_of_range.any(), range_msg)
+            torch._assert_async(~dup.any(), dup_msg)
+        else:
+            if bool(out_of_range.any()):
+                raise ValueError(f"{range_msg}; got {idx[out_of_range].unique()[:8].tolist()}")
+            if bool(dup.any()):
+                row = int(dup.any(-1).nonzero()[0, 0])
+                raise ValueError(f"{dup_msg} (row {row} repeats)")
     return idx.contiguous(), lp.contiguous()
 
 
@@ -127,22 +144,42 @@ def _normalise_allowed(allowed, lead_shape, n_rows: int, vocab: int, device) -> 
         _same_device("allowed group_masks", masks, device)
         _same_device("allowed group_ids", gid, device)
         gid = gid.reshape(n_rows).long()
-        if not _compiling() and gid.numel() and bool(((gid < -1) | (gid >= masks.shape[0])).any()):
-            bad = gid[(gid < -1) | (gid >= masks.shape[0])].unique()[:8].tolist()
-            raise ValueError(f"allowed group_ids must lie in [-1, {masks.shape[0]}); got {bad}")
+        if not _compiling() and gid.numel():
+            bad = (gid < -1) | (gid >= masks.shape[0])
+            msg = f"allowed group_ids must lie in [-1, {masks.shape[0]})"
+            if device.type != "cpu":  # no host synchronisation off the CPU
+                torch._assert_async(~bad.any(), msg)
+            elif bool(bad.any()):
+                raise ValueError(f"{msg}; got {gid[bad].unique()[:8].tolist()}")
     else:
         raise TypeError("allowed must be a bool tensor [N, V] or a pair (group_masks [G, V] bool, group_ids [N] int)")
-    counts = masks.sum(-1)
-    unconstrained = (counts == 0) | (counts == vocab)
     if masks.shape[0] == 0:
-        gid = torch.full_like(gid, -1)
-    else:
-        gid = torch.where((gid < 0) | unconstrained[gid.clamp_min(0)], torch.full_like(gid, -1), gid)
-    return pack_allowed_bits(masks), gid.to(torch.int32).contiguous()
+        return pack_allowed_bits(masks), torch.full_like(gid, -1, dtype=torch.int32)
+    bits, unconstrained = _packed_groups(masks, dense=isinstance(allowed, Tensor))
+    gid = torch.where((gid < 0) | unconstrained[gid.clamp_min(0)], -1, gid)
+    return bits, gid.to(torch.int32)
 
 
-def _denominator(value) -> Tensor:
-    return torch.where(value > 0, 1.0 / value.clamp_min(1e-38), torch.zeros_like(value))
+# Group masks are usually the same tensor every step (the rules do not change): keep the packed
+# words of the last few, keyed by the tensor object and its version counter.
+_PACKED: "OrderedDict[int, tuple]" = OrderedDict()
+_PACKED_MAX = 8
+
+
+def _packed_groups(masks: Tensor, dense: bool) -> Tuple[Tensor, Tensor]:
+    cacheable = not dense and not _compiling() and type(masks) is Tensor
+    if cacheable:
+        hit = _PACKED.get(id(masks))
+        if hit is not None and hit[0]() is masks and hit[1] == masks._version:
+            return hit[2], hit[3]
+    counts = masks.sum(-1)
+    unconstrained = (counts == 0) | (counts == masks.shape[1])
+    bits = pack_allowed_bits(masks)
+    if cacheable:
+        _PACKED[id(masks)] = (weakref.ref(masks), masks._version, bits, unconstrained)
+        while len(_PACKED) > _PACKED_MAX:
+            _PACKED.popitem(last=False)
+    return bits, unconstrained
 
 
 def knowledge_cross_entropy(
@@ -280,7 +317,8 @@ def _prepare(a: dict) -> "_Prepared":
         z2d = z2d.contiguous()
     n_rows = z2d.shape[0]
     tgt = target.reshape(n_rows).long()
-    _check_target_range(tgt, vocab, ignore_index)
+    valid = tgt != ignore_index
+    _check_target_range(tgt, valid, vocab, ignore_index)
 
     w = None
     if weight is not None:
@@ -318,7 +356,6 @@ def _prepare(a: dict) -> "_Prepared":
     if allowed is not None:
         allowed_bits, group_ids = _normalise_allowed(allowed, lead_shape, n_rows, vocab, device)
 
-    valid = tgt != ignore_index
     if soft_mask is not None:
         _require_tensor("soft_mask", soft_mask)
         if soft_mask.dtype != torch.bool:
@@ -326,12 +363,10 @@ def _prepare(a: dict) -> "_Prepared":
         if tuple(soft_mask.shape) != lead_shape:
             raise ValueError(f"soft_mask shape {_shape(soft_mask)} differs from target shape {lead_shape}")
         _same_device("soft_mask", soft_mask, device)
-        soft = soft_mask.reshape(n_rows)
+        masks = torch.stack([valid, soft_mask.reshape(n_rows)]).to(acc_dtype)
     else:
-        soft = valid
-    valid_f = valid.to(acc_dtype)
-    soft_f = soft.to(acc_dtype)
-
+        masks = valid.to(acc_dtype).expand(2, n_rows)
+    # Per-row scales, in as few small kernels as possible (each is a launch on a GPU).
     if reduction == "mean":
         if num_items_in_batch is not None:
             if isinstance(num_items_in_batch, Tensor):
@@ -339,19 +374,16 @@ def _prepare(a: dict) -> "_Prepared":
             else:
                 items = torch.tensor(_require_number("num_items_in_batch", num_items_in_batch, low=0.0, low_open=True),
                                      dtype=acc_dtype, device=device)
-            inv_ce = inv_soft = _denominator(items)
+            denom = items.expand(2)
+        elif w is not None:
+            w_y = w[torch.where(valid, tgt, torch.zeros_like(tgt))]
+            denom = torch.stack([(w_y * masks[0]).sum(), masks[1].sum()])
         else:
-            w_y = w[torch.where(valid, tgt, torch.zeros_like(tgt))] * valid_f if w is not None else valid_f
-            inv_ce = _denominator(w_y.sum())
-            inv_soft = _denominator(soft_f.sum())
+            denom = masks.sum(1)
+        base = masks * torch.where(denom > 0, denom.reciprocal(), 0.0)[:, None]
     else:
-        inv_ce = inv_soft = torch.ones((), dtype=acc_dtype, device=device)
-    scales = torch.stack([
-        ce_weight * valid_f * inv_ce,
-        kd_weight * soft_f * inv_soft,
-        penalty_weight * soft_f * inv_soft,
-        z_loss * soft_f * inv_soft,
-    ]).contiguous()
+        base = masks
+    scales = torch.stack([base[0] * ce_weight, base[1] * kd_weight, base[1] * penalty_weight, base[1] * z_loss])
 
     kd_mode = KD_MODES[kd] if kd_weight != 0.0 else KD_NONE
     pen_mode = PEN_MODES[penalty] if penalty_weight != 0.0 else PEN_NONE
