@@ -1,0 +1,72 @@
+// vfm._C: the optional native extension of vfm.
+//
+// * Op schemas live under the private namespace vfm_C (never vfm: the public ops are the Python
+//   custom ops vfm::..., and the registry decides which kernel they run).  The per-device kernels
+//   register with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and csrc/cuda/*.cu.
+// * The pybind11 module exposes build facts for `vfm doctor`.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define VFM_STRINGIFY_(x) #x
+#define VFM_STRINGIFY(x) VFM_STRINGIFY_(x)
+
+namespace vfm_cpu {
+std::vector<std::string> compiled_isas();
+std::string runtime_isa();
+}  // namespace vfm_cpu
+
+TORCH_LIBRARY(vfm_C, m) {
+  // Knowledge cross-entropy, normalised form (contract: vfm/ops/kce_reference.py).
+  // Returns (row_loss float32 [N], parts float32 [5, N]); writes d row_loss / d logits into grad
+  // when given (grad may be logits itself).
+  m.def(
+      "kce_forward(Tensor logits, Tensor target, Tensor? weight, Tensor? teacher, Tensor? topk_idx, "
+      "Tensor? topk_lp, Tensor? allowed_bits, Tensor? group_ids, Tensor scales, Tensor(a!)? grad, "
+      "int ignore_index, float label_smoothing, float softcap, float temperature, int kd_mode, "
+      "float jsd_beta, int pen_mode, float rule_strength, bool use_ce, bool use_z) -> (Tensor, Tensor)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["version"] = "0.1.0";
+  pybind11::list isa;
+  for (const auto& name : vfm_cpu::compiled_isas()) isa.append(name);
+  info["isa"] = isa;                            // ISAs the hot CPU loops are compiled for
+  info["isa_runtime"] = vfm_cpu::runtime_isa();  // the one this CPU dispatches to
+#ifdef _OPENMP
+  info["openmp"] = true;
+  info["omp_max_threads"] = omp_get_max_threads();
+#else
+  info["openmp"] = false;
+  info["omp_max_threads"] = 1;
+#endif
+#ifdef VFM_WITH_CUDA
+  info["with_cuda"] = true;
+#else
+  info["with_cuda"] = false;
+#endif
+#ifdef VFM_CUDA_ARCHS
+  info["cuda_archs"] = std::string(VFM_STRINGIFY(VFM_CUDA_ARCHS));
+#else
+  info["cuda_archs"] = std::string();
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "vfm native extension: C++ (OpenMP) CPU kernels and, when built with CUDA, GPU kernels";
+  m.def("build_info", &build_info,
+        "Build facts: version, isa (compiled ISAs), isa_runtime (the one dispatched to), openmp, "
+        "omp_max_threads, with_cuda, cuda_archs.");
+}
