@@ -168,7 +168,7 @@ def kce_forward_torch(
         eps = float(cfg.label_smoothing)
         nll = w_y * (lse - zc.gather(1, tgt[:, None])[:, 0])
         smooth = (w[None, :] * (lse[:, None] - zc)).sum(-1)
-        ce = (1 - eps) * nll + eps / vocab * smooth
+        ce = (1 - eps) * nll + eps / vocab * smooth if eps != 0.0 else nll  # no 0 * inf for -inf logits
         ce_row = _where_rows(active, sc * ce)
         if g_total is not None:
             onehot = torch.zeros_like(zc).scatter_(1, tgt[:, None], 1.0)
