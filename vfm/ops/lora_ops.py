@@ -1,0 +1,346 @@
+"""The low-rank adapter custom ops: schema, fake, autograd and backend dispatch.
+
+Four public ops (namespace ``vfm``), each with a private backward op, all taking the normalised
+arguments of :mod:`vfm.ops.lora_reference` (which documents the kernel contract):
+
+* ``vfm::lora_linear`` / ``vfm::lora_linear_backward``
+* ``vfm::dora_linear`` / ``vfm::dora_linear_backward``
+* ``vfm::adalora_linear`` / ``vfm::adalora_linear_backward``
+* ``vfm::lora_linear_multi`` / ``vfm::lora_linear_multi_backward``
+
+Each forward op returns the output and the small activations its backward needs (xa = D(x) A^T,
+and DoRA's detached weight norm); the input x is saved as it is, never copied, and the dropout
+mask is regenerated from the seed.  Both halves ask the registry for the backend when they run,
+so a forced backend must enclose the backward pass too to force it there.  Backward ops return
+empty tensors for the gradients that were not asked for (custom ops cannot return None).
+
+Eager calls go through a ``torch.autograd.Function`` on the same implementations (it skips the
+custom-op dispatcher's Python work); torch.compile, export, fake tensors and opcheck use the
+registered custom ops (see :mod:`vfm.ops.lora_api`).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from vfm import _registry
+from vfm.ops.knowledge_ce import _is_eager_tensor  # noqa: F401  (re-exported for the API)
+from vfm.ops.lora_reference import ADALORA_TORCH, DORA_TORCH, LORA_MULTI_TORCH, LORA_TORCH
+
+LORA, DORA, ADALORA, MULTI = "lora_linear", "dora_linear", "adalora_linear", "lora_linear_multi"
+
+
+def _check_torch(device: torch.device) -> Optional[str]:
+    return None
+
+
+for _name, _kernels in ((LORA, LORA_TORCH), (DORA, DORA_TORCH), (ADALORA, ADALORA_TORCH), (MULTI, LORA_MULTI_TORCH)):
+    _registry.register(_name, "torch", _kernels, _check_torch)
+
+
+def _unsupported(backend: str) -> Optional[str]:
+    return None  # the reference runs every normalised call
+
+
+def kernels(op: str, x: Tensor):
+    """The :class:`~vfm.ops.lora_reference.LowRankKernels` of the backend chosen for this call."""
+    return _registry.resolve(op, x.device, _unsupported)[1]
+
+
+def _empty_if_none(grads, like: Tensor) -> Tuple[Tensor, ...]:
+    return tuple(like.new_empty(0) if g is None else g for g in grads)
+
+
+def _none_if_unneeded(grads, needs) -> Tuple[Optional[Tensor], ...]:
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def _grad_like(need: bool, t: Optional[Tensor], shape=None) -> Tensor:
+    if not need or t is None:
+        return t.new_empty(0) if t is not None else torch.empty(0)
+    return t.new_empty(t.shape if shape is None else shape)
+
+
+# ------------------------------------------------------------------------------- LoRA --
+@torch.library.custom_op("vfm::lora_linear", mutates_args=())
+def lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, scale: float,
+                   dropout_p: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
+    """y = x W^T + b + scale * (D(x) A^T) B^T; returns (y, xa)."""
+    return kernels(LORA, x).forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+
+
+@lora_linear_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]), dtype=lora_a.dtype)
+
+
+@torch.library.custom_op("vfm::lora_linear_backward", mutates_args=())
+def lora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xa: Tensor,
+                            scale: float, dropout_p: float, seed: Tensor,
+                            needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = kernels(LORA, x).backward(grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p, seed, tuple(needs))
+    return _empty_if_none(grads, x)
+
+
+@lora_linear_backward_op.register_fake
+def _(grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p, seed, needs):
+    return (_grad_like(needs[0], x), _grad_like(needs[1], weight), _grad_like(needs[2], grad_y, (grad_y.shape[1],)),
+            _grad_like(needs[3], lora_a), _grad_like(needs[4], lora_b))
+
+
+def _lora_setup(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, dropout_p, seed = inputs
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], seed)
+
+
+def _lora_backward(ctx, grad_y, grad_xa):
+    x, weight, lora_a, lora_b, xa, seed = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:5])
+    if grad_y is None or not any(needs):
+        return (None,) * 8
+    grads = torch.ops.vfm.lora_linear_backward(grad_y, x, weight, lora_a, lora_b, xa, ctx.scale, ctx.dropout_p, seed,
+                                               needs)
+    return _none_if_unneeded(grads, needs) + (None,) * 3
+
+
+lora_linear_op.register_autograd(_lora_backward, setup_context=_lora_setup)
+
+
+class EagerLoRALinear(torch.autograd.Function):
+    """Eager path of ``vfm::lora_linear``: the same kernels without the custom-op dispatcher."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
+        y, xa = kernels(LORA, x).forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+        ctx.scale, ctx.dropout_p = scale, dropout_p
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa, seed)
+        ctx.mark_non_differentiable(xa)
+        ctx.set_materialize_grads(False)
+        return y, xa
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_xa):
+        x, weight, lora_a, lora_b, xa, seed = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:5])
+        if grad_y is None or not any(needs):
+            return (None,) * 8
+        grads = kernels(LORA, x).backward(grad_y, x, weight, lora_a, lora_b, xa, ctx.scale, ctx.dropout_p, seed, needs)
+        return _none_if_unneeded(grads, needs) + (None,) * 3
+
+
+# ------------------------------------------------------------------------------- DoRA --
+@torch.library.custom_op("vfm::dora_linear", mutates_args=())
+def dora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                   magnitude: Tensor, scale: float, dropout_p: float, seed: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """PEFT's DoRA forward; returns (y, xa, weight_norm)."""
+    return kernels(DORA, x).forward(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed)
+
+
+@dora_linear_op.register_fake
+def _(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed):
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0], lora_a.shape[0]), dtype=lora_a.dtype),
+            x.new_empty((weight.shape[0],), dtype=lora_a.dtype))
+
+
+@torch.library.custom_op("vfm::dora_linear_backward", mutates_args=())
+def dora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
+                            magnitude: Tensor, xa: Tensor, weight_norm: Tensor, scale: float, dropout_p: float,
+                            seed: Tensor, needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = kernels(DORA, x).backward(grad_y, x, weight, lora_a, lora_b, magnitude, xa, weight_norm, scale,
+                                      dropout_p, seed, tuple(needs))
+    return _empty_if_none(grads, x)
+
+
+@dora_linear_backward_op.register_fake
+def _(grad_y, x, weight, lora_a, lora_b, magnitude, xa, weight_norm, scale, dropout_p, seed, needs):
+    return (_grad_like(needs[0], x), _grad_like(needs[1], weight), _grad_like(needs[2], grad_y, (grad_y.shape[1],)),
+            _grad_like(needs[3], lora_a), _grad_like(needs[4], lora_b), _grad_like(needs[5], magnitude))
+
+
+def _dora_setup(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed = inputs
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, output[1], output[2], seed)
+
+
+def _dora_backward(ctx, grad_y, grad_xa, grad_wn):
+    x, weight, lora_a, lora_b, magnitude, xa, wn, seed = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:6])
+    if grad_y is None or not any(needs):
+        return (None,) * 9
+    grads = torch.ops.vfm.dora_linear_backward(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, ctx.scale,
+                                               ctx.dropout_p, seed, needs)
+    return _none_if_unneeded(grads, needs) + (None,) * 3
+
+
+dora_linear_op.register_autograd(_dora_backward, setup_context=_dora_setup)
+
+
+class EagerDoRALinear(torch.autograd.Function):
+    """Eager path of ``vfm::dora_linear``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed):
+        y, xa, wn = kernels(DORA, x).forward(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed)
+        ctx.scale, ctx.dropout_p = scale, dropout_p
+        ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, xa, wn, seed)
+        ctx.mark_non_differentiable(xa, wn)
+        ctx.set_materialize_grads(False)
+        return y, xa, wn
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_xa, grad_wn):
+        x, weight, lora_a, lora_b, magnitude, xa, wn, seed = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:6])
+        if grad_y is None or not any(needs):
+            return (None,) * 9
+        grads = kernels(DORA, x).backward(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, ctx.scale,
+                                          ctx.dropout_p, seed, needs)
+        return _none_if_unneeded(grads, needs) + (None,) * 3
+
+
+# ---------------------------------------------------------------------------- AdaLoRA --
+@torch.library.custom_op("vfm::adalora_linear", mutates_args=())
+def adalora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_e: Tensor,
+                      lora_b: Tensor, scale: float, ranknum: Tensor, dropout_p: float,
+                      seed: Tensor) -> Tuple[Tensor, Tensor]:
+    """PEFT's AdaLoRA (SVDLinear) forward; returns (y, xa)."""
+    return kernels(ADALORA, x).forward(x, weight, bias, lora_a, lora_e, lora_b, scale, ranknum, dropout_p, seed)
+
+
+@adalora_linear_op.register_fake
+def _(x, weight, bias, lora_a, lora_e, lora_b, scale, ranknum, dropout_p, seed):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]), dtype=lora_a.dtype)
+
+
+@torch.library.custom_op("vfm::adalora_linear_backward", mutates_args=())
+def adalora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_e: Tensor,
+                               lora_b: Tensor, ranknum: Tensor, xa: Tensor, scale: float, dropout_p: float,
+                               seed: Tensor, needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = kernels(ADALORA, x).backward(grad_y, x, weight, lora_a, lora_e, lora_b, ranknum, xa, scale, dropout_p,
+                                         seed, tuple(needs))
+    return _empty_if_none(grads, x)
+
+
+@adalora_linear_backward_op.register_fake
+def _(grad_y, x, weight, lora_a, lora_e, lora_b, ranknum, xa, scale, dropout_p, seed, needs):
+    return (_grad_like(needs[0], x), _grad_like(needs[1], weight), _grad_like(needs[2], grad_y, (grad_y.shape[1],)),
+            _grad_like(needs[3], lora_a), _grad_like(needs[4], lora_e), _grad_like(needs[5], lora_b))
+
+
+def _adalora_setup(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_e, lora_b, scale, ranknum, dropout_p, seed = inputs
+    ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.save_for_backward(x, weight, lora_a, lora_e, lora_b, ranknum, output[1], seed)
+
+
+def _adalora_backward(ctx, grad_y, grad_xa):
+    x, weight, lora_a, lora_e, lora_b, ranknum, xa, seed = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:6])
+    if grad_y is None or not any(needs):
+        return (None,) * 10
+    grads = torch.ops.vfm.adalora_linear_backward(grad_y, x, weight, lora_a, lora_e, lora_b, ranknum, xa, ctx.scale,
+                                                  ctx.dropout_p, seed, needs)
+    return _none_if_unneeded(grads, needs) + (None,) * 4
+
+
+adalora_linear_op.register_autograd(_adalora_backward, setup_context=_adalora_setup)
+
+
+class EagerAdaLoRALinear(torch.autograd.Function):
+    """Eager path of ``vfm::adalora_linear``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_e, lora_b, scale, ranknum, dropout_p, seed):
+        y, xa = kernels(ADALORA, x).forward(x, weight, bias, lora_a, lora_e, lora_b, scale, ranknum, dropout_p, seed)
+        ctx.scale, ctx.dropout_p = scale, dropout_p
+        ctx.save_for_backward(x, weight, lora_a, lora_e, lora_b, ranknum, xa, seed)
+        ctx.mark_non_differentiable(xa)
+        ctx.set_materialize_grads(False)
+        return y, xa
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_xa):
+        x, weight, lora_a, lora_e, lora_b, ranknum, xa, seed = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:6])
+        if grad_y is None or not any(needs):
+            return (None,) * 10
+        grads = kernels(ADALORA, x).backward(grad_y, x, weight, lora_a, lora_e, lora_b, ranknum, xa, ctx.scale,
+                                             ctx.dropout_p, seed, needs)
+        return _none_if_unneeded(grads, needs) + (None,) * 4
+
+
+# ---------------------------------------------------------------------- multi-adapter --
+@torch.library.custom_op("vfm::lora_linear_multi", mutates_args=())
+def lora_linear_multi_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_stack: Tensor, b_stack: Tensor,
+                         scalings: Tensor, adapter_ids: Tensor, dropout_p: float,
+                         seed: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-row adapters; returns (y, xa)."""
+    return kernels(MULTI, x).forward(x, weight, bias, a_stack, b_stack, scalings, adapter_ids, dropout_p, seed)
+
+
+@lora_linear_multi_op.register_fake
+def _(x, weight, bias, a_stack, b_stack, scalings, adapter_ids, dropout_p, seed):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], a_stack.shape[1]), dtype=a_stack.dtype)
+
+
+@torch.library.custom_op("vfm::lora_linear_multi_backward", mutates_args=())
+def lora_linear_multi_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, a_stack: Tensor, b_stack: Tensor,
+                                  scalings: Tensor, adapter_ids: Tensor, xa: Tensor, dropout_p: float, seed: Tensor,
+                                  needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = kernels(MULTI, x).backward(grad_y, x, weight, a_stack, b_stack, scalings, adapter_ids, xa, dropout_p,
+                                       seed, tuple(needs))
+    return _empty_if_none(grads, x)
+
+
+@lora_linear_multi_backward_op.register_fake
+def _(grad_y, x, weight, a_stack, b_stack, scalings, adapter_ids, xa, dropout_p, seed, needs):
+    return (_grad_like(needs[0], x), _grad_like(needs[1], weight), _grad_like(needs[2], grad_y, (grad_y.shape[1],)),
+            _grad_like(needs[3], a_stack), _grad_like(needs[4], b_stack))
+
+
+def _multi_setup(ctx, inputs, output):
+    x, weight, bias, a_stack, b_stack, scalings, adapter_ids, dropout_p, seed = inputs
+    ctx.dropout_p = dropout_p
+    ctx.save_for_backward(x, weight, a_stack, b_stack, scalings, adapter_ids, output[1], seed)
+
+
+def _multi_backward(ctx, grad_y, grad_xa):
+    x, weight, a_stack, b_stack, scalings, adapter_ids, xa, seed = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:5])
+    if grad_y is None or not any(needs):
+        return (None,) * 9
+    grads = torch.ops.vfm.lora_linear_multi_backward(grad_y, x, weight, a_stack, b_stack, scalings, adapter_ids, xa,
+                                                     ctx.dropout_p, seed, needs)
+    return _none_if_unneeded(grads, needs) + (None,) * 4
+
+
+lora_linear_multi_op.register_autograd(_multi_backward, setup_context=_multi_setup)
+
+
+class EagerLoRALinearMulti(torch.autograd.Function):
+    """Eager path of ``vfm::lora_linear_multi``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a_stack, b_stack, scalings, adapter_ids, dropout_p, seed):
+        y, xa = kernels(MULTI, x).forward(x, weight, bias, a_stack, b_stack, scalings, adapter_ids, dropout_p, seed)
+        ctx.dropout_p = dropout_p
+        ctx.save_for_backward(x, weight, a_stack, b_stack, scalings, adapter_ids, xa, seed)
+        ctx.mark_non_differentiable(xa)
+        ctx.set_materialize_grads(False)
+        return y, xa
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_xa):
+        x, weight, a_stack, b_stack, scalings, adapter_ids, xa, seed = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:5])
+        if grad_y is None or not any(needs):
+            return (None,) * 9
+        grads = kernels(MULTI, x).backward(grad_y, x, weight, a_stack, b_stack, scalings, adapter_ids, xa,
+                                           ctx.dropout_p, seed, needs)
+        return _none_if_unneeded(grads, needs) + (None,) * 4

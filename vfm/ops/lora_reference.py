@@ -1,0 +1,352 @@
+"""Pure-PyTorch reference backend of the low-rank adapter ops, and their kernel contract.
+
+Every backend of ``lora_linear``, ``dora_linear``, ``adalora_linear`` and ``lora_linear_multi``
+registers a :class:`LowRankKernels` pair ``(forward, backward)`` with these signatures and returns
+the same numbers (within the per-dtype tolerances of the tests).  The public functions in
+:mod:`vfm.ops.lora_api` validate the user's arguments and turn them into this normalised form.
+
+Common arguments:
+    x: (N, in) input, ``stride(1) == 1``, any row stride; the *base dtype*.
+    weight: (out, in) frozen or trainable base weight in the base dtype, any strides (a transposed
+        view when PEFT's ``fan_in_fan_out`` is set; a kernel that needs a layout says so through
+        its ``unsupported`` hook and the registry runs another backend).
+    bias: (out,) in the base dtype, or None.
+    lora_a: (r, in), lora_b: (out, r), r >= 1, both in the *adapter dtype* (may differ from the
+        base dtype, e.g. fp32 adapters on a bf16 model, as PEFT's ``autocast_adapter_dtype``
+        makes them).  As PEFT does, the low-rank branch runs in the adapter dtype: x is cast to it,
+        the branch's output is added to the base output and the sum is rounded to the base dtype.
+    scale: the python float ``scaling`` (alpha / r for LoRA, alpha / sqrt(r) for rsLoRA).
+    dropout_p: p in [0, 1); 0.0 means no dropout (the public layer passes 0.0 when not training).
+    seed: int64 tensor of shape () on the CPU; read only when dropout_p > 0.
+
+Dropout D (bit-exact in every backend):
+    For element (i, j) of x seen as a contiguous (N, in) matrix, offset = i * in + j (int64), and
+    with k0 = seed & 0xFFFFFFFF, k1 = (seed >> 32) & 0xFFFFFFFF, lo = offset & 0xFFFFFFFF,
+    hi = offset >> 32, all arithmetic on unsigned 32-bit words (multiplication modulo 2^32,
+    logical shifts)::
+
+        fmix32(h) = h ^= h >> 16; h *= 0x85EBCA6B; h ^= h >> 13; h *= 0xC2B2AE35; h ^= h >> 16
+        hash      = fmix32(fmix32(lo ^ k0) ^ k1 ^ (hi * 0x9E3779B9))
+
+    The element is kept iff ``hash >= floor(p * 2^32)`` (unsigned compare), and a kept value is
+    multiplied by ``1 / (1 - p)`` in the op-math type (fp32 for fp32/fp16/bf16, fp64 for fp64) and
+    rounded to its dtype; a dropped one is 0.  D applies to x *after* its cast to the adapter dtype.
+    The mask is a pure function of (seed, offset): backward regenerates it, nothing stores it, and
+    the same seed gives the same mask on any device, in any backend and for any row order (the
+    multi-adapter op uses the offsets of the caller's row order).  The reference computes the hash
+    with int64 tensor ops masked to 32 bits (products split into 16-bit halves, so nothing
+    overflows).
+
+Forward/backward pairs (``needs`` is a tuple of bools, one per differentiable input in the order
+listed; a backend returns None for every gradient it was not asked for):
+
+* ``lora_linear``: ``forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed) -> (y, xa)``
+  with y = x W^T + b + scale * (D(x) A^T) B^T (N, out) in the base dtype, and xa = D(x) A^T (N, r)
+  in the adapter dtype (saved for backward; the only activation besides x itself).
+  ``backward(grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p, seed, needs)`` ->
+  (grad_x, grad_weight, grad_bias, grad_a, grad_b), needs for (x, weight, bias, lora_a, lora_b).
+* ``dora_linear`` (PEFT's DoRA, ``DoraLinearLayer.forward``): with g = magnitude / ||W + scale B A||
+  (row norms, computed in the adapter dtype and detached: no gradient flows through them),
+  u = D(x)::
+
+        y = x W^T + b + (g - 1) * (u W^T) + g * scale * (u A^T) B^T       (dropout active)
+        y = g * (x W^T) + b + g * scale * (x A^T) B^T                      (no dropout)
+
+  The dropout form is PEFT's extra base pass on the dropped input.  ``forward(x, weight, bias,
+  lora_a, lora_b, magnitude, scale, dropout_p, seed) -> (y, xa, weight_norm)``; ``backward(grad_y,
+  x, weight, lora_a, lora_b, magnitude, xa, weight_norm, scale, dropout_p, seed, needs)`` -> (grad_x,
+  grad_weight, grad_bias, grad_a, grad_b, grad_magnitude).  The magnitude's gradient needs
+  u W^T + scale * xa B^T, which backward recomputes (one extra GEMM) instead of saving an (N, out)
+  activation.
+* ``adalora_linear`` (PEFT's ``SVDLinear``): ``y = x W^T + b + (D(x) (A * E)^T B^T) * scale /
+  (ranknum + 1e-5)`` with lora_e (r,) and ranknum a (1,) tensor (read on the device: no host
+  synchronisation).  ``forward(x, weight, bias, lora_a, lora_e, lora_b, scale, ranknum, dropout_p,
+  seed) -> (y, xa)`` with xa = D(x) (A * E)^T; ``backward(grad_y, x, weight, lora_a, lora_e, lora_b,
+  ranknum, xa, scale, dropout_p, seed, needs)`` -> (grad_x, grad_weight, grad_bias, grad_a, grad_e,
+  grad_b).  Ranks whose E entry is 0 contribute nothing to y, grad_x, grad_a and grad_b, so a kernel
+  may skip their A/B work; lora_e's gradient (A_k D(x)) . (B_k^T grad_y) scale / (ranknum + 1e-5)
+  must still be produced for them: PEFT initialises lora_E to zeros, so without it AdaLoRA would
+  never start learning.  The reference computes every rank.
+* ``lora_linear_multi``: ``forward(x, weight, bias, a_stack (K, r, in), b_stack (K, out, r),
+  scalings (K,) float32, adapter_ids (N,) int64 in [-1, K), dropout_p, seed) -> (y, xa)``: row i
+  uses adapter ``adapter_ids[i]`` (-1: the base layer only, xa row = 0).  ``backward(grad_y, x,
+  weight, a_stack, b_stack, scalings, adapter_ids, xa, dropout_p, seed, needs)`` -> (grad_x,
+  grad_weight, grad_bias, grad_a_stack, grad_b_stack).  The reference sorts the rows by adapter
+  and runs one GEMM pair per segment (one host synchronisation for the segment sizes).
+
+Gradients are rounded once to their input's dtype; GEMMs and bias sums accumulate in fp32 (fp64
+for fp64 inputs).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MASK32 = 0xFFFFFFFF
+FMIX_C1 = 0x85EBCA6B
+FMIX_C2 = 0xC2B2AE35
+GOLDEN = 0x9E3779B9
+ADALORA_EPS = 1e-5
+
+
+class LowRankKernels(NamedTuple):
+    """A backend's implementation of one low-rank op: its forward and its backward."""
+
+    forward: Callable
+    backward: Callable
+
+    def __call__(self, *args):
+        return self.forward(*args)
+
+
+# ------------------------------------------------------------------------- dropout hash --
+def dropout_threshold(p: float) -> int:
+    """floor(p * 2^32): an element is kept iff its hash is >= this (unsigned)."""
+    return int(math.floor(float(p) * 4294967296.0))
+
+
+def _mul32(h: Tensor, c: int) -> Tensor:
+    """(h * c) mod 2^32 for h in [0, 2^32) (int64) without overflowing int64."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (h * lo + (((h * hi) & 0xFFFF) << 16)) & MASK32
+
+
+def fmix32(h: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding values in [0, 2^32)."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, FMIX_C1)
+    h = h ^ (h >> 13)
+    h = _mul32(h, FMIX_C2)
+    return h ^ (h >> 16)
+
+
+def dropout_hash(seed: int, offsets: Tensor) -> Tensor:
+    """The 32-bit hash of each int64 element offset (see the module docstring), as int64."""
+    seed = int(seed)
+    k0, k1 = seed & MASK32, (seed >> 32) & MASK32
+    h = fmix32((offsets & MASK32) ^ k0)
+    hi = offsets >> 32
+    return fmix32(h ^ k1 ^ _mul32(hi, GOLDEN))
+
+
+def dropout_keep_mask(seed: int, n_rows: int, n_cols: int, p: float, device=None,
+                      rows: Optional[Tensor] = None) -> Tensor:
+    """Bool (n_rows, n_cols) keep-mask of dropout with probability p for this seed.
+
+    ``rows`` (int64, optional) gives the row index of each mask row in the caller's (N, in) view
+    (default 0..n_rows-1): the mask of a row depends on its offset only.
+    """
+    if rows is None:
+        rows = torch.arange(n_rows, device=device, dtype=torch.int64)
+    offsets = rows[:, None] * n_cols + torch.arange(n_cols, device=rows.device, dtype=torch.int64)
+    return dropout_hash(seed, offsets) >= dropout_threshold(p)
+
+
+def apply_dropout(v: Tensor, seed: int, p: float) -> Tensor:
+    """D(v) for a (N, in) tensor: kept entries scaled by 1 / (1 - p), dropped ones 0 (new tensor).
+
+    D is linear and diagonal, so it is also its own transpose: backward applies it to the gradient.
+    """
+    keep = dropout_keep_mask(seed, v.shape[0], v.shape[1], p, v.device)
+    return torch.where(keep, v * (1.0 / (1.0 - p)), torch.zeros((), dtype=v.dtype, device=v.device))
+
+
+def _seed_value(seed: Tensor, dropout_p: float) -> int:
+    return int(seed) if dropout_p > 0.0 else 0
+
+
+def _dropped(x: Tensor, dtype: torch.dtype, dropout_p: float, seed: int) -> Tensor:
+    """D(x cast to the adapter dtype); x itself (no copy) when there is neither cast nor dropout."""
+    u = x if x.dtype == dtype else x.to(dtype)
+    return apply_dropout(u, seed, dropout_p) if dropout_p > 0.0 else u
+
+
+def _add_into(y: Tensor, delta: Tensor) -> Tensor:
+    """y += delta, computed in the promoted type and rounded to y's dtype (PEFT's `result + lora`)."""
+    return y.add_(delta)
+
+
+def _grad_input(grad_y: Tensor, weight: Tensor, low: Optional[Tensor], dropout_p: float, seed: int) -> Tensor:
+    """grad_y W + D(low) in the base dtype (low: the low-rank branch's (N, in) input gradient)."""
+    gx = torch.mm(grad_y, weight)
+    if low is not None:
+        if dropout_p > 0.0:
+            low = apply_dropout(low, seed, dropout_p)
+        _add_into(gx, low)
+    return gx
+
+
+# ------------------------------------------------------------------------------- LoRA --
+def lora_forward_torch(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed) -> Tuple[Tensor, Tensor]:
+    s = _seed_value(seed, dropout_p)
+    u = _dropped(x, lora_a.dtype, dropout_p, s)
+    xa = torch.mm(u, lora_a.t())
+    y = F.linear(x, weight, bias)
+    if y.dtype == lora_b.dtype:
+        y.addmm_(xa, lora_b.t(), alpha=scale)
+    else:
+        _add_into(y, torch.mm(xa, lora_b.t()).mul_(scale))
+    return y, xa
+
+
+def lora_backward_torch(grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p, seed, needs):
+    need_x, need_w, need_bias, need_a, need_b = needs
+    s = _seed_value(seed, dropout_p)
+    g_low = grad_y.to(lora_b.dtype)
+    gxa = torch.mm(g_low, lora_b).mul_(scale) if (need_x or need_a) else None
+    gx = _grad_input(grad_y, weight, torch.mm(gxa, lora_a), dropout_p, s) if need_x else None
+    gw = torch.mm(grad_y.t(), x) if need_w else None
+    gbias = grad_y.sum(0) if need_bias else None
+    ga = torch.mm(gxa.t(), _dropped(x, lora_a.dtype, dropout_p, s)) if need_a else None
+    gb = torch.mm(g_low.t(), xa).mul_(scale) if need_b else None
+    return gx, gw, gbias, ga, gb
+
+
+# ------------------------------------------------------------------------------- DoRA --
+def dora_weight_norm(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
+    """||W + scale * B A|| per output row, in the adapter dtype (PEFT's ``get_weight_norm``)."""
+    with torch.no_grad():
+        adapted = weight.to(lora_a.dtype) + scale * torch.mm(lora_b, lora_a)
+        return torch.linalg.vector_norm(adapted, dim=1).to(lora_a.dtype)
+
+
+def dora_forward_torch(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed):
+    s = _seed_value(seed, dropout_p)
+    wn = dora_weight_norm(weight, lora_a, lora_b, scale)
+    g = magnitude / wn
+    u = _dropped(x, lora_a.dtype, dropout_p, s)
+    xa = torch.mm(u, lora_a.t())
+    y = F.linear(x, weight, bias)
+    if dropout_p > 0.0:
+        base = F.linear(u, weight.to(u.dtype))  # PEFT's extra base pass on the dropped input
+    else:
+        base = y if bias is None else y - bias
+    delta = (g - 1) * base + (g * scale) * torch.mm(xa, lora_b.t())
+    return _add_into(y, delta), xa, wn
+
+
+def dora_backward_torch(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, scale, dropout_p, seed, needs):
+    need_x, need_w, need_bias, need_a, need_b, need_m = needs
+    s = _seed_value(seed, dropout_p)
+    adt = lora_a.dtype
+    g = magnitude / wn
+    g_low = grad_y.to(adt)
+    gg = g_low * g  # d y / d (low-rank branch before its scale), per element
+    u = _dropped(x, adt, dropout_p, s) if (need_a or need_m or (need_w and dropout_p > 0.0)) else None
+    gxa = torch.mm(gg, lora_b).mul_(scale) if (need_x or need_a) else None
+    gx = gw = None
+    if dropout_p > 0.0:
+        if need_x:
+            low = torch.mm(g_low * (g - 1), weight.to(adt)).add_(torch.mm(gxa, lora_a))
+            gx = _grad_input(grad_y, weight, low, dropout_p, s)
+        if need_w:
+            gw = torch.mm(grad_y.t(), x)
+            _add_into(gw, torch.mm((g_low * (g - 1)).t(), u))
+    else:
+        if need_x:
+            gx = _grad_input(gg.to(grad_y.dtype), weight, torch.mm(gxa, lora_a), 0.0, 0)
+        if need_w:
+            gw = torch.mm(gg.to(grad_y.dtype).t(), x)
+    gbias = grad_y.sum(0) if need_bias else None
+    ga = torch.mm(gxa.t(), u) if need_a else None
+    gb = torch.mm(gg.t(), xa).mul_(scale) if need_b else None
+    gm = None
+    if need_m:
+        h = F.linear(u, weight.to(adt))
+        h.addmm_(xa, lora_b.t(), alpha=scale)
+        gm = (g_low * h).sum(0) / wn
+    return gx, gw, gbias, ga, gb, gm
+
+
+# ---------------------------------------------------------------------------- AdaLoRA --
+def adalora_forward_torch(x, weight, bias, lora_a, lora_e, lora_b, scale, ranknum, dropout_p, seed):
+    s = _seed_value(seed, dropout_p)
+    a_eff = lora_a * lora_e[:, None]
+    xa = torch.mm(_dropped(x, lora_a.dtype, dropout_p, s), a_eff.t())
+    y = F.linear(x, weight, bias)
+    low = torch.mm(xa, lora_b.t()).mul_(scale).div_(ranknum + ADALORA_EPS)
+    return _add_into(y, low), xa
+
+
+def adalora_backward_torch(grad_y, x, weight, lora_a, lora_e, lora_b, ranknum, xa, scale, dropout_p, seed, needs):
+    need_x, need_w, need_bias, need_a, need_e, need_b = needs
+    s = _seed_value(seed, dropout_p)
+    factor = (ranknum + ADALORA_EPS).reciprocal().mul_(scale)
+    g_low = grad_y.to(lora_b.dtype)
+    a_eff = lora_a * lora_e[:, None]
+    gxa = torch.mm(g_low, lora_b).mul_(factor) if (need_x or need_a or need_e) else None
+    gx = _grad_input(grad_y, weight, torch.mm(gxa, a_eff), dropout_p, s) if need_x else None
+    gw = torch.mm(grad_y.t(), x) if need_w else None
+    gbias = grad_y.sum(0) if need_bias else None
+    ga = ge = None
+    if need_a or need_e:
+        g_aeff = torch.mm(gxa.t(), _dropped(x, lora_a.dtype, dropout_p, s))
+        ga = g_aeff * lora_e[:, None] if need_a else None
+        ge = (g_aeff * lora_a).sum(1) if need_e else None
+    gb = torch.mm(g_low.t(), xa).mul_(factor) if need_b else None
+    return gx, gw, gbias, ga, ge, gb
+
+
+# ---------------------------------------------------------------------- multi-adapter --
+def _segments(adapter_ids: Tensor, n_adapters: int) -> Sequence[Tuple[int, Tensor]]:
+    """(adapter k, row indices using k) for each adapter that has rows; rows grouped by sorting."""
+    order = torch.argsort(adapter_ids, stable=True)
+    counts = torch.bincount(adapter_ids + 1, minlength=n_adapters + 1).tolist()  # slot 0: id -1
+    out, start = [], counts[0]
+    for k in range(n_adapters):
+        n = counts[k + 1]
+        if n:
+            out.append((k, order[start:start + n]))
+        start += n
+    return out
+
+
+def lora_multi_forward_torch(x, weight, bias, a_stack, b_stack, scalings, adapter_ids, dropout_p, seed):
+    s = _seed_value(seed, dropout_p)
+    adt = a_stack.dtype
+    u = _dropped(x, adt, dropout_p, s)
+    y = F.linear(x, weight, bias)
+    xa = u.new_zeros((x.shape[0], a_stack.shape[1]))
+    low = u.new_zeros((x.shape[0], b_stack.shape[1]))
+    for k, rows in _segments(adapter_ids, a_stack.shape[0]):
+        xa_k = torch.mm(u.index_select(0, rows), a_stack[k].t())
+        xa.index_copy_(0, rows, xa_k)
+        low.index_copy_(0, rows, torch.mm(xa_k, b_stack[k].t()).mul_(scalings[k].to(adt)))
+    return _add_into(y, low), xa
+
+
+def lora_multi_backward_torch(grad_y, x, weight, a_stack, b_stack, scalings, adapter_ids, xa, dropout_p, seed, needs):
+    need_x, need_w, need_bias, need_a, need_b = needs
+    s = _seed_value(seed, dropout_p)
+    adt = a_stack.dtype
+    g_low = grad_y.to(adt)
+    u = _dropped(x, adt, dropout_p, s) if need_a else None
+    low = g_low.new_zeros(x.shape) if need_x else None
+    ga = torch.zeros_like(a_stack) if need_a else None
+    gb = torch.zeros_like(b_stack) if need_b else None
+    for k, rows in _segments(adapter_ids, a_stack.shape[0]):
+        scale = scalings[k].to(adt)
+        g_k = g_low.index_select(0, rows)
+        if need_x or need_a:
+            gxa = torch.mm(g_k, b_stack[k]).mul_(scale)
+            if need_x:
+                low.index_copy_(0, rows, torch.mm(gxa, a_stack[k]))
+            if need_a:
+                ga[k] = torch.mm(gxa.t(), u.index_select(0, rows))
+        if need_b:
+            gb[k] = torch.mm(g_k.t(), xa.index_select(0, rows)).mul_(scale)
+    gx = _grad_input(grad_y, weight, low, dropout_p, s) if need_x else None
+    gw = torch.mm(grad_y.t(), x) if need_w else None
+    gbias = grad_y.sum(0) if need_bias else None
+    return gx, gw, gbias, ga, gb
+
+
+LORA_TORCH = LowRankKernels(lora_forward_torch, lora_backward_torch)
+DORA_TORCH = LowRankKernels(dora_forward_torch, dora_backward_torch)
+ADALORA_TORCH = LowRankKernels(adalora_forward_torch, adalora_backward_torch)
+LORA_MULTI_TORCH = LowRankKernels(lora_multi_forward_torch, lora_multi_backward_torch)
