@@ -1,5 +1,6 @@
 """Module forms of vfm's ops."""
 
 from vfm.nn.loss import CrossEntropyLoss, KnowledgeCrossEntropyLoss
+from vfm.nn.lora import LoRALinear
 
-__all__ = ["CrossEntropyLoss", "KnowledgeCrossEntropyLoss"]
+__all__ = ["CrossEntropyLoss", "KnowledgeCrossEntropyLoss", "LoRALinear"]

@@ -1,0 +1,312 @@
+"""Run a PEFT model's LoRA / DoRA / AdaLoRA Linear layers on vfm's fused ops, in place.
+
+:func:`accelerate` keeps every PEFT layer object and its Parameters exactly as they are and only
+swaps the layer's class for a subclass whose ``forward`` calls :func:`vfm.functional.lora_linear`,
+:func:`~vfm.functional.dora_linear` or :func:`~vfm.functional.adalora_linear` for the active
+adapter.  Everything else is PEFT's own code: state_dict keys, ``save_pretrained`` /
+``from_pretrained``, ``merge`` / ``unmerge`` / ``merge_and_unload``, ``set_adapter``,
+``disable_adapter()``.  :func:`restore` swaps the classes back.
+
+Whatever a swapped layer cannot compute itself goes to PEFT's forward, with the reason logged once
+per layer (logger ``"vfm.peft"``): merged or disabled adapters, ``adapter_names`` (mixed-adapter
+batches), several active adapters, extra forward arguments, LoRA variants other than DoRA, DoRA
+with ``lora_bias``, input/weight dtypes PEFT itself would reject, and forward hooks on the wrapped
+layers (accelerate's offloading hooks, for instance).  Layers it never takes over (listed with the
+reason in the report): embeddings, convolutions, quantized or otherwise non-Linear base layers
+(bitsandbytes, GPTQ, ...), weights that are not plain tensors (DeepSpeed ZeRO-3, DTensor), and
+nested adapter layers.
+
+Numbers: LoRA and AdaLoRA compute PEFT's formula; DoRA includes PEFT's extra base pass under
+dropout and its detached weight norm.  Dropout masks come from vfm's counter-based hash, so with
+dropout they match PEFT in distribution only (PEFT draws from torch's dropout RNG).  ``lora_bias``
+(a bias on lora_B) is folded into the base bias: ``b + scaling * b_B``.  AdaLoRA's lora_E gets
+PEFT's gradient at every rank, zero ones included.
+
+Example::
+
+    model = get_peft_model(base_model, LoraConfig(r=16, target_modules="all-linear"))
+    report = vfm.peft.accelerate(model)
+    print(report)          # how many layers run on vfm, and why the others do not
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from peft.tuners.adalora.layer import SVDLinear as _PeftSVDLinear
+from peft.tuners.lora.layer import Linear as _PeftLoraLinear
+from peft.tuners.lora.variants import DoraLinearVariant as _DoraVariant
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from vfm.ops.lora_api import adalora_linear, dora_linear, lora_linear
+
+logger = logging.getLogger("vfm.peft")
+
+try:  # GPT-2 style layers (weight stored as (in, out)); optional
+    from transformers.pytorch_utils import Conv1D as _Conv1D
+except ImportError:  # pragma: no cover - transformers is installed with peft
+    _Conv1D = None
+
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+_VARIANT_KWARGS = ("alora_offsets",)
+
+
+@dataclass
+class AccelerateReport:
+    """What :func:`accelerate` did.
+
+    Attributes:
+        accelerated: names of the layers whose forward now runs on vfm.
+        kinds: how many of them run LoRA, DoRA and AdaLoRA (by their active adapter now).
+        skipped: name -> reason for each adapter layer left entirely to PEFT.
+        fallbacks: name -> reason for accelerated layers whose *current* state (merged, several
+            active adapters, ...) makes them use PEFT's forward until that state changes.
+    """
+
+    accelerated: List[str] = field(default_factory=list)
+    kinds: Dict[str, int] = field(default_factory=lambda: {"lora": 0, "dora": 0, "adalora": 0})
+    skipped: Dict[str, str] = field(default_factory=dict)
+    fallbacks: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_accelerated(self) -> int:
+        return len(self.accelerated)
+
+    def __str__(self) -> str:
+        lines = [f"vfm.peft: {self.num_accelerated} adapter layers run on vfm "
+                 f"({', '.join(f'{k} {v}' for k, v in self.kinds.items())}), {len(self.skipped)} left to PEFT"]
+        lines += [f"  {name}: {why}" for name, why in self.skipped.items()]
+        lines += [f"  {name} (for now): {why}" for name, why in self.fallbacks.items()]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- checks --
+def _is_conv1d(module: nn.Module) -> bool:
+    return _Conv1D is not None and type(module) is _Conv1D
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None) is not None)
+
+
+def _static_reason(layer: nn.Module) -> Optional[str]:
+    """Why a PEFT layer can never run on vfm (None when it can)."""
+    cls = type(layer)
+    if cls not in (_PeftLoraLinear, _PeftSVDLinear):
+        return f"{cls.__module__}.{cls.__name__} is not PEFT's LoRA/DoRA/AdaLoRA Linear layer"
+    if isinstance(layer.base_layer, BaseTunerLayer):
+        return "nested adapter layers (the base layer is itself an adapter layer)"
+    base = layer.get_base_layer()
+    if _is_conv1d(base):
+        if not layer.fan_in_fan_out:
+            return "transformers Conv1D base layer without fan_in_fan_out"
+    elif not (isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward):
+        return f"base layer {type(base).__module__}.{type(base).__name__} is not a plain nn.Linear (quantized?)"
+    elif layer.fan_in_fan_out:
+        return "fan_in_fan_out=True on an nn.Linear base layer"
+    weight = getattr(base, "weight", None)
+    if type(weight) not in _PLAIN_TENSORS or not weight.is_floating_point():
+        return f"base weight is a {type(weight).__name__} of dtype {getattr(weight, 'dtype', None)}, not a plain " \
+               "floating tensor (quantized, partitioned or distributed)"
+    return None
+
+
+def _adapter_reason(layer: nn.Module, name: str) -> Optional[str]:
+    """Why adapter ``name`` of an eligible layer cannot run on vfm (None when it can)."""
+    if isinstance(layer, _PeftSVDLinear):
+        if layer.r.get(name, 0) == 0:
+            return f"adapter {name!r} has rank 0"
+        tensors = (layer.lora_A[name], layer.lora_E[name], layer.lora_B[name])
+    else:
+        variant = layer.lora_variant.get(name)
+        if variant is not None and type(variant) is not _DoraVariant:
+            return f"LoRA variant {type(variant).__name__} of adapter {name!r} is not supported"
+        a, b = layer.lora_A[name], layer.lora_B[name]
+        if type(a) is not nn.Linear or type(b) is not nn.Linear or _hooked(a) or _hooked(b):
+            return f"lora_A/lora_B of adapter {name!r} are not plain hook-free nn.Linear modules"
+        if variant is not None:
+            if b.bias is not None:
+                return f"DoRA with lora_bias=True (adapter {name!r})"
+            if layer.ephemeral_gpu_offload:
+                return "DoRA with ephemeral_gpu_offload"
+            tensors = (a.weight, b.weight, layer.lora_magnitude_vector[name].weight)
+        else:
+            tensors = (a.weight, b.weight) + ((b.bias,) if b.bias is not None else ())
+    if any(type(t) not in _PLAIN_TENSORS for t in tensors):
+        return f"adapter {name!r} weights are not plain tensors (partitioned or distributed)"
+    if len({t.dtype for t in tensors}) != 1:
+        return f"adapter {name!r} weights have mixed dtypes {sorted(str(t.dtype) for t in tensors)}"
+    drop = layer.lora_dropout[name]
+    if type(drop) not in (nn.Identity, nn.Dropout) or _hooked(drop):
+        return f"dropout module {type(drop).__name__} of adapter {name!r} is not nn.Dropout/nn.Identity"
+    return None
+
+
+def _active(layer: nn.Module) -> List[str]:
+    return [n for n in layer.active_adapters if n in layer.lora_A]
+
+
+def _state_reason(layer: nn.Module) -> Optional[str]:
+    """Why the layer's current state needs PEFT's forward (None when vfm can run it)."""
+    if layer.disable_adapters:
+        return "adapters are disabled"
+    if layer.merged:
+        return "adapter weights are merged into the base weight"
+    active = _active(layer)
+    if len(active) != 1:
+        return f"{len(active)} active adapters (vfm runs exactly one)"
+    if _hooked(layer.get_base_layer()):
+        return "the base layer has forward hooks (e.g. accelerate offloading) that vfm would bypass"
+    return _adapter_reason(layer, active[0])
+
+
+def _call_reason(layer: nn.Module, x, args, kwargs) -> Optional[str]:
+    if args or any(v is not None for v in kwargs.values()):
+        return "extra forward arguments" + (" (adapter_names: mixed-adapter batch)" if "adapter_names" in kwargs else "")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return "non-floating input"
+    why = _state_reason(layer)
+    if why:
+        return why
+    weight = layer.get_base_layer().weight
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        return f"input dtype {x.dtype} differs from the base weight's {weight.dtype}"
+    name = _active(layer)[0]
+    adapter_dtype = (layer.lora_A[name] if isinstance(layer, _PeftSVDLinear) else layer.lora_A[name].weight).dtype
+    if adapter_dtype != x.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
+        return "input dtype casting is disabled and the adapter dtype differs from the input's"
+    return None
+
+
+def _note_fallback(layer: nn.Module, reason: str) -> None:
+    seen = layer.__dict__.setdefault("_vfm_fallback_reasons", set())
+    if reason not in seen:
+        seen.add(reason)
+        logger.info("vfm.peft: %s runs PEFT's forward: %s", type(layer).__name__, reason)
+
+
+# -------------------------------------------------------------------------- forward --
+def _base_weight(layer: nn.Module):
+    base = layer.get_base_layer()
+    return (base.weight.t() if _is_conv1d(base) else base.weight), base.bias
+
+
+def _dropout_args(layer: nn.Module, name: str):
+    drop = layer.lora_dropout[name]
+    if isinstance(drop, nn.Dropout):
+        return float(drop.p), bool(drop.training)
+    return 0.0, False
+
+
+def _vfm_forward(layer: nn.Module, peft_cls: type, x, args, kwargs):
+    why = _call_reason(layer, x, args, kwargs)
+    if why is not None:
+        _note_fallback(layer, why)
+        return peft_cls.forward(layer, x, *args, **kwargs)
+    name = _active(layer)[0]
+    weight, bias = _base_weight(layer)
+    p, training = _dropout_args(layer, name)
+    scaling = layer.scaling[name]
+    if isinstance(layer, _PeftSVDLinear):
+        return adalora_linear(x, weight, bias, layer.lora_A[name], layer.lora_E[name], layer.lora_B[name], scaling,
+                              layer.ranknum[name], dropout_p=p, training=training)
+    lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    if name in layer.lora_variant:  # DoRA (the only variant _adapter_reason lets through)
+        magnitude = layer.lora_magnitude_vector[name].weight
+        return dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scaling, dropout_p=p,
+                           training=training and layer.training)
+    lora_bias = layer.lora_B[name].bias
+    if lora_bias is not None:  # lora_bias=True: B(A x) + b_B, scaled, is the same as a base-bias shift
+        shift = (lora_bias * scaling).to(weight.dtype)
+        bias = shift if bias is None else bias + shift
+    return lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=p, training=training)
+
+
+class LoraLinear(_PeftLoraLinear):
+    """PEFT's ``lora.Linear`` running on vfm's ops (installed by :func:`accelerate`; never built directly)."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return _vfm_forward(self, _PeftLoraLinear, x, args, kwargs)
+
+    def _get_name(self) -> str:  # repr stays PEFT's
+        return _PeftLoraLinear.__name__
+
+
+class AdaLoraSVDLinear(_PeftSVDLinear):
+    """PEFT's ``adalora.SVDLinear`` running on vfm's ops (installed by :func:`accelerate`)."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return _vfm_forward(self, _PeftSVDLinear, x, args, kwargs)
+
+    def _get_name(self) -> str:
+        return _PeftSVDLinear.__name__
+
+
+_SWAP = {_PeftLoraLinear: LoraLinear, _PeftSVDLinear: AdaLoraSVDLinear}
+_UNSWAP = {v: k for k, v in _SWAP.items()}
+
+
+def _kind(layer: nn.Module) -> str:
+    if isinstance(layer, _PeftSVDLinear):
+        return "adalora"
+    active = _active(layer)
+    return "dora" if active and active[0] in layer.lora_variant else "lora"
+
+
+# --------------------------------------------------------------------------- public --
+def accelerate(model: nn.Module) -> AccelerateReport:
+    """Make every eligible PEFT LoRA / DoRA / AdaLoRA Linear layer of ``model`` run on vfm, in place.
+
+    Args:
+        model: a ``PeftModel`` (or any module containing PEFT adapter layers).
+
+    Returns:
+        An :class:`AccelerateReport`: the layers taken over, and the reason for each adapter layer
+        left to PEFT.  Calling it again is harmless (already accelerated layers count again).
+    """
+    report = AccelerateReport()
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        if type(module) in _UNSWAP:
+            why = None
+        else:
+            why = _static_reason(module)
+            if why is None:
+                active = _active(module)
+                why = _adapter_reason(module, active[0]) if len(active) == 1 else None
+        if why is not None:
+            report.skipped[name] = why
+            logger.info("vfm.peft: leaving %s to PEFT: %s", name, why)
+            continue
+        module.__class__ = _SWAP.get(type(module), type(module))
+        report.accelerated.append(name)
+        report.kinds[_kind(module)] += 1
+        later = _state_reason(module)
+        if later is not None:
+            report.fallbacks[name] = later
+    if report.skipped:
+        logger.warning("vfm.peft: %d adapter layers run on vfm, %d are left to PEFT (see the report for why)",
+                       report.num_accelerated, len(report.skipped))
+    return report
+
+
+def restore(model: nn.Module) -> int:
+    """Undo :func:`accelerate`: every swapped layer gets PEFT's class (and forward) back.
+
+    Returns:
+        The number of layers restored.
+    """
+    count = 0
+    for module in model.modules():
+        original = _UNSWAP.get(type(module))
+        if original is not None:
+            module.__class__ = original
+            module.__dict__.pop("_vfm_fallback_reasons", None)
+            count += 1
+    return count
