@@ -50,6 +50,14 @@ def kernels(op: str, x: Tensor):
     return _registry.resolve(op, x.device, _unsupported)[1]
 
 
+def _no_double_backward(op: str) -> None:
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op} does not support double backward (create_graph=True): its backward is a fused kernel, "
+            "not a composition of differentiable operations"
+        )
+
+
 def _empty_if_none(grads, like: Tensor) -> Tuple[Tensor, ...]:
     return tuple(like.new_empty(0) if g is None else g for g in grads)
 
@@ -102,6 +110,7 @@ def _lora_backward(ctx, grad_y, grad_xa):
     needs = list(ctx.needs_input_grad[:5])
     if grad_y is None or not any(needs):
         return (None,) * 8
+    _no_double_backward("lora_linear")
     grads = torch.ops.vfm.lora_linear_backward(grad_y, x, weight, lora_a, lora_b, xa, ctx.scale, ctx.dropout_p, seed,
                                                needs)
     return _none_if_unneeded(grads, needs) + (None,) * 3
@@ -128,6 +137,7 @@ class EagerLoRALinear(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[:5])
         if grad_y is None or not any(needs):
             return (None,) * 8
+        _no_double_backward("lora_linear")
         grads = kernels(LORA, x).backward(grad_y, x, weight, lora_a, lora_b, xa, ctx.scale, ctx.dropout_p, seed, needs)
         return _none_if_unneeded(grads, needs) + (None,) * 3
 
@@ -173,6 +183,7 @@ def _dora_backward(ctx, grad_y, grad_xa, grad_wn):
     needs = list(ctx.needs_input_grad[:6])
     if grad_y is None or not any(needs):
         return (None,) * 9
+    _no_double_backward("dora_linear")
     grads = torch.ops.vfm.dora_linear_backward(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, ctx.scale,
                                                ctx.dropout_p, seed, needs)
     return _none_if_unneeded(grads, needs) + (None,) * 3
@@ -199,6 +210,7 @@ class EagerDoRALinear(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[:6])
         if grad_y is None or not any(needs):
             return (None,) * 9
+        _no_double_backward("dora_linear")
         grads = kernels(DORA, x).backward(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, ctx.scale,
                                           ctx.dropout_p, seed, needs)
         return _none_if_unneeded(grads, needs) + (None,) * 3
@@ -244,6 +256,7 @@ def _adalora_backward(ctx, grad_y, grad_xa):
     needs = list(ctx.needs_input_grad[:6])
     if grad_y is None or not any(needs):
         return (None,) * 10
+    _no_double_backward("adalora_linear")
     grads = torch.ops.vfm.adalora_linear_backward(grad_y, x, weight, lora_a, lora_e, lora_b, ranknum, xa, ctx.scale,
                                                   ctx.dropout_p, seed, needs)
     return _none_if_unneeded(grads, needs) + (None,) * 4
@@ -270,6 +283,7 @@ class EagerAdaLoRALinear(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[:6])
         if grad_y is None or not any(needs):
             return (None,) * 10
+        _no_double_backward("adalora_linear")
         grads = kernels(ADALORA, x).backward(grad_y, x, weight, lora_a, lora_e, lora_b, ranknum, xa, ctx.scale,
                                              ctx.dropout_p, seed, needs)
         return _none_if_unneeded(grads, needs) + (None,) * 4
@@ -315,6 +329,7 @@ def _multi_backward(ctx, grad_y, grad_xa):
     needs = list(ctx.needs_input_grad[:5])
     if grad_y is None or not any(needs):
         return (None,) * 9
+    _no_double_backward("lora_linear_multi")
     grads = torch.ops.vfm.lora_linear_multi_backward(grad_y, x, weight, a_stack, b_stack, scalings, adapter_ids, xa,
                                                      ctx.dropout_p, seed, needs)
     return _none_if_unneeded(grads, needs) + (None,) * 4
@@ -341,6 +356,7 @@ class EagerLoRALinearMulti(torch.autograd.Function):
         needs = tuple(ctx.needs_input_grad[:5])
         if grad_y is None or not any(needs):
             return (None,) * 9
+        _no_double_backward("lora_linear_multi")
         grads = kernels(MULTI, x).backward(grad_y, x, weight, a_stack, b_stack, scalings, adapter_ids, xa,
                                            ctx.dropout_p, seed, needs)
         return _none_if_unneeded(grads, needs) + (None,) * 4

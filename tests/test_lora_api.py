@@ -1,0 +1,192 @@
+"""Public behaviour of the low-rank adapter ops: errors, opcheck, torch.compile, the LoRALinear module."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vfm
+from vfm.functional import adalora_linear, dora_linear, lora_linear, lora_linear_multi
+from vfm.nn import LoRALinear
+from test_lora_reference import call, inputs_of, make, plain_lora
+
+
+def _esc(s):
+    return s.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
+
+
+# ------------------------------------------------------------------------- bad input --
+def _base():
+    return torch.randn(4, 5), torch.randn(7, 5), torch.randn(7), torch.randn(3, 5), torch.randn(7, 3)
+
+
+@pytest.mark.parametrize(
+    "change,exc,needle",
+    [
+        (dict(x=torch.randn(4, 6)), ValueError, "x has shape (4, 6) but weight has shape (7, 5)"),
+        (dict(weight=torch.randn(7, 5, 1)), ValueError, "weight must have shape (out_features, in_features)"),
+        (dict(bias=torch.randn(6)), ValueError, "bias must have shape (7,)"),
+        (dict(lora_a=torch.randn(3, 4)), ValueError, "lora_a must have shape (r, in_features=5), got (3, 4)"),
+        (dict(lora_a=torch.randn(0, 5), lora_b=torch.randn(7, 0)), ValueError, "r=0"),
+        (dict(lora_b=torch.randn(7, 2)), ValueError, "lora_b must have shape (out_features, r) = (7, 3)"),
+        (dict(weight=torch.randn(7, 5, dtype=torch.float64)), ValueError, "weight dtype torch.float64"),
+        (dict(bias=torch.randn(7, dtype=torch.float16)), ValueError, "bias dtype"),
+        (dict(lora_b=torch.randn(7, 3, dtype=torch.float64)), ValueError, "lora_b dtype"),
+        (dict(x=torch.ones(4, 5, dtype=torch.long)), TypeError, "x must be a floating"),
+        (dict(lora_a=[[1.0]]), TypeError, "lora_a must be a torch.Tensor"),
+        (dict(dropout_p=1.0), ValueError, "dropout_p must lie in [0, 1)"),
+        (dict(dropout_p=-0.1), ValueError, "dropout_p"),
+        (dict(scaling=float("nan")), ValueError, "scaling"),
+        (dict(scaling="2"), TypeError, "scaling"),
+        (dict(training=1), TypeError, "training"),
+        (dict(seed=-1, dropout_p=0.1), ValueError, "seed"),
+        (dict(seed=1.5), TypeError, "seed"),
+    ],
+)
+def test_lora_linear_bad_input_names_the_argument(change, exc, needle):
+    x, w, b, a, bb = _base()
+    kw = dict(x=x, weight=w, bias=b, lora_a=a, lora_b=bb, scaling=1.0)
+    kw.update(change)
+    with pytest.raises(exc, match=_esc(needle)):
+        lora_linear(kw.pop("x"), kw.pop("weight"), kw.pop("bias"), kw.pop("lora_a"), kw.pop("lora_b"), kw.pop("scaling"),
+                    **kw)
+
+
+def test_variant_specific_errors():
+    x, w, b, a, bb = _base()
+    with pytest.raises(ValueError, match=_esc("magnitude must have shape (7,), got (5)")):
+        dora_linear(x, w, b, a, bb, torch.ones(5), 1.0)
+    with pytest.raises(ValueError, match="magnitude dtype"):
+        dora_linear(x, w, b, a, bb, torch.ones(7, dtype=torch.float64), 1.0)
+    with pytest.raises(ValueError, match=_esc("lora_e must have shape (3,) or (3, 1)")):
+        adalora_linear(x, w, b, a, torch.ones(2, 1), bb, 1.0, 3.0)
+    with pytest.raises(TypeError, match="ranknum"):
+        adalora_linear(x, w, b, a, torch.ones(3, 1), bb, 1.0, torch.ones(2))
+    sa, sb = torch.randn(2, 3, 5), torch.randn(2, 7, 3)
+    with pytest.raises(ValueError, match=_esc("adapter_ids must lie in [-1, 2); got [2]")):
+        lora_linear_multi(x, w, b, sa, sb, [1.0, 1.0], torch.tensor([0, 1, 2, -1]))
+    with pytest.raises(ValueError, match=_esc("adapter_ids must have shape (4,)")):
+        lora_linear_multi(x, w, b, sa, sb, [1.0, 1.0], torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="scalings has 1 entries but a_stack holds K=2"):
+        lora_linear_multi(x, w, b, sa, sb, [1.0], torch.tensor([0, 1, 1, -1]))
+    with pytest.raises(ValueError, match=_esc("b_stack must have shape (K, out_features, r)")):
+        lora_linear_multi(x, w, b, sa, torch.randn(2, 7, 4), [1.0, 1.0], torch.tensor([0, 1, 1, -1]))
+    with pytest.raises(ValueError, match=_esc("a_stack (2, 3, 6) and b_stack (2, 7, 3)")):
+        lora_linear_multi(x, w, b, torch.randn(2, 3, 6), sb, [1.0, 1.0], torch.tensor([0, 1, 1, -1]))
+    with pytest.raises(TypeError, match="adapter_ids must be an integer"):
+        lora_linear_multi(x, w, b, sa, sb, [1.0, 1.0], torch.zeros(4))
+
+
+def test_seed_as_tensor_equals_seed_as_int():
+    t = make(dtype=torch.float32)
+    assert torch.equal(call("lora", t, 0.5, seed=torch.tensor([77])), call("lora", t, 0.5, seed=77))
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "adalora", "multi"])
+def test_double_backward_is_refused(kind):
+    t = make()
+    y = call(kind, t)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.sum(), [t["x"]], create_graph=True)
+
+
+# ----------------------------------------------------------------- opcheck and compile --
+def _op_inputs(p):
+    t = make(dtype=torch.float32, lead=(6,), d_in=5, d_out=7, r=3, k=2)
+    x, w, b, a, bb, m, e = (t[n] for n in ("x", "w", "b", "a", "bb", "m", "e"))
+    seed = torch.tensor(3)
+    return {
+        "lora_linear": (x, w, b, a, bb, 0.5, p, seed),
+        "dora_linear": (x, w, b, a, bb, m, 0.5, p, seed),
+        "adalora_linear": (x, w, b, a, e.reshape(3), bb, 0.5, torch.tensor([2.0]), p, seed),
+        "lora_linear_multi": (x, w, b, t["a_stack"], t["b_stack"], torch.tensor([0.5, 2.0]),
+                              torch.tensor([0, 1, -1, 1, 0, 0]), p, seed),
+    }
+
+
+@pytest.mark.parametrize("op", ["lora_linear", "dora_linear", "adalora_linear", "lora_linear_multi"])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_opcheck(op, p):
+    args = _op_inputs(p)[op]
+    torch.library.opcheck(getattr(torch.ops.vfm, op).default, args)
+    no_bias = args[:2] + (None,) + args[3:]
+    torch.library.opcheck(getattr(torch.ops.vfm, op).default, no_bias, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "adalora", "multi"])
+def test_torch_compile_fullgraph(kind):
+    torch._dynamo.reset()
+    t = make(dtype=torch.float32, lead=(3, 4), d_in=8, d_out=6, r=2)
+    ins = inputs_of(kind, t)
+
+    def fn(x, seed):
+        return call(kind, dict(t, x=x * 1.5), 0.25, seed=seed).tanh()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="inductor")
+    x1 = t["x"].detach().clone().requires_grad_()
+    y1 = compiled(x1, 5)
+    y2 = fn(t["x"], 5)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    g1 = torch.autograd.grad(y1.sum(), [x1] + ins[1:])
+    g2 = torch.autograd.grad(y2.sum(), ins)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_draws_a_seed_inside_the_graph():
+    torch._dynamo.reset()
+    t = make(dtype=torch.float32, lead=(5,), d_in=8, d_out=6)
+
+    def fn(x):
+        return lora_linear(x, t["w"], t["b"], t["a"], t["bb"], 1.0, dropout_p=0.5)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    y = compiled(t["x"])
+    y.sum().backward()
+    assert y.shape == (5, 6) and t["a"].grad is not None
+
+
+# --------------------------------------------------------------------------- module --
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_lora_linear_module_matches_formula_and_merges(use_rslora):
+    base = torch.nn.Linear(12, 9)
+    layer = LoRALinear(base, r=4, alpha=8, dropout=0.0, use_rslora=use_rslora)
+    assert layer.scaling == (8 / math.sqrt(4) if use_rslora else 8 / 4)
+    assert not base.weight.requires_grad and base.bias.requires_grad
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 5, 12)
+    y = layer(x)
+    ref = plain_lora(x, base.weight, base.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None and base.weight.grad is None
+    assert set(dict(layer.named_parameters())) == {"base_layer.weight", "base_layer.bias", "lora_A", "lora_B"}
+    w0 = base.weight.detach().clone()
+    layer.merge()
+    torch.testing.assert_close(layer(x), y.detach(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    torch.testing.assert_close(base.weight, w0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer(x), y.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_linear_module_dropout_and_errors():
+    layer = LoRALinear(torch.nn.Linear(6, 4), r=2, dropout=0.5)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(8, 6)
+    torch.manual_seed(1)
+    a = layer(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, layer(x))
+    layer.eval()
+    torch.testing.assert_close(layer(x), plain_lora(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        LoRALinear(torch.nn.Conv1d(2, 2, 1))
+    with pytest.raises(ValueError, match="r must be"):
+        LoRALinear(torch.nn.Linear(2, 2), r=0)
+    with pytest.raises(ValueError, match="dropout"):
+        LoRALinear(torch.nn.Linear(2, 2), dropout=1.0)
