@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -214,7 +213,10 @@ def gpu_peak_gib(step: Callable) -> float:
 
 
 def cpu_peak_gb(provider: str, case: str, n_rows: int, vocab: int) -> float:
-    """Peak RSS growth (GB) of a child process running one warm-up-free forward + backward."""
+    """Peak RSS growth (GB) during one forward + backward (after a warm-up) in a child process.
+
+    The returned gradient is included; the inputs are not.
+    """
     code = ("import sys, json; from vfm.bench import _child_rss; "
             f"print(json.dumps(_child_rss({provider!r}, {case!r}, {n_rows}, {vocab})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -222,14 +224,26 @@ def cpu_peak_gb(provider: str, case: str, n_rows: int, vocab: int) -> float:
     return float(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def _rss_status(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
 def _child_rss(provider: str, case: str, n_rows: int, vocab: int) -> float:
     inp = make_inputs(case, n_rows, vocab, torch.float32, "cpu")
     step = providers("cpu")[provider](inp)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()  # warm-up: compilation, thread pools and lazy buffers are not the op's memory
+    # Reset the peak (VmHWM) to the current RSS, so the peak counts this step only (Linux).
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    base = _rss_status("VmRSS")
     out = step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _rss_status("VmHWM")
     del out
-    return (peak - base) * 1024 / 1e9
+    return (peak - base) / 1e9
 
 
 def run_report(device: str, n_rows: int, vocab: int, dtype: torch.dtype, cases=CASES, repeat: int = 5,
