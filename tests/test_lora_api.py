@@ -16,6 +16,15 @@ def _esc(s):
     return s.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small shapes: one thread is faster, and immune to a busy machine's scheduling stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # ------------------------------------------------------------------------- bad input --
 def _base():
     return torch.randn(4, 5), torch.randn(7, 5), torch.randn(7), torch.randn(3, 5), torch.randn(7, 3)
