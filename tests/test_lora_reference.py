@@ -153,9 +153,22 @@ def test_hash_matches_pure_python_including_offsets_beyond_32_bits():
     assert int(got.min()) >= 0 and int(got.max()) < 2 ** 32
 
 
+def test_keep_mask_rows_past_32_bit_offsets():
+    n_cols, row0 = 1000, (2 ** 32) // 1000 - 2  # rows whose offsets cross 2^32
+    got = dropout_keep_mask(0x1234_5678_9ABC, 5, n_cols, 0.3, row0=row0)
+    offsets = (torch.arange(5)[:, None] + row0) * n_cols + torch.arange(n_cols)
+    assert int(offsets.max()) > 2 ** 32 > int(offsets.min())
+    assert torch.equal(got, dropout_hash(0x1234_5678_9ABC, offsets) >= math.floor(0.3 * 2 ** 32))
+    thr = math.floor(0.3 * 2 ** 32)
+    for i, j in ((0, 0), (2, 999), (4, 500), (3, 17)):
+        assert bool(got[i, j]) == (py_hash(0x1234_5678_9ABC, int(offsets[i, j])) >= thr)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_keep_mask_matches_pure_python_and_keeps_one_minus_p(p):
     assert torch.equal(dropout_keep_mask(99, 5, 13, p), py_keep(99, 5, 13, p))
+    offsets = torch.arange(300 * 1000).view(300, 1000)  # several chunks of the in-place form
+    assert torch.equal(dropout_keep_mask(7, 300, 1000, p), dropout_hash(7, offsets) >= math.floor(p * 2 ** 32))
     big = dropout_keep_mask(3, 512, 512, p)
     assert abs(big.float().mean().item() - (1 - p)) < 0.01
     other = dropout_keep_mask(4, 512, 512, p)  # another seed: an independent-looking mask

@@ -267,3 +267,24 @@ def test_layers_it_cannot_take_over_are_reported():
     (name, why), = report.skipped.items()
     assert name.endswith("embed_tokens") and "Embedding" in why
     assert "left to PEFT" in str(report)
+
+
+def test_unknown_variants_and_custom_base_layers_are_left_to_peft():
+    class CustomLinear(torch.nn.Linear):  # e.g. a quantized layer: its own forward
+        def forward(self, x):
+            return super().forward(x) * 1.0
+
+    class OtherVariant(peft.tuners.lora.layer.LoraVariant):
+        pass
+
+    model = get_peft_model(llama(), peft_config("lora"))
+    attn = model.base_model.model.model.layers[0].self_attn
+    old = attn.q_proj.base_layer
+    custom = CustomLinear(old.in_features, old.out_features, bias=old.bias is not None)
+    custom.load_state_dict(old.state_dict())
+    attn.q_proj.base_layer = custom
+    attn.k_proj.lora_variant["default"] = OtherVariant()
+    report = vfm.peft.accelerate(model)
+    assert report.num_accelerated == N_LAYERS - 2
+    assert "not a plain nn.Linear" in report.skipped["base_model.model.model.layers.0.self_attn.q_proj"]
+    assert "OtherVariant" in report.skipped["base_model.model.model.layers.0.self_attn.k_proj"]

@@ -40,7 +40,6 @@ from torch import nn
 
 from peft.tuners.adalora.layer import SVDLinear as _PeftSVDLinear
 from peft.tuners.lora.layer import Linear as _PeftLoraLinear
-from peft.tuners.lora.variants import DoraLinearVariant as _DoraVariant
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from vfm.ops.lora_api import adalora_linear, dora_linear, lora_linear
@@ -123,13 +122,14 @@ def _adapter_reason(layer: nn.Module, name: str) -> Optional[str]:
             return f"adapter {name!r} has rank 0"
         tensors = (layer.lora_A[name], layer.lora_E[name], layer.lora_B[name])
     else:
-        variant = layer.lora_variant.get(name)
-        if variant is not None and type(variant) is not _DoraVariant:
+        variant = getattr(layer, "lora_variant", {}).get(name)
+        dora = _is_dora(layer, name)
+        if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant"):
             return f"LoRA variant {type(variant).__name__} of adapter {name!r} is not supported"
         a, b = layer.lora_A[name], layer.lora_B[name]
         if type(a) is not nn.Linear or type(b) is not nn.Linear or _hooked(a) or _hooked(b):
             return f"lora_A/lora_B of adapter {name!r} are not plain hook-free nn.Linear modules"
-        if variant is not None:
+        if dora:
             if b.bias is not None:
                 return f"DoRA with lora_bias=True (adapter {name!r})"
             if layer.ephemeral_gpu_offload:
@@ -145,6 +145,10 @@ def _adapter_reason(layer: nn.Module, name: str) -> Optional[str]:
     if type(drop) not in (nn.Identity, nn.Dropout) or _hooked(drop):
         return f"dropout module {type(drop).__name__} of adapter {name!r} is not nn.Dropout/nn.Identity"
     return None
+
+
+def _is_dora(layer: nn.Module, name: str) -> bool:
+    return bool(getattr(layer, "use_dora", {}).get(name, False))
 
 
 def _active(layer: nn.Module) -> List[str]:
@@ -216,7 +220,7 @@ def _vfm_forward(layer: nn.Module, peft_cls: type, x, args, kwargs):
         return adalora_linear(x, weight, bias, layer.lora_A[name], layer.lora_E[name], layer.lora_B[name], scaling,
                               layer.ranknum[name], dropout_p=p, training=training)
     lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
-    if name in layer.lora_variant:  # DoRA (the only variant _adapter_reason lets through)
+    if _is_dora(layer, name):  # the only variant _adapter_reason lets through
         magnitude = layer.lora_magnitude_vector[name].weight
         return dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scaling, dropout_p=p,
                            training=training and layer.training)
@@ -255,7 +259,7 @@ def _kind(layer: nn.Module) -> str:
     if isinstance(layer, _PeftSVDLinear):
         return "adalora"
     active = _active(layer)
-    return "dora" if active and active[0] in layer.lora_variant else "lora"
+    return "dora" if active and _is_dora(layer, active[0]) else "lora"
 
 
 # --------------------------------------------------------------------------- public --

@@ -118,7 +118,7 @@ def _autocast(tensors: dict) -> tuple:
     """Under torch.autocast, cast every floating input to the autocast dtype, as F.linear would."""
     first = next(iter(tensors.values()))
     device_type = first.device.type if isinstance(first, Tensor) else "cpu"
-    if _compiling() or not torch.is_autocast_enabled(device_type):
+    if not torch.is_autocast_enabled(device_type):
         return tensors, None
     dtype = torch.get_autocast_dtype(device_type)
     cast = {k: (v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v) for k, v in tensors.items()}
