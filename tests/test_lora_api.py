@@ -121,6 +121,23 @@ def test_opcheck(op, p):
     torch.library.opcheck(getattr(torch.ops.vfm, op).default, args)
     no_bias = args[:2] + (None,) + args[3:]
     torch.library.opcheck(getattr(torch.ops.vfm, op).default, no_bias, test_utils=("test_schema", "test_faketensor"))
+    # the backward op on its own, with every gradient and with only some asked for
+    outs = getattr(torch.ops.vfm, op)(*args)
+    x, w = args[0], args[1]
+    grad_y = torch.randn(x.shape[0], w.shape[0])
+    bwd = getattr(torch.ops.vfm, op + "_backward").default
+    n_grads = {"lora_linear": 5, "dora_linear": 6, "adalora_linear": 6, "lora_linear_multi": 5}[op]
+    bwd_args = {
+        "lora_linear": lambda needs: (grad_y, x, w, args[3], args[4], outs[1], 0.5, p, args[7], needs),
+        "dora_linear": lambda needs: (grad_y, x, w, args[3], args[4], args[5], outs[1], outs[2], 0.5, p, args[8],
+                                      needs),
+        "adalora_linear": lambda needs: (grad_y, x, w, args[3], args[4], args[5], args[7], outs[1], 0.5, p,
+                                         args[9], needs),
+        "lora_linear_multi": lambda needs: (grad_y, x, w, args[3], args[4], args[5], args[6], outs[1], p, args[8],
+                                            needs),
+    }[op]
+    for needs in ([True] * n_grads, [False, False, True] + [True] * (n_grads - 3)):
+        torch.library.opcheck(bwd, bwd_args(needs), test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora", "adalora", "multi"])

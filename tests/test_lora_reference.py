@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
 
 import vfm
 from vfm import _registry
@@ -390,3 +392,27 @@ def test_forced_torch_backend_runs_and_is_listed(op):
     with vfm.use_backend("cuda"):
         with pytest.raises(vfm.BackendUnavailableError, match="cuda"):
             call(kind, t)
+
+
+# ------------------------------------------------------------------- property-based --
+@seed(4321)
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    kind=st.sampled_from(KINDS),
+    n=st.integers(1, 9),
+    d_in=st.integers(1, 12),
+    d_out=st.integers(1, 10),
+    r=st.integers(1, 5),
+    p=st.sampled_from([0.0, 0.1, 0.5, 0.9]),
+    drop_seed=st.integers(0, 2 ** 63 - 2),
+    bias=st.booleans(),
+)
+def test_property_random_shapes_against_oracle(kind, n, d_in, d_out, r, p, drop_seed, bias):
+    t = make(lead=(n,), d_in=d_in, d_out=d_out, r=r, bias=bias, k=2, seed=n * 100 + d_in)
+    y = call(kind, t, p, seed=drop_seed)
+    ref = call(kind, t, p, seed=drop_seed, plain=True)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    ins = inputs_of(kind, t)
+    up = torch.randn_like(ref)
+    for g1, g2 in zip(torch.autograd.grad(y, ins, up), torch.autograd.grad(ref, ins, up)):
+        torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-9)

@@ -138,6 +138,29 @@ def test_dropout_in_training_is_vfms_seeded_mask(kind):
     assert not torch.allclose(a, fast(input_ids=ids).logits)  # and dropout did act
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_recomputes_the_same_dropout_masks(use_reentrant):
+    _, fast, _ = pair("lora", dropout=0.3)
+    ids = batch()
+    fast.train()
+
+    def grads():
+        fast.zero_grad(set_to_none=True)
+        torch.manual_seed(21)
+        fast(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in fast.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    fast.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    if use_reentrant:
+        fast.enable_input_require_grads()
+    assert fast.base_model.model.model.gradient_checkpointing
+    ckpt = grads()
+    assert plain.keys() == ckpt.keys() and len(plain) > 0
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 def test_lora_bias_is_folded_into_the_base_bias():
     reference, fast, report = pair("lora", lora_bias=True)
     assert report.num_accelerated == N_LAYERS
