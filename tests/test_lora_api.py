@@ -4,9 +4,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import vfm
 from vfm.functional import adalora_linear, dora_linear, lora_linear, lora_linear_multi
 from vfm.nn import LoRALinear
 from test_lora_reference import call, inputs_of, make, plain_lora
@@ -58,8 +56,8 @@ def test_lora_linear_bad_input_names_the_argument(change, exc, needle):
     kw = dict(x=x, weight=w, bias=b, lora_a=a, lora_b=bb, scaling=1.0)
     kw.update(change)
     with pytest.raises(exc, match=_esc(needle)):
-        lora_linear(kw.pop("x"), kw.pop("weight"), kw.pop("bias"), kw.pop("lora_a"), kw.pop("lora_b"), kw.pop("scaling"),
-                    **kw)
+        lora_linear(kw.pop("x"), kw.pop("weight"), kw.pop("bias"), kw.pop("lora_a"), kw.pop("lora_b"),
+                    kw.pop("scaling"), **kw)
 
 
 def test_variant_specific_errors():
@@ -209,7 +207,8 @@ def test_lora_linear_module_dropout_and_errors():
     torch.manual_seed(1)
     assert torch.equal(a, layer(x))
     layer.eval()
-    torch.testing.assert_close(layer(x), plain_lora(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling))
+    expected = plain_lora(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    torch.testing.assert_close(layer(x), expected)
     with pytest.raises(TypeError, match="nn.Linear"):
         LoRALinear(torch.nn.Conv1d(2, 2, 1))
     with pytest.raises(ValueError, match="r must be"):

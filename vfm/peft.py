@@ -171,7 +171,8 @@ def _state_reason(layer: nn.Module) -> Optional[str]:
 
 def _call_reason(layer: nn.Module, x, args, kwargs) -> Optional[str]:
     if args or any(v is not None for v in kwargs.values()):
-        return "extra forward arguments" + (" (adapter_names: mixed-adapter batch)" if "adapter_names" in kwargs else "")
+        mixed = " (adapter_names: mixed-adapter batch)" if kwargs.get("adapter_names") is not None else ""
+        return "extra forward arguments" + mixed
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return "non-floating input"
     why = _state_reason(layer)

@@ -66,10 +66,9 @@ def _none_if_unneeded(grads, needs) -> Tuple[Optional[Tensor], ...]:
     return tuple(g if need else None for g, need in zip(grads, needs))
 
 
-def _grad_like(need: bool, t: Optional[Tensor], shape=None) -> Tensor:
-    if not need or t is None:
-        return t.new_empty(0) if t is not None else torch.empty(0)
-    return t.new_empty(t.shape if shape is None else shape)
+def _grad_like(need: bool, x: Tensor, t: Tensor, shape=None) -> Tensor:
+    """Fake gradient: t's shape (or ``shape``) and dtype when asked for, else x.new_empty(0) as the op returns."""
+    return t.new_empty(t.shape if shape is None else shape) if need else x.new_empty(0)
 
 
 # ------------------------------------------------------------------------------- LoRA --
@@ -95,8 +94,9 @@ def lora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: T
 
 @lora_linear_backward_op.register_fake
 def _(grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p, seed, needs):
-    return (_grad_like(needs[0], x), _grad_like(needs[1], weight), _grad_like(needs[2], grad_y, (grad_y.shape[1],)),
-            _grad_like(needs[3], lora_a), _grad_like(needs[4], lora_b))
+    return (_grad_like(needs[0], x, x), _grad_like(needs[1], x, weight),
+            _grad_like(needs[2], x, grad_y, (grad_y.shape[1],)),
+            _grad_like(needs[3], x, lora_a), _grad_like(needs[4], x, lora_b))
 
 
 def _lora_setup(ctx, inputs, output):
@@ -168,8 +168,9 @@ def dora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: T
 
 @dora_linear_backward_op.register_fake
 def _(grad_y, x, weight, lora_a, lora_b, magnitude, xa, weight_norm, scale, dropout_p, seed, needs):
-    return (_grad_like(needs[0], x), _grad_like(needs[1], weight), _grad_like(needs[2], grad_y, (grad_y.shape[1],)),
-            _grad_like(needs[3], lora_a), _grad_like(needs[4], lora_b), _grad_like(needs[5], magnitude))
+    return (_grad_like(needs[0], x, x), _grad_like(needs[1], x, weight),
+            _grad_like(needs[2], x, grad_y, (grad_y.shape[1],)),
+            _grad_like(needs[3], x, lora_a), _grad_like(needs[4], x, lora_b), _grad_like(needs[5], x, magnitude))
 
 
 def _dora_setup(ctx, inputs, output):
@@ -233,7 +234,8 @@ def _(x, weight, bias, lora_a, lora_e, lora_b, scale, ranknum, dropout_p, seed):
 @torch.library.custom_op("vfm::adalora_linear_backward", mutates_args=())
 def adalora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_e: Tensor,
                                lora_b: Tensor, ranknum: Tensor, xa: Tensor, scale: float, dropout_p: float,
-                               seed: Tensor, needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                               seed: Tensor,
+                               needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grads = kernels(ADALORA, x).backward(grad_y, x, weight, lora_a, lora_e, lora_b, ranknum, xa, scale, dropout_p,
                                          seed, tuple(needs))
     return _empty_if_none(grads, x)
@@ -241,8 +243,9 @@ def adalora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, lora_a
 
 @adalora_linear_backward_op.register_fake
 def _(grad_y, x, weight, lora_a, lora_e, lora_b, ranknum, xa, scale, dropout_p, seed, needs):
-    return (_grad_like(needs[0], x), _grad_like(needs[1], weight), _grad_like(needs[2], grad_y, (grad_y.shape[1],)),
-            _grad_like(needs[3], lora_a), _grad_like(needs[4], lora_e), _grad_like(needs[5], lora_b))
+    return (_grad_like(needs[0], x, x), _grad_like(needs[1], x, weight),
+            _grad_like(needs[2], x, grad_y, (grad_y.shape[1],)),
+            _grad_like(needs[3], x, lora_a), _grad_like(needs[4], x, lora_e), _grad_like(needs[5], x, lora_b))
 
 
 def _adalora_setup(ctx, inputs, output):
@@ -314,8 +317,9 @@ def lora_linear_multi_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, a_s
 
 @lora_linear_multi_backward_op.register_fake
 def _(grad_y, x, weight, a_stack, b_stack, scalings, adapter_ids, xa, dropout_p, seed, needs):
-    return (_grad_like(needs[0], x), _grad_like(needs[1], weight), _grad_like(needs[2], grad_y, (grad_y.shape[1],)),
-            _grad_like(needs[3], a_stack), _grad_like(needs[4], b_stack))
+    return (_grad_like(needs[0], x, x), _grad_like(needs[1], x, weight),
+            _grad_like(needs[2], x, grad_y, (grad_y.shape[1],)),
+            _grad_like(needs[3], x, a_stack), _grad_like(needs[4], x, b_stack))
 
 
 def _multi_setup(ctx, inputs, output):
