@@ -74,11 +74,11 @@ def batch(seed=3, n=2, t=9):
     return torch.randint(0, 100, (n, t), generator=g)
 
 
-def assert_same_step(reference, fast, ids, train, atol=2e-5):
+def assert_same_step(reference, fast, ids, train, atol=2e-5, runner=None):
     reference.train(train)
     fast.train(train)
     out_r = reference(input_ids=ids, labels=ids)
-    out_f = fast(input_ids=ids, labels=ids)
+    out_f = (fast if runner is None else runner)(input_ids=ids, labels=ids)
     scale = out_r.logits.abs().max().item()
     torch.testing.assert_close(out_f.logits.float(), out_r.logits.float(), rtol=0, atol=atol * scale)
     reference.zero_grad(set_to_none=True)
@@ -311,3 +311,13 @@ def test_unknown_variants_and_custom_base_layers_are_left_to_peft():
     assert report.num_accelerated == N_LAYERS - 2
     assert "not a plain nn.Linear" in report.skipped["base_model.model.model.layers.0.self_attn.q_proj"]
     assert "OtherVariant" in report.skipped["base_model.model.model.layers.0.self_attn.k_proj"]
+
+
+def test_accelerated_model_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    reference, fast, _ = pair("dora")
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    ids = batch()
+    before = _registry.CALLS[("dora_linear", "torch")]
+    assert_same_step(reference, fast, ids, train=True, runner=compiled)
+    assert _registry.CALLS[("dora_linear", "torch")] > before
