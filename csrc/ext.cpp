@@ -31,6 +31,9 @@ TORCH_LIBRARY(vfm_C, m) {
       "Tensor? topk_lp, Tensor? allowed_bits, Tensor? group_ids, Tensor scales, Tensor(a!)? grad, "
       "int ignore_index, float label_smoothing, float softcap, float temperature, int kd_mode, "
       "float jsd_beta, int pen_mode, float rule_strength, bool use_ce, bool use_z) -> (Tensor, Tensor)");
+  // Pack a (G, V) bool mask into (G, ceil(V / 32)) int32 words, bit v % 32 of word v / 32 (the
+  // allowed_bits format of kce_forward; vfm.ops.kce_reference.pack_allowed_bits).  CPU only.
+  m.def("pack_bits(Tensor mask) -> Tensor");
 }
 
 namespace {

@@ -14,6 +14,10 @@
 //   lse of the rule posterior with its KL sum, and sum_v w_v zc_v for label smoothing.  At T = 2,
 //   lse(zc) and lse(zc/2) share one exp (exp(zc - 2m) = exp(zc/2 - m)^2), in both passes.  JSD
 //   needs the normalisers before it can sum, so it takes one extra (middle) pass.
+// * The allowed set (packed bits) is expanded per chunk into a 0/1 buffer, 32 labels per word in a
+//   fixed-count loop, and used only through blends.  The mass penalty's lse over the allowed set
+//   reuses the exps of lse(zc) (same shift) while the allowed max is within 60 of that shift (else
+//   it takes its own shift), and in pass 2 its term joins the p term as a per-label coefficient.
 // * Pass 2, only when a gradient is wanted, computes each element's gradient once and writes it
 //   once, in the logits' dtype; sparse corrections (the CE one-hot, the top-k teacher) are applied
 //   to the chunk before it is stored.  The pass reads element v before writing element v, so
@@ -324,20 +328,95 @@ VFM_INLINE bool chunk_has_nan(const A* a, int n) {
   return false;
 }
 
+// Max over the allowed entries (mk[j] != 0) of a chunk, -inf if none; NaN is ignored (as in
+// chunk_max).  A blend and a max per element: vectorises.
+template <typename A>
+VFM_INLINE A masked_max(const A* a, const A* mk, int n) {
+  A m = neg_inf<A>();
+  const A ninf = neg_inf<A>();
+#pragma omp simd reduction(max : m)
+  for (int j = 0; j < n; ++j) {
+    const A v = mk[j] != A(0) ? a[j] : ninf;
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+template <typename A>
+VFM_INLINE bool masked_has_nan(const A* a, const A* mk, int n) {
+  for (int j = 0; j < n; ++j)
+    if (mk[j] != A(0) && a[j] != a[j]) return true;
+  return false;
+}
+
+// Merge the allowed entries of a chunk (mk[j] != 0) into an online logsumexp, exactly as if the
+// others were -inf: the exp is taken everywhere and the disallowed terms are selected away
+// (a blend, no branch; the select also drops a NaN or garbage exp of a disallowed entry).
+// ma = masked_max(a, mk, n).
+template <typename A>
+VFM_INLINE void lse_chunk_masked(OnlineLSE& acc, const A* a, const A* mk, A ma, int n) {
+  const double m_new = acc.new_max(static_cast<double>(ma));
+  if (m_new == neg_inf<double>()) {
+    acc.merge_empty_block(masked_has_nan(a, mk, n));
+    return;
+  }
+  const A shift = static_cast<A>(m_new);
+  A s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int j = 0; j < n; ++j) {
+    const A e = exp_nonpos(a[j] - shift);
+    s += mk[j] != A(0) ? e : A(0);
+  }
+  acc.merge_block(m_new, static_cast<double>(s), 0.0);
+}
+
+// How far (in nats) the allowed set's max may sit below the full softmax's shift for the allowed
+// sum to share the full softmax's exp: every allowed term that then flushes to 0 (more than 88
+// below the shift) is below exp(-88 + kSharedShiftRange) = e^-28 of the allowed max's term.
+constexpr double kSharedShiftRange = 60.0;
+
 // Merge a chunk into an online logsumexp over the values a_j * sa (sa > 0):
 // S += sum exp(a_j sa), and, when b is given, W += sum exp(a_j sa) * (a_j sa - b_j sb)
 // (0 where exp(a_j sa) = 0).  Scaling inline (instead of storing a / T in a buffer) is free next
 // to the exp: x * sa - shift is one FMA.  max(a * sa) = max(a) * sa since rounding is monotone.
+// With acc_m (only for sa = 1), the allowed entries (mk[j] != 0) are also merged into acc_m, the
+// logsumexp over the allowed set: from the same exps (one blend and add per element) when the
+// allowed max is within kSharedShiftRange of this shift and the shift is finite (acc_m.m never
+// exceeds acc.m, so the shared shift is a valid one for acc_m), else by lse_chunk_masked.
 template <typename A>
-VFM_INLINE void lse_chunk(OnlineLSE& acc, const A* a, A sa, const A* b, A sb, int n) {
+VFM_INLINE void lse_chunk(OnlineLSE& acc, const A* a, A sa, const A* b, A sb, int n, OnlineLSE* acc_m = nullptr,
+                          const A* mk = nullptr) {
   const double m_new = acc.new_max(static_cast<double>(chunk_max(a, n) * sa));
+  bool shared = false;
+  if (acc_m != nullptr) {
+    const A ma = masked_max(a, mk, n);
+    shared = m_new > neg_inf<double>() && m_new < pos_inf<double>() &&
+             static_cast<double>(ma) >= m_new - kSharedShiftRange;
+    if (!shared) lse_chunk_masked(*acc_m, a, mk, ma, n);
+  }
   if (m_new == neg_inf<double>()) {
     acc.merge_empty_block(chunk_has_nan(a, n));
     return;
   }
   const A shift = static_cast<A>(m_new);
-  A s = 0, w = 0;
-  if (b != nullptr) {
+  A s = 0, w = 0, s_m = 0;
+  if (shared && b != nullptr) {
+#pragma omp simd reduction(+ : s, w, s_m)
+    for (int j = 0; j < n; ++j) {
+      const A v = a[j] * sa;
+      const A e = exp_nonpos(v - shift);
+      s += e;
+      s_m += mk[j] != A(0) ? e : A(0);
+      w += weighted(e, v - b[j] * sb);
+    }
+  } else if (shared) {
+#pragma omp simd reduction(+ : s, s_m)
+    for (int j = 0; j < n; ++j) {
+      const A e = exp_nonpos(a[j] * sa - shift);
+      s += e;
+      s_m += mk[j] != A(0) ? e : A(0);
+    }
+  } else if (b != nullptr) {
 #pragma omp simd reduction(+ : s, w)
     for (int j = 0; j < n; ++j) {
       const A v = a[j] * sa;
@@ -350,6 +429,7 @@ VFM_INLINE void lse_chunk(OnlineLSE& acc, const A* a, A sa, const A* b, A sb, in
     for (int j = 0; j < n; ++j) s += exp_nonpos(a[j] * sa - shift);
   }
   acc.merge_block(m_new, static_cast<double>(s), static_cast<double>(w));
+  if (shared) acc_m->merge_block(m_new, static_cast<double>(s_m), 0.0);
 }
 
 // At T = 2 the student's two statistics share one exp: with u = zc / 2 and e = exp(u - m),
@@ -477,12 +557,17 @@ VFM_INLINE void kce_row(const Params& P, int64_t i, Scratch& scratch) {
       for (int j = 0; j < n; ++j) abuf[j] = s[j] * it - rule_c * (A(1) - mbuf[j]);
     }
   };
-  auto expand_mask = [&](int64_t c0, int n) {  // c0 is a multiple of 32
-    for (int b = 0; b < n; b += 32) {
-      const uint32_t word = static_cast<uint32_t>(words[(c0 + b) >> 5]);
-      const int m = std::min(32, n - b);
+  // mbuf[j] = bit c0 + j of the row's allowed set, as A(0) / A(1).  c0 is a multiple of 32 and
+  // kChunk of 32, so every word is expanded whole (32 fixed-count lanes: a broadcast, a variable
+  // shift, an and and a convert, which gcc vectorises); the lanes past n are never read.
+  auto expand_mask = [&](int64_t c0, int n) {
+    const int32_t* wp = words + (c0 >> 5);
+    const int nw = (n + 31) >> 5;
+    for (int b = 0; b < nw; ++b) {
+      const uint32_t word = static_cast<uint32_t>(wp[b]);
+      A* dst = mbuf + 32 * b;
 #pragma omp simd
-      for (int j = 0; j < m; ++j) mbuf[b + j] = ((word >> j) & 1u) != 0u ? A(1) : A(0);
+      for (int j = 0; j < 32; ++j) dst[j] = static_cast<A>(static_cast<int32_t>((word >> j) & 1u));
     }
   };
 
@@ -499,15 +584,12 @@ VFM_INLINE void kce_row(const Params& P, int64_t i, Scratch& scratch) {
     if (fuse_t2) {
       lse_chunk_t2(acc_t, acc_p, x, rkl_b, n);
     } else {
-      if (run_p) lse_chunk(acc_p, x, A(1), no, A(1), n);
-      if (need_lse_t) lse_chunk(acc_t, x, it, rkl_b, it, n);
+      // The allowed-set sum shares the exps of lse(zc): in acc_p, or at T = 1 in acc_t.
+      if (run_p) lse_chunk(acc_p, x, A(1), no, A(1), n, mass_on ? &acc_a : nullptr, mbuf);
+      if (need_lse_t) lse_chunk(acc_t, x, it, rkl_b, it, n, (mass_on && !run_p) ? &acc_a : nullptr, mbuf);
     }
     if (kd_full) lse_chunk(acc_q, t, it, kd_mode == KD_KL ? x : nullptr, it, n);
-    if (mass_on) {
-#pragma omp simd
-      for (int j = 0; j < n; ++j) abuf[j] = mbuf[j] != A(0) ? x[j] : ninf;
-      lse_chunk(acc_a, static_cast<const A*>(abuf), A(1), no, A(1), n);
-    }
+    if (mass_on && fuse_t2) lse_chunk_masked(acc_a, x, mbuf, masked_max(x, mbuf, n), n);
     if (post_on) {
       rule_scores(x, t, n);
       lse_chunk(acc_r, static_cast<const A*>(abuf), A(1), x, it, n);
@@ -611,6 +693,13 @@ VFM_INLINE void kce_row(const Params& P, int64_t i, Scratch& scratch) {
   const A kl_pmA = static_cast<A>(kl_pm);
   const bool has_cap = P.cap > 0.0;
   const A inv_cap = has_cap ? static_cast<A>(1.0 / P.cap) : A(0);
+  // Mass penalty: p_A = p * exp(lse - lse_a) on A, so its term joins the p term with a per-label
+  // coefficient (a blend): cp - sp exp(lse - lse_a) on A, cp elsewhere.  Only where that factor is
+  // moderate (p flushes to 0 below e^-88, so a p_A below e^-88 * e^20 is dropped, as noise next to
+  // float rounding); otherwise (and when lse - lse_a is inf or NaN) the separate loop below.
+  const double pen_gap = mass_on ? lse - lse_a : 0.0;
+  const bool mass_fused = mass_on && !fuse_t2 && pen_gap <= 20.0;
+  const A cp_allowedA = static_cast<A>(mass_fused ? cp - sp * std::exp(pen_gap) : cp);
 
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int n = static_cast<int>(std::min<int64_t>(kChunk, V - c0));
@@ -636,6 +725,15 @@ VFM_INLINE void kce_row(const Params& P, int64_t i, Scratch& scratch) {
         const A e = exp_nonpos(x[j] * A(0.5) - half_lseA);
         g[j] = (cpA * e + cpt2A) * e;
       }
+    } else if (mass_fused && cpt != 0.0) {
+#pragma omp simd
+      for (int j = 0; j < n; ++j) {
+        const A c = mbuf[j] != A(0) ? cp_allowedA : cpA;
+        g[j] = c * exp_nonpos(x[j] - lseA) + cptA * exp_nonpos(x[j] * it - lse_tA);
+      }
+    } else if (mass_fused) {
+#pragma omp simd
+      for (int j = 0; j < n; ++j) g[j] = (mbuf[j] != A(0) ? cp_allowedA : cpA) * exp_nonpos(x[j] - lseA);
     } else if (cpt != 0.0 && cp != 0.0) {
 #pragma omp simd
       for (int j = 0; j < n; ++j) g[j] = cpA * exp_nonpos(x[j] - lseA) + cptA * exp_nonpos(x[j] * it - lse_tA);
@@ -677,7 +775,7 @@ VFM_INLINE void kce_row(const Params& P, int64_t i, Scratch& scratch) {
         g[j] += c_kd * weighted(p, lp - lm - kl_pmA);
       }
     }
-    if (mass_on) {
+    if (mass_on && !mass_fused) {
 #pragma omp simd
       for (int j = 0; j < n; ++j) g[j] -= mbuf[j] != A(0) ? c_mass * exp_approx(x[j] - lse_aA) : A(0);
     }

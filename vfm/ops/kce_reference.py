@@ -101,16 +101,53 @@ def unpack_allowed_bits(bits: Tensor, num_labels: int) -> Tensor:
 
 
 def pack_allowed_bits(mask: Tensor) -> Tensor:
-    """Pack a (G, V) bool mask into (G, ceil(V/32)) int32 words without an int64 temporary."""
+    """Pack a (G, V) bool mask into (G, ceil(V/32)) int32 words (little bit order within a word).
+
+    Contiguous CPU bool masks go to the native packer ``vfm_C::pack_bits`` when ``vfm._C`` is
+    loaded (outside torch.compile tracing); everything else takes the pure-torch path, which
+    gathers 8 labels at a time as one int64 and packs their bytes into a bit byte with one
+    multiply (bit k of byte 0 lands at bit 56 + k; no carries), without an int64 per label.
+    """
     groups, num_labels = mask.shape
     words = (num_labels + 31) // 32
-    padded = torch.zeros(groups, words * 32, dtype=torch.uint8, device=mask.device)
-    padded[:, :num_labels] = mask
-    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
-    as_bytes = (padded.view(groups, words * 4, 8) << shifts).sum(-1, dtype=torch.uint8)
+    if (
+        mask.device.type == "cpu"
+        and mask.dtype == torch.bool
+        and type(mask) is Tensor
+        and mask.is_contiguous()
+        and not torch.compiler.is_compiling()
+    ):
+        from vfm.ops.kce_cpp import cpp_available
+
+        if cpp_available()[0]:
+            try:
+                op = torch.ops.vfm_C.pack_bits
+            except (AttributeError, RuntimeError):  # an extension built before pack_bits existed
+                op = None
+            if op is not None:
+                return op(mask)
+    out = torch.zeros(groups, words, dtype=torch.int32, device=mask.device)
+    if groups == 0 or num_labels == 0:
+        return out
+    nbytes = (num_labels + 7) // 8
+    src = None
+    if mask.dtype == torch.bool and num_labels % 8 == 0 and mask.stride(-1) == 1:
+        try:
+            src = mask.view(torch.int64)  # needs rows of 8-byte multiples at an aligned offset
+        except RuntimeError:
+            src = None
+    if src is None:
+        padded = torch.zeros(groups, nbytes * 8, dtype=torch.bool, device=mask.device)
+        padded[:, :num_labels] = mask
+        src = padded.view(torch.int64)
+    # byte k of a little-endian int64 (label 8i + k, 0 or 1) times 0x0102040810204080 lands at
+    # bit 56 + k; every other partial product lands elsewhere below bit 56 or above bit 63.
+    # (In place after the one product: each fresh (G, V/8) int64 temporary costs a page-fault pass.)
+    as_bytes = src * 0x0102040810204080
+    as_bytes >>= 56
+    as_bytes &= 0xFF
     # 4 little-endian bytes per word: byte j holds labels 32w + 8j .. 32w + 8j + 7.
-    out = torch.empty(groups, words, dtype=torch.int32, device=mask.device)
-    out.view(torch.uint8).view(groups, words * 4).copy_(as_bytes)
+    out.view(torch.uint8).view(groups, words * 4)[:, :nbytes].copy_(as_bytes)
     return out
 
 
