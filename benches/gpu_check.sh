@@ -4,7 +4,8 @@
 #   1. builds the extension for sm_90 only (all cores),
 #   2. runs the reduced GPU test matrix (tests marked gpu, real Triton compiler),
 #   3. prints the benchmark table: vfm's backends against torch eager, torch.compile and
-#      Liger-Kernel (carried as a wheel in .whl/ when the machine lacks it).
+#      Liger-Kernel (carried as a wheel in .whl/ when the machine lacks it),
+#   4. times the LoRA layer against PEFT's.
 # Every stage writes under $OUT as it goes (default ./out), and a failed stage does not stop the
 # next one.  Usage: bash benches/gpu_check.sh
 set -uo pipefail
@@ -23,7 +24,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-log "1/3 build (sm_90)"
+log "1/4 build (sm_90)"
 # The GPU needs only the CUDA half of the extension: without CUDA sources, skip native code.
 if ls csrc/cuda/*.cu >/dev/null 2>&1; then export VFM_BUILD_EXT=1; else export VFM_BUILD_EXT=0; fi
 if ! timeout 200 $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
@@ -33,10 +34,14 @@ grep -i "warning: the native extension" "$OUT/build.log" && tail -40 "$OUT/build
 $PY -m vfm.cli doctor 2>&1 | tee "$OUT/doctor.txt"
 $PY -c "import torch; print(torch.cuda.get_device_name(0), torch.__version__)" | tee -a "$OUT/gpu_check.log"
 
-log "2/3 GPU tests"
+log "2/4 GPU tests"
 VFM_TEST_GPU=1 timeout 150 $PY -m pytest tests/test_gpu_knowledge_ce.py -q -p no:cacheprovider -rf 2>&1 \
   | tail -40 | tee "$OUT/gpu_tests.txt"
 
-log "3/3 benchmark (N=8192, V=128256, bf16)"
+log "3/4 benchmark (N=8192, V=128256, bf16)"
 timeout 280 $PY -m vfm.bench --device cuda --repeat 10 --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+
+log "4/4 LoRA layer vs PEFT (N=8192, bf16, r=16)"
+timeout 100 $PY -m pytest benches/bench_lora.py -q -p no:cacheprovider --benchmark-columns=median,min \
+  --benchmark-sort=name 2>&1 | tail -20 | tee "$OUT/bench_lora.txt"
 log "done"

@@ -1,0 +1,74 @@
+"""pytest-benchmark suite of the low-rank adapter layer, forward + backward.
+
+Overhead = time / time of the frozen base linear alone - 1, vfm against PEFT, at dropout 0 and 0.1
+(BENCH_TARGETS.md).  Run: ``python -m pytest benches/bench_lora.py --benchmark-columns=median``.
+CPU: 1024 x 1024, N = 2048, r = 16, fp32.  GPU: 4096 x 4096 and 4096 x 14336, N = 8192, bf16.
+The input requires grad (as inside a model) and the upstream gradient is dense.
+"""
+
+import pytest
+import torch
+
+import vfm
+import vfm.peft
+
+peft = pytest.importorskip("peft")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+N_ROWS = 8192 if DEVICE == "cuda" else 2048
+SHAPES = [(4096, 4096), (4096, 14336)] if DEVICE == "cuda" else [(1024, 1024)]
+RANK, ALPHA = 16, 32
+
+
+class _One(torch.nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.proj = torch.nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _model(provider, d_in, d_out, dropout):
+    torch.manual_seed(0)
+    base = _One(d_in, d_out).to(DEVICE, DTYPE)
+    if provider == "base linear":
+        base.requires_grad_(False)
+        return base
+    cfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=["proj"])
+    model = peft.get_peft_model(base, cfg)
+    for name, p in model.named_parameters():  # PEFT initialises B to zero; any values will do here
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    model.train()
+    if provider == "vfm":
+        report = vfm.peft.accelerate(model)
+        assert len(report.accelerated) == 1, report
+    return model
+
+
+def _step(model, x, g):
+    def run():
+        y = model(x)
+        y.backward(g)
+        x.grad = None
+        for p in model.parameters():
+            p.grad = None
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+    return run
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{a}x{b}" for a, b in SHAPES])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("provider", ["base linear", "peft", "vfm"])
+def test_lora_layer(benchmark, provider, dropout, shape):
+    if provider == "base linear" and dropout:
+        pytest.skip("the base layer has no dropout")
+    d_in, d_out = shape
+    model = _model(provider, d_in, d_out, dropout)
+    x = torch.randn(N_ROWS, d_in, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    g = torch.randn(N_ROWS, d_out, device=DEVICE, dtype=DTYPE)
+    benchmark.pedantic(_step(model, x, g), rounds=10 if DEVICE == "cuda" else 7, warmup_rounds=2)
+    benchmark.extra_info.update(n_rows=N_ROWS, d_in=d_in, d_out=d_out, r=RANK, dtype=str(DTYPE))
