@@ -1,0 +1,83 @@
+"""AdaLoRA's rank-budget schedule, run automatically.
+
+PEFT's AdaLoRA re-allocates ranks only when ``model.base_model.update_and_allocate(step)`` is
+called after every optimizer step and before the gradients are zeroed; forgetting it silently
+trains a fixed-rank adapter.  vfm runs it for you:
+
+* :class:`AdaLoraScheduleCallback` - for the Transformers ``Trainer`` (``callbacks=[...]``).
+* :func:`attach_schedule` - for hand-written loops: a post-step hook on the optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+
+def find_adalora_model(model: torch.nn.Module):
+    """Return the PEFT ``AdaLoraModel`` inside ``model`` (a PeftModel or the AdaLoraModel itself).
+
+    Raises:
+        TypeError: ``model`` holds no AdaLoRA adapter.
+    """
+    try:
+        from peft.tuners.adalora import AdaLoraModel
+    except ImportError as exc:  # pragma: no cover - peft is a test dependency
+        raise TypeError("AdaLoRA scheduling needs the peft package") from exc
+    for candidate in (model, getattr(model, "base_model", None)):
+        if isinstance(candidate, AdaLoraModel):
+            return candidate
+    raise TypeError(f"model must be a PEFT model with an AdaLoRA adapter, got {type(model).__name__}")
+
+
+def attach_schedule(model: torch.nn.Module, optimizer: torch.optim.Optimizer, start_step: int = 0):
+    """Call AdaLoRA's ``update_and_allocate`` after every ``optimizer.step()``.
+
+    Args:
+        model: a PEFT model with an AdaLoRA adapter.
+        optimizer: the optimizer whose steps count as training steps (call ``zero_grad`` after
+            ``step``, as usual: the allocator reads the gradients).
+        start_step: the step number of the next ``optimizer.step()`` (when resuming).
+
+    Returns:
+        The hook handle; ``handle.remove()`` detaches the schedule.
+    """
+    ada = find_adalora_model(model)
+    if not isinstance(start_step, int) or start_step < 0:
+        raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
+    state = {"step": start_step}
+
+    def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        ada.update_and_allocate(state["step"])
+        state["step"] += 1
+
+    return optimizer.register_step_post_hook(hook)
+
+
+def _callback_class() -> Optional[type]:
+    try:
+        from transformers import TrainerCallback
+    except ImportError:  # pragma: no cover
+        return None
+
+    class AdaLoraScheduleCallback(TrainerCallback):
+        """Transformers ``Trainer`` callback running AdaLoRA's budget schedule each step."""
+
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if model is None:
+                raise ValueError("AdaLoraScheduleCallback needs the Trainer's model")
+            find_adalora_model(model).update_and_allocate(state.global_step)
+            return control
+
+    return AdaLoraScheduleCallback
+
+
+def __getattr__(name: str) -> Callable:
+    if name == "AdaLoraScheduleCallback":
+        cls = _callback_class()
+        if cls is None:
+            raise ImportError("AdaLoraScheduleCallback needs the transformers package")
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
