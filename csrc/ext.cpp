@@ -34,6 +34,15 @@ TORCH_LIBRARY(vfm_C, m) {
   // Pack a (G, V) bool mask into (G, ceil(V / 32)) int32 words, bit v % 32 of word v / 32 (the
   // allowed_bits format of kce_forward; vfm.ops.kce_reference.pack_allowed_bits).  CPU only.
   m.def("pack_bits(Tensor mask) -> Tensor");
+  // LoRA dropout kernels (contract: vfm/ops/lora_reference.py; adapter: vfm/ops/lora_cpp.py).  The
+  // keep-mask is regenerated from (seed, offset) and never stored.  threshold = floor(p * 2^32),
+  // scale = 1 / (1 - p).  CPU, float32 / float64.
+  // xa = D(x) A^T (N, r).
+  m.def("lora_dropout_xa(Tensor x, Tensor a, int seed, int threshold, float scale) -> Tensor");
+  // dx += D(gh A), in place (dx (N, in) contiguous).
+  m.def("lora_dropout_dx_(Tensor(a!) dx, Tensor gh, Tensor a, int seed, int threshold, float scale) -> ()");
+  // grad_a = gh^T D(x) (r, in).
+  m.def("lora_dropout_ga(Tensor gh, Tensor x, int seed, int threshold, float scale) -> Tensor");
 }
 
 namespace {

@@ -108,11 +108,12 @@ def test_parity_outputs_and_gradients_train_and_eval(kind, bias):
     assert report.num_accelerated == N_LAYERS and not report.skipped and not report.fallbacks
     assert report.kinds[{"rslora": "lora"}.get(kind, kind)] == N_LAYERS
     op = KIND_OPS[kind]
-    before = _registry.CALLS[(op, "torch")]
+    ran = lambda: sum(n for (o, _b), n in _registry.CALLS.items() if o == op)  # noqa: E731 (any backend)
+    before = ran()
     for train in (True, False):
         assert_same_step(reference, fast, batch(), train)
     # every layer ran vfm's op: forward + backward, twice
-    assert _registry.CALLS[(op, "torch")] - before == 2 * 2 * N_LAYERS
+    assert ran() - before == 2 * 2 * N_LAYERS
     trainable = {n for n, p in fast.named_parameters() if p.requires_grad}
     assert any(".bias" in n and "lora" not in n for n in trainable) == (bias != "none")
 
@@ -277,9 +278,9 @@ def test_fallbacks_are_logged_and_give_peft_numbers(caplog):
         assert "disabled" in caplog.text
     for model in (reference, fast):
         model.base_model.set_adapter("other")
-    before = _registry.CALLS[("lora_linear", "torch")]
+    before = sum(n for (o, _b), n in _registry.CALLS.items() if o == "lora_linear")
     assert_same_step(reference, fast, ids, train=True)
-    assert _registry.CALLS[("lora_linear", "torch")] > before
+    assert sum(n for (o, _b), n in _registry.CALLS.items() if o == "lora_linear") > before
 
 
 def test_layers_it_cannot_take_over_are_reported():

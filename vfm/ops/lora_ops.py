@@ -28,6 +28,8 @@ from torch import Tensor
 
 from vfm import _registry
 from vfm.ops.knowledge_ce import _is_eager_tensor  # noqa: F401  (re-exported for the API)
+from vfm.ops.lora_cpp import LORA_CPP
+from vfm.ops.lora_cpp import check_cpp as check_lora_cpp
 from vfm.ops.lora_reference import ADALORA_TORCH, DORA_TORCH, LORA_MULTI_TORCH, LORA_TORCH
 
 LORA, DORA, ADALORA, MULTI = "lora_linear", "dora_linear", "adalora_linear", "lora_linear_multi"
@@ -39,6 +41,7 @@ def _check_torch(device: torch.device) -> Optional[str]:
 
 for _name, _kernels in ((LORA, LORA_TORCH), (DORA, DORA_TORCH), (ADALORA, ADALORA_TORCH), (MULTI, LORA_MULTI_TORCH)):
     _registry.register(_name, "torch", _kernels, _check_torch)
+_registry.register(LORA, "cpp", LORA_CPP, check_lora_cpp)
 
 
 def _unsupported(backend: str) -> Optional[str]:
