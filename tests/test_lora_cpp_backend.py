@@ -93,3 +93,19 @@ def test_cpp_strided_rows_and_large_sizes():
 
 def test_registry_prefers_cpp_on_cpu():
     assert vfm.available_backends("lora_linear", "cpu")[0] == "cpp"
+
+
+def test_forced_cpp_refuses_half_precision_and_auto_choice_uses_torch():
+    import vfm
+    from vfm import _registry
+
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    w = torch.randn(6, 8, dtype=torch.bfloat16)
+    a = torch.randn(2, 8, dtype=torch.bfloat16)
+    b = torch.randn(6, 2, dtype=torch.bfloat16)
+    with vfm.use_backend("cpp"):
+        with pytest.raises(vfm.BackendUnavailableError, match="bfloat16"):
+            vfm.functional.lora_linear(x, w, None, a, b, 2.0)
+    before = _registry.CALLS[("lora_linear", "torch")]
+    vfm.functional.lora_linear(x, w, None, a, b, 2.0)
+    assert _registry.CALLS[("lora_linear", "torch")] == before + 1

@@ -11,8 +11,10 @@ instead of building it with tensor ops:
 * backward: grad_x = grad_y W (BLAS) += D(gxa A) (``vfm_C::lora_dropout_dx_``) and
   grad_A = gxa^T D(x) (``vfm_C::lora_dropout_ga``).
 
-Calls the kernels do not cover (no dropout, dtypes other than float32 / float64, or x and the
-adapter in different dtypes) run the reference's code, which is BLAS-bound there anyway.  The
+Without dropout there is no mask to regenerate, and every product is a BLAS call (the same code
+as the reference's); x and an adapter in different dtypes also take that path.  x in any dtype
+other than float32 / float64 is refused at backend selection (vfm.ops.lora_ops), so the
+automatic choice picks ``torch`` for it and a forced ``cpp`` raises.  The
 extension is optional: importing this module never fails, and :func:`cpp_available` says whether
 the backend can run and, if not, why.
 """

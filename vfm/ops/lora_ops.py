@@ -44,13 +44,15 @@ for _name, _kernels in ((LORA, LORA_TORCH), (DORA, DORA_TORCH), (ADALORA, ADALOR
 _registry.register(LORA, "cpp", LORA_CPP, check_lora_cpp)
 
 
-def _unsupported(backend: str) -> Optional[str]:
-    return None  # the reference runs every normalised call
+def _unsupported(backend: str, x: Tensor) -> Optional[str]:
+    if backend == "cpp" and x.dtype not in (torch.float32, torch.float64):
+        return f"x is {x.dtype}; the cpp low-rank kernels take float32 or float64 (use the torch backend)"
+    return None
 
 
 def kernels(op: str, x: Tensor):
     """The :class:`~vfm.ops.lora_reference.LowRankKernels` of the backend chosen for this call."""
-    return _registry.resolve(op, x.device, _unsupported)[1]
+    return _registry.resolve(op, x.device, lambda backend: _unsupported(backend, x))[1]
 
 
 def _no_double_backward(op: str) -> None:
