@@ -13,7 +13,7 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -100,7 +100,8 @@ def _optional_build_ext(base):
 ext_modules, cmdclass = _native_extensions()
 
 setup(
-    packages=["vfm", "vfm.ops", "vfm.nn", "vfm.kernels"],
+    # every subpackage of vfm/, plus kernels/ installed as vfm.kernels
+    packages=["vfm"] + ["vfm." + p for p in find_packages("vfm")] + ["vfm.kernels"],
     package_dir={"vfm.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
