@@ -103,6 +103,7 @@ def _ensure_loaded() -> None:
     # Importing the op modules registers their backends.
     from vfm.ops import knowledge_ce  # noqa: F401
     from vfm.ops import lora_ops  # noqa: F401
+    from vfm.ops import flce_ops  # noqa: F401
 
 
 def unavailable_reasons(op: str, device) -> Dict[str, str]:

@@ -5,8 +5,9 @@
   linear layer with low-rank adapters (LoRA / rsLoRA, DoRA, AdaLoRA, several adapters per batch).
 """
 
+from vfm.ops.flce_api import fused_linear_knowledge_cross_entropy
 from vfm.ops.kce_api import KnowledgeCEParts, knowledge_cross_entropy
 from vfm.ops.lora_api import adalora_linear, dora_linear, lora_linear, lora_linear_multi
 
 __all__ = ["knowledge_cross_entropy", "KnowledgeCEParts", "lora_linear", "dora_linear", "adalora_linear",
-           "lora_linear_multi"]
+           "lora_linear_multi", "fused_linear_knowledge_cross_entropy"]

@@ -1,0 +1,195 @@
+"""Public fused linear knowledge cross-entropy: argument checking, normalisation, dispatch.
+
+``fused_linear_knowledge_cross_entropy(hidden, weight, target, bias)`` returns the numbers of
+``knowledge_cross_entropy(hidden @ weight.T + bias, target, ...)`` without ever holding the
+(N, V) logits: see :mod:`vfm.ops.flce_blockwise` for the blockwise design and
+:mod:`vfm.ops.flce_ops` for the custom op and its backends.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vfm.ops import flce_ops as _ops
+from vfm.ops.flce_blockwise import default_block_rows
+from vfm.ops.kce_api import KnowledgeCEParts, knowledge_cross_entropy, prepare_arguments
+
+#: The options of :func:`vfm.functional.knowledge_cross_entropy` this function takes as well.
+KCE_OPTIONS = [n for n, p in inspect.signature(knowledge_cross_entropy).parameters.items()
+               if p.kind is inspect.Parameter.KEYWORD_ONLY]
+_SHAPE = lambda t: "(" + ", ".join(str(int(s)) for s in t.shape) + ")"  # noqa: E731
+
+
+def _tensor(name: str, value, *, floating: bool = True) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating and not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    return value
+
+
+def _check_head(prefix: str, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    _tensor(f"{prefix}hidden", hidden)
+    _tensor(f"{prefix}weight", weight)
+    if hidden.dim() < 1:
+        raise ValueError(f"{prefix}hidden must have shape (*, H), got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"{prefix}weight must have shape (V, H), got {_SHAPE(weight)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{prefix}hidden {_SHAPE(hidden)} and {prefix}weight {_SHAPE(weight)} disagree on H "
+                         f"({hidden.shape[-1]} vs {weight.shape[1]})")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{prefix}weight must have V >= 1 rows, got {_SHAPE(weight)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{prefix}hidden is {hidden.dtype} but {prefix}weight is {weight.dtype}; cast one of them")
+    if weight.device != hidden.device:
+        raise ValueError(f"{prefix}weight is on {weight.device} but {prefix}hidden is on {hidden.device}")
+    if bias is not None:
+        _tensor(f"{prefix}bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{prefix}bias must have shape ({weight.shape[0]},), got {_SHAPE(bias)}")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise TypeError(f"{prefix}bias is {bias.dtype} on {bias.device}; expected {hidden.dtype} on {hidden.device}")
+
+
+def fused_linear_knowledge_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    teacher_hidden: Optional[Tensor] = None,
+    teacher_weight: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    block_rows: Optional[int] = None,
+    grad_accum_dtype: Optional[torch.dtype] = torch.float32,
+    **options,
+):
+    """Knowledge cross-entropy of ``hidden @ weight.T + bias`` without materialising the logits.
+
+    Same numbers (within per-dtype tolerances) as
+    ``vfm.functional.knowledge_cross_entropy(hidden @ weight.T + bias, target, **options)``:
+    cross-entropy, distillation, knowledge penalty and z-loss with every option of that function.
+    Memory beyond the returned gradients is one (Nb, V) logits buffer (two with a teacher head)
+    instead of the (N, V) logits and their gradient.
+
+    Args:
+        hidden: (*, H) hidden states (fp32 / fp16 / bf16; fp64 on the torch and cpp backends).
+        weight: (V, H) output-layer weight, same dtype and device as ``hidden``.
+        target: (*) integer class indices (``ignore_index`` marks unlabelled rows).
+        bias: (V,) output-layer bias, or None.
+        teacher_hidden: (*, Ht) teacher hidden states; with ``teacher_weight`` (V, Ht) and
+            optional ``teacher_bias`` (V,), the teacher logits are computed block by block, without
+            gradient (distillation through the output layer). Excludes ``teacher_logits`` and
+            ``teacher_topk``.
+        teacher_weight / teacher_bias: the teacher's output layer.
+        block_rows: rows per block Nb; default: as many as fit
+            :data:`vfm.ops.flce_blockwise.BLOCK_BUDGET_BYTES` (64 MiB of logits buffers on CPU,
+            256 MiB on CUDA).
+        grad_accum_dtype: ``torch.float32`` (default) accumulates a half-precision weight (and
+            bias) gradient in fp32 and rounds once; ``None`` or the weight's own dtype accumulates
+            in that dtype (less memory, rounding at every block). fp32/fp64 weights always
+            accumulate in their own dtype.
+        **options: every keyword option of :func:`vfm.functional.knowledge_cross_entropy`, with
+            its class weights renamed ``class_weight`` (V,) (``weight`` is the output layer here):
+            ``ignore_index``, ``reduction``, ``label_smoothing``, ``z_loss``, ``softcap``,
+            ``ce_weight``, ``teacher_logits`` (*, V), ``teacher_topk``, ``temperature``,
+            ``kd_weight``, ``kd``, ``jsd_beta``, ``allowed``, ``penalty_weight``, ``penalty``,
+            ``rule_strength``, ``soft_mask``, ``num_items_in_batch``, ``return_parts``.
+            ``inplace_backward`` is accepted and has no effect (the logits buffer is always
+            reused in place).
+
+    Returns:
+        As :func:`vfm.functional.knowledge_cross_entropy`: the fp32 loss (scalar, or shape
+        ``target.shape`` for ``reduction="none"``), or :class:`KnowledgeCEParts`.
+
+    Raises:
+        TypeError / ValueError: naming the argument and shapes (H mismatch between hidden and
+        weight, target shape, teacher head shapes, both teacher forms, ...), plus every error of
+        :func:`vfm.functional.knowledge_cross_entropy`.
+    """
+    if "weight" in options:
+        raise TypeError("fused_linear_knowledge_cross_entropy: 'weight' is the output layer; pass class weights "
+                        "as class_weight=")
+    class_weight = options.pop("class_weight", None)
+    unknown = sorted(set(options) - set(KCE_OPTIONS))
+    if unknown:
+        raise TypeError(f"fused_linear_knowledge_cross_entropy got unknown options {unknown}; known: "
+                        f"{KCE_OPTIONS + ['class_weight', 'teacher_hidden', 'teacher_weight', 'teacher_bias', 'block_rows', 'grad_accum_dtype']}")
+    _check_head("", hidden, weight, bias)
+    lead_shape = tuple(hidden.shape[:-1])
+    vocab = int(weight.shape[0])
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if tuple(target.shape) != lead_shape:
+        raise ValueError(f"target shape {_SHAPE(target)} does not match hidden shape {_SHAPE(hidden)} without its "
+                         f"last dim {lead_shape}")
+    head = teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None
+    if head:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("teacher_hidden and teacher_weight must be given together (teacher_bias is optional)")
+        if options.get("teacher_logits") is not None or options.get("teacher_topk") is not None:
+            raise ValueError("give one teacher: teacher_hidden/teacher_weight, teacher_logits or teacher_topk")
+        _check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias)
+        if tuple(teacher_hidden.shape[:-1]) != lead_shape:
+            raise ValueError(f"teacher_hidden {_SHAPE(teacher_hidden)} must have the student's rows {lead_shape} + (Ht,) "
+                             f"(hidden is {_SHAPE(hidden)})")
+        if teacher_weight.shape[0] != vocab:
+            raise ValueError(f"teacher_weight {_SHAPE(teacher_weight)} has V={teacher_weight.shape[0]} but weight "
+                             f"{_SHAPE(weight)} has V={vocab}")
+        if teacher_hidden.device != hidden.device:
+            raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but hidden is on {hidden.device}")
+    if grad_accum_dtype not in (None, torch.float32, weight.dtype):
+        raise ValueError(f"grad_accum_dtype must be torch.float32, None or the weight's dtype {weight.dtype}, "
+                         f"got {grad_accum_dtype}")
+    if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
+        raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
+    return_parts = bool(options.pop("return_parts", False))
+    options.pop("inplace_backward", None)
+
+    # Validate and normalise the loss options for the whole batch through knowledge CE's own
+    # machinery. The logits are stood in for by a stride-0 view (no (N, V) memory).
+    carrier = hidden.new_empty(vocab).expand(*lead_shape, vocab)
+    if head:
+        options["teacher_logits"] = teacher_hidden.new_empty(vocab).expand(*lead_shape, vocab)
+    p = prepare_arguments(carrier, target, weight=class_weight, **options)
+    (_, tgt, cls_w, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales, *scalars) = p.args
+    teacher_kept = teacher is not None
+    if head:
+        teacher = None  # the carrier: the head computes the teacher logits block by block
+    if not (head and teacher_kept):
+        teacher_hidden = teacher_weight = teacher_bias = None  # the loss does not use the teacher
+    h2d = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    th2d = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).contiguous() if teacher_hidden is not None else None
+    grad_on = torch.is_grad_enabled()
+    need = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+            grad_on and bias is not None and bias.requires_grad)
+    n_rows = h2d.shape[0]
+    if block_rows is None:
+        block_rows = default_block_rows(n_rows, vocab, hidden.element_size(), 2 if th2d is not None else 1,
+                                        hidden.device)
+    accum_fp32 = grad_accum_dtype == torch.float32
+    args = (h2d, weight, bias, tgt, cls_w, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales, th2d,
+            teacher_weight.detach() if teacher_weight is not None else None,
+            teacher_bias.detach() if teacher_bias is not None else None,
+            *scalars, *need, p.reduce, int(block_rows), accum_fp32)
+    if _ops._is_eager_tensor(h2d):
+        loss, parts = _ops.EagerFusedLinearKnowledgeCE.apply(*args)
+    else:
+        loss, parts, *_ = torch.ops.vfm.fused_linear_knowledge_cross_entropy(*args)
+    if not p.reduce:
+        loss = loss.reshape(lead_shape)
+    if not return_parts:
+        return loss
+    parts = parts.detach()
+    if p.reduce:
+        ce, kd_part, pen, zl = (parts[i].sum() for i in range(4))
+        n_out = parts[4].sum().round().long()
+    else:
+        ce, kd_part, pen, zl = (parts[i].reshape(lead_shape) for i in range(4))
+        n_out = parts[4].reshape(lead_shape).round().long()
+    return KnowledgeCEParts(loss, ce, kd_part, pen, zl, n_out)
