@@ -31,6 +31,7 @@ from vfm.ops.knowledge_ce import _is_eager_tensor  # noqa: F401  (re-exported fo
 from vfm.ops.lora_cpp import LORA_CPP
 from vfm.ops.lora_cpp import check_cpp as check_lora_cpp
 from vfm.ops.lora_reference import ADALORA_TORCH, DORA_TORCH, LORA_MULTI_TORCH, LORA_TORCH
+from vfm.ops.lora_triton import ADALORA_TRITON, DORA_TRITON, LORA_MULTI_TRITON, LORA_TRITON, check_triton
 
 LORA, DORA, ADALORA, MULTI = "lora_linear", "dora_linear", "adalora_linear", "lora_linear_multi"
 
@@ -42,11 +43,16 @@ def _check_torch(device: torch.device) -> Optional[str]:
 for _name, _kernels in ((LORA, LORA_TORCH), (DORA, DORA_TORCH), (ADALORA, ADALORA_TORCH), (MULTI, LORA_MULTI_TORCH)):
     _registry.register(_name, "torch", _kernels, _check_torch)
 _registry.register(LORA, "cpp", LORA_CPP, check_lora_cpp)
+for _name, _kernels in ((LORA, LORA_TRITON), (DORA, DORA_TRITON), (ADALORA, ADALORA_TRITON),
+                       (MULTI, LORA_MULTI_TRITON)):
+    _registry.register(_name, "triton", _kernels, check_triton)
 
 
 def _unsupported(backend: str, x: Tensor) -> Optional[str]:
     if backend == "cpp" and x.dtype not in (torch.float32, torch.float64):
         return f"x is {x.dtype}; the cpp low-rank kernels take float32 or float64 (use the torch backend)"
+    if backend == "triton" and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"x is {x.dtype}; the triton low-rank kernels take float32, float16 or bfloat16 (use torch or cpp)"
     return None
 
 
