@@ -58,10 +58,12 @@ def _interpreting() -> bool:
 @triton.jit
 def _fmix32(h):
     """MurmurHash3's 32-bit finaliser on uint32 (products wrap modulo 2^32, shifts are logical)."""
+    # .to(uint32) after each product: a no-op when the constant is typed uint32, and the right
+    # modulo-2^32 truncation should a Triton version promote it (and the product) to 64 bits.
     h = h ^ (h >> 16)
-    h = h * 0x85EBCA6B
+    h = (h * 0x85EBCA6B).to(tl.uint32)
     h = h ^ (h >> 13)
-    h = h * 0xC2B2AE35
+    h = (h * 0xC2B2AE35).to(tl.uint32)
     return h ^ (h >> 16)
 
 
@@ -75,7 +77,7 @@ def _dropout(v, offs, k0, k1, thr, inv, OUT_DTYPE: tl.constexpr):
     lo = (offs & 0xFFFFFFFF).to(tl.uint32)
     hi = (offs >> 32).to(tl.uint32)
     h = _fmix32(lo ^ k0.to(tl.uint32))
-    h = _fmix32(h ^ k1.to(tl.uint32) ^ (hi * 0x9E3779B9))
+    h = _fmix32(h ^ k1.to(tl.uint32) ^ (hi * 0x9E3779B9).to(tl.uint32))
     keep = h >= thr.to(tl.uint32)
     kept = (v.to(tl.float32) * inv).to(OUT_DTYPE)
     return tl.where(keep, kept, tl.zeros_like(kept))
