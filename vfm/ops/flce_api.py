@@ -112,9 +112,20 @@ def fused_linear_knowledge_cross_entropy(
         weight, target shape, teacher head shapes, both teacher forms, ...), plus every error of
         :func:`vfm.functional.knowledge_cross_entropy`.
     """
-    if "weight" in options:
-        raise TypeError("fused_linear_knowledge_cross_entropy: 'weight' is the output layer; pass class weights "
-                        "as class_weight=")
+    return _dispatch(*prepare_fused_arguments(
+        hidden, weight, target, bias, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+        teacher_bias=teacher_bias, block_rows=block_rows, grad_accum_dtype=grad_accum_dtype, **options))
+
+
+def prepare_fused_arguments(hidden, weight, target, bias=None, *, teacher_hidden=None, teacher_weight=None,
+                            teacher_bias=None, block_rows=None, grad_accum_dtype=torch.float32, **options):
+    """Validate and normalise a call exactly as :func:`fused_linear_knowledge_cross_entropy` does.
+
+    Returns:
+        (args, lead_shape, reduce, return_parts): ``args`` are the positional arguments of
+        ``torch.ops.vfm.fused_linear_knowledge_cross_entropy``; used by tests and benchmarks.
+    """
+    options = dict(options)
     class_weight = options.pop("class_weight", None)
     unknown = sorted(set(options) - set(KCE_OPTIONS))
     if unknown:
@@ -128,6 +139,9 @@ def fused_linear_knowledge_cross_entropy(
     if tuple(target.shape) != lead_shape:
         raise ValueError(f"target shape {_SHAPE(target)} does not match hidden shape {_SHAPE(hidden)} without its "
                          f"last dim {lead_shape}")
+    if class_weight is not None and (not isinstance(class_weight, Tensor) or tuple(class_weight.shape) != (vocab,)):
+        got = _SHAPE(class_weight) if isinstance(class_weight, Tensor) else type(class_weight).__name__
+        raise ValueError(f"class_weight must be a tensor of shape ({vocab},) (one per class of weight), got {got}")
     head = teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None
     if head:
         if teacher_hidden is None or teacher_weight is None:
@@ -177,16 +191,20 @@ def fused_linear_knowledge_cross_entropy(
             teacher_weight.detach() if teacher_weight is not None else None,
             teacher_bias.detach() if teacher_bias is not None else None,
             *scalars, *need, p.reduce, int(block_rows), accum_fp32)
-    if _ops._is_eager_tensor(h2d):
+    return args, lead_shape, p.reduce, return_parts
+
+
+def _dispatch(args: tuple, lead_shape: tuple, reduce: bool, return_parts: bool):
+    if _ops._is_eager_tensor(args[0]):
         loss, parts = _ops.EagerFusedLinearKnowledgeCE.apply(*args)
     else:
         loss, parts, *_ = torch.ops.vfm.fused_linear_knowledge_cross_entropy(*args)
-    if not p.reduce:
+    if not reduce:
         loss = loss.reshape(lead_shape)
     if not return_parts:
         return loss
     parts = parts.detach()
-    if p.reduce:
+    if reduce:
         ce, kd_part, pen, zl = (parts[i].sum() for i in range(4))
         n_out = parts[4].sum().round().long()
     else:

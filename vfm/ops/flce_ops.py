@@ -129,9 +129,11 @@ def fused_linear_knowledge_cross_entropy_op(
         teacher_hidden, teacher_weight, teacher_bias, ignore_index, label_smoothing, softcap, temperature, kd_mode,
         jsd_beta, pen_mode, rule_strength, use_ce, use_z, need_grad_hidden, need_grad_weight, need_grad_bias,
         reduce, block_rows, accum_fp32)
-    empty = hidden.new_empty(0)
-    return (loss, parts, gh if gh is not None else empty, gw if gw is not None else empty,
-            gb if gb is not None else empty)
+    def empty():  # one fresh tensor per output: outputs must not alias each other
+        return hidden.new_empty(0)
+
+    return (loss, parts, gh if gh is not None else empty(), gw if gw is not None else empty(),
+            gb if gb is not None else empty())
 
 
 @fused_linear_knowledge_cross_entropy_op.register_fake
@@ -142,10 +144,9 @@ def _(hidden, weight, bias, target, class_weight, teacher, topk_idx, topk_lp, al
     n_rows, out_dtype = hidden.shape[0], _loss_dtype(hidden)
     loss = hidden.new_empty((), dtype=out_dtype) if reduce else hidden.new_empty((n_rows,), dtype=out_dtype)
     parts = hidden.new_empty((5, n_rows), dtype=out_dtype)
-    empty = hidden.new_empty(0)
-    gh = torch.empty_like(hidden) if (need_grad_hidden and reduce) else empty
-    gw = torch.empty_like(weight) if (need_grad_weight and reduce) else empty
-    gb = torch.empty_like(bias) if (need_grad_bias and reduce and bias is not None) else empty
+    gh = torch.empty_like(hidden) if (need_grad_hidden and reduce) else hidden.new_empty(0)
+    gw = torch.empty_like(weight) if (need_grad_weight and reduce) else hidden.new_empty(0)
+    gb = torch.empty_like(bias) if (need_grad_bias and reduce and bias is not None) else hidden.new_empty(0)
     return loss, parts, gh, gw, gb
 
 
