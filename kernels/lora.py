@@ -307,7 +307,7 @@ def _check_dtype(name: str, t: Tensor) -> None:
 
 BLOCK_M = 32
 _BLOCK_C = 64 if _interpreting() else 128
-_BLOCK_N = 64
+_BLOCK_N = 64 if _interpreting() else 128
 _WARPS = 4
 
 

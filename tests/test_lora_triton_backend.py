@@ -121,6 +121,20 @@ def test_dora_matches_torch(p, train_w):
     _compare("dora_linear", dora_linear, make, dict(dropout_p=p, seed=99), gy.to(DEV))
 
 
+def test_dora_weight_norm_kernel_transposed_weight():
+    """The one-pass weight norm reads any weight layout (PEFT's fan_in_fan_out keeps W transposed)."""
+    from vfm.kernels.lora_dora import dora_weight_norm as norm_kernel
+    from vfm.ops.lora_reference import dora_weight_norm as norm_ref
+
+    g = _gen(12)
+    w = torch.randn(45, 70, generator=g).t()  # (out=70, in=45), a transposed view
+    a, b = torch.randn(5, 45, generator=g), torch.randn(70, 5, generator=g)
+    got = norm_kernel(w.to(DEV), a.to(DEV), b.to(DEV), 0.8).cpu()
+    torch.testing.assert_close(got, norm_ref(w, a, b, 0.8), rtol=1e-5, atol=1e-5)
+    plain = torch.linalg.vector_norm(w + 0.8 * b @ a, dim=1)  # independent of both
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- AdaLoRA --
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_adalora_matches_torch_with_masked_ranks(p):

@@ -23,8 +23,10 @@ into B (no host synchronisation), then runs the LoRA path; masked ranks are zero
 A and cost nothing beyond the rank padding (r is padded to 16 for ``tl.dot``; ranks are not
 compacted, which would need a host synchronisation).  DoRA follows the reference's maths: its
 per-column gain g = magnitude / ||W + scale B A|| is applied in the expand kernel's epilogue
-(y = g * (x W^T) + b + g * scale * xa B^T); under dropout PEFT's extra base pass needs D(x)
-materialised (one Triton pass) for the cuBLAS product u W^T.
+(y = g * (x W^T) + b + g * scale * xa B^T), the weight norm is one pass over W
+(:mod:`vfm.kernels.lora_dora`), and the magnitude's gradient fuses the low-rank term and the column
+sums after the one extra GEMM the contract asks for; under dropout PEFT's extra base pass needs
+D(x) materialised (one Triton pass) for the cuBLAS product u W^T.
 
 x of dtype float64 is refused at backend selection (vfm.ops.lora_ops).  Adapters in float64 on a
 float32 / half base run the reference's maths inside this backend (the kernels take fp32 / fp16 /
@@ -70,6 +72,12 @@ def _k():
     from vfm.kernels import lora
 
     return lora
+
+
+def _kd():
+    from vfm.kernels import lora_dora
+
+    return lora_dora
 
 
 def _transposed(t: Tensor):
@@ -182,7 +190,8 @@ def dora_forward_triton(x, weight, bias, lora_a, lora_b, magnitude, scale, dropo
     k = _k()
     drop = k.dropout_args(dropout_p, seed)
     adt = lora_a.dtype
-    wn = dora_weight_norm(weight, lora_a, lora_b, scale)
+    wn = _kd().dora_weight_norm(weight, lora_a, lora_b, scale) if weight.dtype in KERNEL_DTYPES else \
+        dora_weight_norm(weight, lora_a, lora_b, scale)
     g = magnitude / wn
     if not drop.active:
         xa = _shrink_or_mm(x, lora_a, drop)
@@ -226,10 +235,9 @@ def dora_backward_triton(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, s
     ga = _grad_a(gxa, x, drop) if need_a else None
     gb = _grad_b(grad_y, xa, scale).mul_(g[:, None]) if need_b else None
     gm = None
-    if need_m:
+    if need_m:  # the extra GEMM u W^T; the low-rank term and the column sums are fused in one kernel
         h = F.linear(u if u is not None else x.to(adt), weight.to(adt))
-        h.addmm_(xa, lora_b.t(), alpha=scale)
-        gm = (grad_y.to(adt) * h).sum(0) / wn
+        gm = _kd().dora_magnitude_grad(grad_y, h, xa, lora_b, scale, wn)
     return gx, gw, gbias, ga, gb, gm
 
 
