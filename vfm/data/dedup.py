@@ -120,17 +120,18 @@ def _near(examples, keep, drop, threshold, num_perm, seed, ngram, lsh_threshold)
     if lsh_threshold is None:
         lsh_threshold = max(0.05, threshold - 0.1)
     lsh = MinHashLSH(threshold=lsh_threshold, num_perm=num_perm)
-    kept_shingles = {}
     indices = [i for i in range(len(examples)) if keep[i]]
-    iterator = indices
+    sets = [shingles(examples[i].text, ngram) for i in indices]
+    # one MinHash template, copied per text: the permutations are drawn once, not per text
+    signatures = MinHash.generator(([s.encode("utf-8") for s in sorted(sh)] for sh in sets),
+                                   num_perm=num_perm, seed=seed)
+    rows = zip(indices, sets, signatures)
     if len(indices) >= _PROGRESS_MIN:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(indices, desc="near-duplicates", unit="text")
-    for i in iterator:
-        sh = shingles(examples[i].text, ngram)
-        mh = MinHash(num_perm=num_perm, seed=seed)
-        mh.update_batch([s.encode("utf-8") for s in sorted(sh)])
+        rows = tqdm(rows, total=len(indices), desc="near-duplicates", unit="text")
+    kept_shingles = {}
+    for i, sh, mh in rows:
         best, best_sim = None, -1.0
         for j in lsh.query(mh):
             sim = jaccard(sh, kept_shingles[j])

@@ -76,19 +76,16 @@ class CompiledRules:
 
 def _fired_matrix(ruleset, texts: Sequence[str]) -> Tensor:
     rules = ruleset.rules
-    fired = torch.zeros(len(texts), len(rules), dtype=torch.bool)
     work = len(texts) * max(1, len(rules))
-    iterator = range(len(texts))
+    iterator = texts
     if work >= _PROGRESS_MIN_WORK:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, desc="matching rules", unit="text")
-    for i in iterator:
-        text = texts[i]
-        for r, rule in enumerate(rules):
-            if rule.fires(text):
-                fired[i, r] = True
-    return fired
+        iterator = tqdm(texts, desc="matching rules", unit="text")
+    rows = [[rule.fires(text) for rule in rules] for text in iterator]
+    if not rows or not rules:
+        return torch.zeros(len(texts), len(rules), dtype=torch.bool)
+    return torch.tensor(rows, dtype=torch.bool)
 
 
 def rule_masks(ruleset) -> Tensor:
