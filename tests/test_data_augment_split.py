@@ -33,6 +33,9 @@ def test_synonym_replacement_english_and_chinese_words():
                           ops=("synonym",), seed=0)
     assert [e.text for e in out[2:]] == ["the patient reports chest ache after exercise",
                                          "患者主诉胸口疼痛三天，伴有呼吸困难"]
+    out, _ = augment([Example("Severe chest  pain today")], lexicon={"chest pain": ["thoracic pain"]},
+                     ops=("synonym",), seed=0)
+    assert out[1].text == "Severe thoracic pain today"  # multi-word entries are matched whole
     # a one-character entry never replaces a character inside a jieba word (胸痛 is one word)
     out, report = augment([Example(ZH)], lexicon={"痛": ["疼"]}, ops=("synonym",), seed=0)
     assert len(out) == 1 and len(report.skipped) == 1 and report.skipped[0].index == 0

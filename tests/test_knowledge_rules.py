@@ -268,3 +268,67 @@ def test_example_rule_files_load():
     assert c.allowed.tolist() == [_row("cardiology"), _row("billing", "other")]
     ner = load_rules("examples/rules_ner.yaml")
     assert ner.task == "tagging" and ner.labels[:3] == ["O", "B-DRUG", "I-DRUG"]
+
+
+def test_posterior_penalty_by_hand():
+    """posterior, C = inf, no teacher: r = softmax(z restricted to A); pen = T^2 KL(r || softmax(z/T))."""
+    import math
+    rs = _rules()
+    c = rs.compile(["the doctor", "nothing"])          # row 0: A = {medicine, cardiology, oncology}
+    logits = torch.tensor([[0.5, 1.5, -0.5, 2.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    temp = 2.0
+    z = [v / temp for v in logits[0].tolist()]
+    p = [math.exp(v) / sum(math.exp(u) for u in z) for v in z]
+    inside = [0, 1, 2]
+    r = {k: math.exp(z[k]) / sum(math.exp(z[j]) for j in inside) for k in inside}
+    pen0 = temp ** 2 * sum(r[k] * (math.log(r[k]) - math.log(p[k])) for k in inside)
+    out = knowledge_cross_entropy(logits, torch.tensor([0, 4]), allowed=c.loss_argument(), penalty="posterior",
+                                  penalty_weight=1.0, ce_weight=0.0, temperature=temp, return_parts=True)
+    assert abs(float(out.penalty) - pen0 / 2) < 1e-5
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_WORDS = ["w0", "w1", "w2", "w3", "w4", "w5"]
+_LAB = ["a", "b", "c", "d"]  # hierarchy: a -> b
+
+
+def _expand(names):
+    out = set(names)
+    if "a" in out:
+        out.add("b")
+    return out
+
+
+_rule = st.fixed_dictionaries({
+    "keywords": st.lists(st.sampled_from(_WORDS), min_size=1, max_size=2, unique=True),
+    "allow": st.one_of(st.none(), st.lists(st.sampled_from(_LAB), min_size=1, max_size=3, unique=True)),
+    "forbid": st.lists(st.sampled_from(_LAB), max_size=2, unique=True),
+})
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(rules=st.lists(_rule, min_size=1, max_size=4),
+       texts=st.lists(st.lists(st.sampled_from(_WORDS), max_size=4), min_size=1, max_size=6))
+def test_masks_match_set_oracle(rules, texts):
+    specs = []
+    for k, r in enumerate(rules):
+        spec = {"name": f"r{k}", "keywords": r["keywords"], "forbid": r["forbid"]}
+        if r["allow"] is not None:
+            spec["allow"] = r["allow"]
+        specs.append(spec)
+    if any("allow" not in s and not s["forbid"] for s in specs):
+        specs = [s if "allow" in s or s["forbid"] else {**s, "forbid": ["d"]} for s in specs]
+    rs = RuleSet.from_dict({"labels": _LAB, "hierarchy": {"a": ["b"]}, "rules": specs})
+    strings = [" ".join(t) for t in texts]
+    c = rs.compile(strings)
+    for i, words in enumerate(texts):
+        allowed, fired = set(_LAB), False
+        for s in specs:
+            if any(k in words for k in s["keywords"]):
+                fired = True
+                allowed &= (_expand(s["allow"]) if "allow" in s else set(_LAB)) - _expand(s["forbid"])
+        free = not fired or not allowed or allowed == set(_LAB)
+        expected = [True] * 4 if free else [lab in allowed for lab in _LAB]
+        assert c.allowed[i].tolist() == expected
+        assert (int(c.group_ids[i]) == -1) == free

@@ -64,6 +64,12 @@ def test_compile_tokens_hand_derived():
     assert padded[1, 4:].all() and torch.equal(padded[1, :4], masks[1])
     with pytest.raises(ValueError, match="shorter"):
         masks.padded(5)
+    flat = masks.flat()
+    assert flat.shape == (15, 5) and torch.equal(flat[8:12], masks[1])
+    group_masks, group_ids = masks.grouped()
+    expanded = torch.ones_like(flat)
+    expanded[group_ids >= 0] = group_masks[group_ids[group_ids >= 0]]
+    assert torch.equal(expanded, flat) and int((group_ids == -1).sum()) == 2  # 'Take' and '服用'
 
 
 def test_token_contradiction_left_unconstrained_and_reported():
@@ -151,6 +157,8 @@ def test_tagging_errors():
         RuleSet.from_dict({"task": "tagging", "labels": ["O", "I-X"]})
     with pytest.raises(RuleError, match="unknown entity 'CHEM'"):
         RuleSet.from_dict({"entities": ["DRUG"], "gazetteers": [{"name": "g", "entity": "CHEM", "entries": ["a"]}]})
+    with pytest.raises(RuleError, match="token_rules"):
+        RuleSet.from_dict({"entities": ["DRUG"], "rules": [{"name": "r", "keywords": ["x"], "allow": ["DRUG"]}]})
     cls = RuleSet.from_dict({"labels": ["a", "b"]})
     with pytest.raises(ValueError, match="tagging"):
         cls.compile_tokens([["x"]])

@@ -46,7 +46,7 @@ def _lexicon_table(lexicon) -> Dict[str, List[str]]:
             syns = [syns]
         if not isinstance(word, str) or not all(isinstance(s, str) for s in syns):
             raise TypeError(f"lexicon entries must be str -> list of str, got {word!r}: {syns!r}")
-        bucket = table.setdefault(word.casefold(), [])
+        bucket = table.setdefault(" ".join(word.split()).casefold(), [])
         bucket.extend(s for s in syns if s and s.casefold() != word.casefold() and s not in bucket)
     return table
 
@@ -159,8 +159,7 @@ def augment(examples: Sequence[Example], *, n_per_example: int = 1,
     if bad or not ops:
         raise ValueError(f"ops must be a non-empty subset of {OPS}, got {ops}")
     table = _lexicon_table(lexicon)
-    keep_words = {w for w in table} | {s for syns in table.values() for s in syns}
-    keep_words = {w for w in keep_words if is_cjk(w)}
+    keep_words = {w for w in table if len(w.split()) > 1 or is_cjk(w)}  # multi-word / CJK lexicon entries
     rng = random.Random(seed)
     editor = _Editor(rng, table, p)
     report = StepReport(step="augment", n_in=len(examples))

@@ -56,26 +56,26 @@ def _jieba():
         return _jieba_tokenizer
 
 
-def _merge_known(tokens: List[str], keep: Optional[set]) -> List[str]:
-    """Merge consecutive tokens that spell a word of ``keep`` (longest first)."""
+def _merge_known(tokens: List[str], keep: Optional[set], sep: str) -> List[str]:
+    """Merge consecutive tokens that spell a word of ``keep`` (case-folded; longest first)."""
     if not keep:
         return tokens
     longest = max((len(w) for w in keep), default=0)
     out, i = [], 0
     while i < len(tokens):
         best = None
-        joined = ""
-        for j in range(i, len(tokens)):
-            joined += tokens[j]
+        joined = tokens[i]
+        for j in range(i + 1, len(tokens)):
+            joined += sep + tokens[j]
             if len(joined) > longest:
                 break
-            if j > i and joined in keep:
+            if joined.casefold() in keep:
                 best = j
         if best is None:
             out.append(tokens[i])
             i += 1
         else:
-            out.append("".join(tokens[i:best + 1]))
+            out.append(sep.join(tokens[i:best + 1]))
             i = best + 1
     return out
 
@@ -90,18 +90,22 @@ def tokenize_words(text: str, keep: Optional[Iterable[str]] = None) -> List[str]
     Args:
         text: the text.
         keep: optional words (e.g. a lexicon's) that must stay one token: consecutive tokens that
-            spell one of them are merged (jieba sometimes splits domain terms).
+            spell one of them (joined without spaces in CJK text, with one space otherwise;
+            case-insensitive) are merged, since jieba sometimes splits domain terms and
+            multi-word English terms (``chest pain``) would otherwise be two tokens.
 
     Returns:
         list of tokens; ``"".join`` (CJK) or :func:`join_tokens` rebuilds a readable text.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    if is_cjk(text):
+    cjk = is_cjk(text)
+    if cjk:
         tokens = [t for t in _jieba().lcut(text, HMM=True) if t.strip()]
     else:
         tokens = _WORDS.findall(text)
-    return _merge_known(tokens, set(keep) if keep is not None else None)
+    keep = {w.casefold() for w in keep} if keep is not None else None
+    return _merge_known(tokens, keep, "" if cjk else " ")
 
 
 def join_tokens(tokens: Sequence[str]) -> str:

@@ -58,6 +58,9 @@ class Parser:
         rules = self.parse_rules(data.get("rules"), "text", line_of(data, "rules"))
         token_rules = self.parse_rules(data.get("token_rules"), "token", line_of(data, "token_rules"))
         gazetteers = self.parse_gazetteers(data.get("gazetteers"), line_of(data, "gazetteers"))
+        if task == "tagging" and rules:
+            self.fail("text-level 'rules' do not apply to a tagging task; use 'token_rules' (one token at a time) "
+                      "or 'gazetteers'", line_of(data, "rules"))
         if task == "classification" and (token_rules or gazetteers):
             self.fail("token_rules and gazetteers need task: tagging", line_of(data, "token_rules" if token_rules
                                                                               else "gazetteers"))

@@ -41,6 +41,19 @@ class TokenMasks(list):
         super().__init__(masks)
         self.fired, self.contradictions, self.matches = fired, contradictions, matches
 
+    def flat(self) -> Tensor:
+        """All sentences' masks concatenated: bool ``(sum T_i, L)`` (the rows of flattened logits)."""
+        if not len(self):
+            return torch.zeros(0, 0, dtype=torch.bool)
+        return torch.cat(list(self), dim=0)
+
+    def grouped(self) -> Tuple[Tensor, Tensor]:
+        """Grouped form of :meth:`flat`: ``(group_masks (G, L), group_ids (sum T_i,))``, -1 = free."""
+        from vfm.knowledge.compile import group_rows
+
+        flat = self.flat()
+        return group_rows(flat, ~flat.all(dim=1))
+
     def padded(self, length: Optional[int] = None) -> Tuple[Tensor, Tensor]:
         """Stack into ``(B, T, L)``; padding positions are all True (unconstrained).
 
