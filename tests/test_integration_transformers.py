@@ -22,8 +22,9 @@ peft = pytest.importorskip("peft")
 from transformers import (BertConfig, BertForSequenceClassification, BertForTokenClassification,  # noqa: E402
                           Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
                           GemmaForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                          LlamaForSequenceClassification, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          LlamaForSequenceClassification, MistralConfig, MistralForCausalLM, Olmo2Config,
+                          Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Starcoder2Config, Starcoder2ForCausalLM)
 
 import vfm.functional  # noqa: E402
 import vfm.peft  # noqa: E402
@@ -55,6 +56,10 @@ FAMILIES = {
                                                              "query_pre_attn_scalar": 8, "sliding_window": 8, **kw})),
     "gemma3": lambda **kw: Gemma3ForCausalLM(Gemma3TextConfig(**{**COMMON, "head_dim": 8, "final_logit_softcapping": 2.5,
                                                                  "query_pre_attn_scalar": 8, "sliding_window": 8, **kw})),
+    "phi": lambda **kw: PhiForCausalLM(PhiConfig(**{**COMMON, **kw})),  # an LM head with a bias
+    "phi3": lambda **kw: Phi3ForCausalLM(Phi3Config(**{**COMMON, "pad_token_id": 0, **kw})),
+    "olmo2": lambda **kw: Olmo2ForCausalLM(Olmo2Config(**{**COMMON, "pad_token_id": 0, **kw})),
+    "starcoder2": lambda **kw: Starcoder2ForCausalLM(Starcoder2Config(**{**COMMON, **kw})),
 }
 
 
@@ -63,6 +68,8 @@ def causal(family="llama", seed=0, **kw):
     model = FAMILIES[family](**kw)
     with torch.no_grad():  # visible logits (tiny random inits give near-uniform ones), a nonzero head bias
         model.get_output_embeddings().weight.mul_(30.0)
+        if model.get_output_embeddings().bias is not None:
+            model.get_output_embeddings().bias.normal_(0, 1.0)
     return model.train()
 
 
@@ -147,7 +154,7 @@ def test_causal_default_equals_transformers(family, monkeypatch):
     guard = NoVocabTensors(rows=B * T)
 
     def spy(hidden, weight, *a, **kw):
-        calls.append((tuple(hidden.shape), weight, kw.get("softcap")))
+        calls.append((tuple(hidden.shape), weight, a[1] if len(a) > 1 else kw.get("bias"), kw.get("softcap")))
         guard.inside_fused = True
         try:
             return fused(hidden, weight, *a, **kw)
@@ -165,7 +172,8 @@ def test_causal_default_equals_transformers(family, monkeypatch):
         hook.remove()
     ref = reference(input_ids=x, labels=labels)
     assert out.logits is None and vocab_outputs == []
-    assert calls == [((B, T, 32), model.lm_head.weight, model.config.__dict__.get("final_logit_softcapping"))]
+    assert calls == [((B, T, 32), model.lm_head.weight, model.lm_head.bias,
+                      model.config.__dict__.get("final_logit_softcapping"))]
     torch.testing.assert_close(out.loss, ref.loss, **TIGHT)
     out.loss.backward()
     ref.loss.backward()
