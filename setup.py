@@ -47,14 +47,20 @@ def _native_extensions():
                 num = arch.replace(".", "")
                 gencode += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
         define_macros.append(("VFM_WITH_CUDA", "1"))
+        # "sm_80+sm_90": one shell- and preprocessor-safe token, reported by vfm._C.build_info()
+        define_macros.append(("VFM_CUDA_ARCHS", "+".join("sm_" + g.split("code=sm_")[1] for g in gencode[1::2])))
         ext = cpp_extension.CUDAExtension(
             name="vfm._C",
-            sources=cpp_sources + cuda_sources,
+            # csrc/cuda/*.cpp: the thin TORCH_CHECK bindings of the .cu launchers (CUDA builds only)
+            sources=cpp_sources + sorted(glob.glob("csrc/cuda/*.cpp")) + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros,
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + gencode,
+                # no --use_fast_math: the kernels pick their fast intrinsics (ex2.approx) explicitly
+                # and keep IEEE log / division / denormals everywhere else (.ci/check_cuda_compile.sh
+                # compiles with these same flags)
+                "nvcc": ["-O3", "-std=c++17", "-lineinfo"] + gencode,
             },
             extra_link_args=link_flags,
         )
@@ -103,6 +109,7 @@ setup(
     # every subpackage of vfm/, plus kernels/ installed as vfm.kernels
     packages=["vfm"] + ["vfm." + p for p in find_packages("vfm")] + ["vfm.kernels"],
     package_dir={"vfm.kernels": "kernels"},
+    package_data={"vfm.demo": ["*.csv", "*.yaml"]},  # the built-in data of `vfm demo`
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

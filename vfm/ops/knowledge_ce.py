@@ -75,6 +75,8 @@ def _triton_impl(*args):
 _registry.register(OP, "torch", kce_forward_torch, _check_torch)
 _registry.register(OP, "cpp", _cpp_impl, _check_cpp)
 _registry.register(OP, "triton", _triton_impl, triton_missing_reason)
+from vfm.ops.kce_cuda import check_cuda as _check_cuda, kce_forward_cuda as _cuda_impl  # noqa: E402
+_registry.register(OP, "cuda", _cuda_impl, _check_cuda)
 
 
 def _unsupported(backend: str, logits: Tensor, teacher: Optional[Tensor]) -> Optional[str]:
