@@ -43,6 +43,9 @@ def _check_torch(device: torch.device) -> Optional[str]:
 for _name, _kernels in ((LORA, LORA_TORCH), (DORA, DORA_TORCH), (ADALORA, ADALORA_TORCH), (MULTI, LORA_MULTI_TORCH)):
     _registry.register(_name, "torch", _kernels, _check_torch)
 _registry.register(LORA, "cpp", LORA_CPP, check_lora_cpp)
+from vfm.ops.lora_cuda import LORA_CUDA, LORA_MULTI_CUDA, check_cuda as check_lora_cuda  # noqa: E402
+_registry.register(LORA, "cuda", LORA_CUDA, check_lora_cuda)
+_registry.register(MULTI, "cuda", LORA_MULTI_CUDA, check_lora_cuda)
 for _name, _kernels in ((LORA, LORA_TRITON), (DORA, DORA_TRITON), (ADALORA, ADALORA_TRITON),
                        (MULTI, LORA_MULTI_TRITON)):
     _registry.register(_name, "triton", _kernels, check_triton)
