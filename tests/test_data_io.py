@@ -100,3 +100,19 @@ def test_format_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_examples(str(tmp_path / "missing.csv"))
     assert Example("t").where == "<memory>:0"
+
+
+def test_invalid_utf8_rows_reported(tmp_path):
+    csv_path = tmp_path / "bad.csv"
+    csv_path.write_bytes(b"text,label\nok,a\nbad \xff byte,b\nfine,c\n")
+    examples, report = load_examples(str(csv_path))
+    assert [e.text for e in examples] == ["ok", "fine"]
+    assert [(m.line, m.reason) for m in report.malformed] == [(3, "not valid UTF-8")]
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_bytes(b'{"text": "ok"}\n{"text": "\xc3("}\n')
+    examples, report = load_examples(str(jsonl))
+    assert len(examples) == 1 and [m.line for m in report.malformed] == [2]
+    conll = tmp_path / "bad.conll"
+    conll.write_bytes(b"a O\nb\xfe O\n\nc O\n")
+    examples, report = load_examples(str(conll))
+    assert [e.tokens for e in examples] == [["c"]] and report.malformed[0].line == 1

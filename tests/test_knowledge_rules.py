@@ -332,3 +332,10 @@ def test_masks_match_set_oracle(rules, texts):
         expected = [True] * 4 if free else [lab in allowed for lab in _LAB]
         assert c.allowed[i].tolist() == expected
         assert (int(c.group_ids[i]) == -1) == free
+
+
+def test_invalid_utf8_rule_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"labels: [a, b]\n# comment \xff\n")
+    with pytest.raises(RuleError, match=r"r.yaml:2: not valid UTF-8"):
+        load_rules(str(path))

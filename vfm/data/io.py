@@ -6,6 +6,7 @@ Nothing is dropped silently: every row that cannot be read is listed in the
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -69,6 +70,24 @@ class LoadReport:
                 "docstart": self.docstart, "malformed": [vars(m) for m in self.malformed]}
 
 
+def _decoded_lines(path: str, bad: set, keepends: bool = False):
+    """Yield ``(lineno, text)`` for each physical line, decoding UTF-8 line by line.
+
+    A line that is not valid UTF-8 is added to ``bad`` and decoded with replacement characters
+    (the caller skips the row it belongs to and reports it).  A leading BOM is dropped.
+    """
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                bad.add(lineno)
+                text = raw.decode("utf-8", errors="replace")
+            yield lineno, (text if keepends else text.rstrip("\r\n"))
+
+
 def _label(value) -> Tuple[Optional[str], Optional[str]]:
     """(label, error): labels are strings; ints become strings; empty/None mean unlabelled."""
     if value is None:
@@ -80,89 +99,101 @@ def _label(value) -> Tuple[Optional[str], Optional[str]]:
 
 
 def _load_csv(path, delimiter, text_field, label_field, report) -> List[Example]:
-    out = []
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(path, "r", encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh, delimiter=delimiter)
+    bad_lines: set = set()
+    source = _decoded_lines(path, bad_lines, keepends=True)
+    with contextlib.closing(source):
+        return _read_csv_rows(path, source, delimiter, text_field, label_field, bad_lines, report)
+
+
+def _read_csv_rows(path, source, delimiter, text_field, label_field, bad_lines, report) -> List[Example]:
+    out = []
+    reader = csv.reader((text for _, text in source), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return out
+    if text_field not in header:
+        raise ValueError(f"{path}:1: no column {text_field!r} in the header {header} (text_field)")
+    if len(set(header)) != len(header):
+        raise ValueError(f"{path}:1: duplicate column names in the header {header}")
+    ti = header.index(text_field)
+    li = header.index(label_field) if label_field in header else None
+    prev_end = reader.line_num
+    while True:
+        start = prev_end + 1
         try:
-            header = next(reader)
+            row = next(reader)
         except StopIteration:
-            return out
-        if text_field not in header:
-            raise ValueError(f"{path}:1: no column {text_field!r} in the header {header} (text_field)")
-        if len(set(header)) != len(header):
-            raise ValueError(f"{path}:1: duplicate column names in the header {header}")
-        ti = header.index(text_field)
-        li = header.index(label_field) if label_field in header else None
-        prev_end = reader.line_num
-        while True:
-            start = prev_end + 1
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as err:
-                report.malformed.append(Malformed(path, start, f"CSV error: {err}"))
-                prev_end = reader.line_num
-                continue
+            break
+        except csv.Error as err:
+            report.malformed.append(Malformed(path, start, f"CSV error: {err}"))
             prev_end = reader.line_num
-            if not row or all(not c.strip() for c in row):
-                report.blank_lines += 1
-                continue
-            if len(row) != len(header):
-                report.malformed.append(Malformed(path, start, f"{len(row)} fields, the header has {len(header)}"))
-                continue
-            text = row[ti]
-            if not text.strip():
-                report.malformed.append(Malformed(path, start, f"empty {text_field!r}"))
-                continue
-            label = (row[li].strip() or None) if li is not None else None
-            meta = {k: v for k, v in zip(header, row) if k not in (text_field, label_field)}
-            out.append(Example(text=text, label=label, source=path, line=start, meta=meta))
+            continue
+        prev_end = reader.line_num
+        if any(start <= b <= prev_end for b in bad_lines):
+            report.malformed.append(Malformed(path, start, "not valid UTF-8"))
+            continue
+        if not row or all(not c.strip() for c in row):
+            report.blank_lines += 1
+            continue
+        if len(row) != len(header):
+            report.malformed.append(Malformed(path, start, f"{len(row)} fields, the header has {len(header)}"))
+            continue
+        text = row[ti]
+        if not text.strip():
+            report.malformed.append(Malformed(path, start, f"empty {text_field!r}"))
+            continue
+        label = (row[li].strip() or None) if li is not None else None
+        meta = {k: v for k, v in zip(header, row) if k not in (text_field, label_field)}
+        out.append(Example(text=text, label=label, source=path, line=start, meta=meta))
     return out
 
 
 def _load_jsonl(path, text_field, label_field, tokens_field, tags_field, report) -> List[Example]:
     out = []
-    with open(path, "r", encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                report.blank_lines += 1
+    bad_lines: set = set()
+    for lineno, line in _decoded_lines(path, bad_lines):
+        if lineno in bad_lines:
+            report.malformed.append(Malformed(path, lineno, "not valid UTF-8"))
+            continue
+        if not line.strip():
+            report.blank_lines += 1
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            report.malformed.append(Malformed(path, lineno, f"invalid JSON: {err.msg} (column {err.colno})"))
+            continue
+        if not isinstance(obj, dict):
+            report.malformed.append(Malformed(path, lineno, f"expected a JSON object, got {type(obj).__name__}"))
+            continue
+        tokens = tags = None
+        if tokens_field in obj:
+            tokens, tags = obj[tokens_field], obj.get(tags_field)
+            if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
+                report.malformed.append(Malformed(path, lineno, f"{tokens_field!r} must be a non-empty list of "
+                                                                "non-empty strings"))
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                report.malformed.append(Malformed(path, lineno, f"invalid JSON: {err.msg} (column {err.colno})"))
+            if tags is not None and (not isinstance(tags, list) or len(tags) != len(tokens)
+                                     or not all(isinstance(t, str) and t for t in tags)):
+                report.malformed.append(Malformed(path, lineno, f"{tags_field!r} must be a list of strings, one "
+                                                                f"per token ({len(tokens)})"))
                 continue
-            if not isinstance(obj, dict):
-                report.malformed.append(Malformed(path, lineno, f"expected a JSON object, got {type(obj).__name__}"))
-                continue
-            tokens = tags = None
-            if tokens_field in obj:
-                tokens, tags = obj[tokens_field], obj.get(tags_field)
-                if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t for t in tokens):
-                    report.malformed.append(Malformed(path, lineno, f"{tokens_field!r} must be a non-empty list of "
-                                                                    "non-empty strings"))
-                    continue
-                if tags is not None and (not isinstance(tags, list) or len(tags) != len(tokens)
-                                         or not all(isinstance(t, str) and t for t in tags)):
-                    report.malformed.append(Malformed(path, lineno, f"{tags_field!r} must be a list of strings, one "
-                                                                    f"per token ({len(tokens)})"))
-                    continue
-            text = obj.get(text_field)
-            if text is None and tokens is not None:
-                text = join_tokens(tokens)
-            if not isinstance(text, str) or not text.strip():
-                what = "missing" if text is None else f"not a non-empty string ({text!r})"
-                report.malformed.append(Malformed(path, lineno, f"field {text_field!r} is {what}"))
-                continue
-            label, err = _label(obj.get(label_field))
-            if err:
-                report.malformed.append(Malformed(path, lineno, err))
-                continue
-            meta = {k: v for k, v in obj.items() if k not in (text_field, label_field, tokens_field, tags_field)}
-            out.append(Example(text=text, label=label, tokens=tokens, tags=tags, source=path, line=lineno,
-                               meta=meta))
+        text = obj.get(text_field)
+        if text is None and tokens is not None:
+            text = join_tokens(tokens)
+        if not isinstance(text, str) or not text.strip():
+            what = "missing" if text is None else f"not a non-empty string ({text!r})"
+            report.malformed.append(Malformed(path, lineno, f"field {text_field!r} is {what}"))
+            continue
+        label, err = _label(obj.get(label_field))
+        if err:
+            report.malformed.append(Malformed(path, lineno, err))
+            continue
+        meta = {k: v for k, v in obj.items() if k not in (text_field, label_field, tokens_field, tags_field)}
+        out.append(Example(text=text, label=label, tokens=tokens, tags=tags, source=path, line=lineno,
+                           meta=meta))
     return out
 
 
@@ -179,25 +210,29 @@ def _load_conll(path, report) -> List[Example]:
                 out.append(Example(text=join_tokens(tokens), tokens=tokens, tags=tags, source=path, line=start))
         tokens, tags, start, bad = [], [], 0, None
 
-    with open(path, "r", encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, 1):
-            stripped = line.strip()
-            if not stripped:
-                flush()
-                continue
-            if stripped.startswith("-DOCSTART-"):
-                report.docstart += 1
-                flush()
-                continue
-            if not tokens and bad is None:
-                start = lineno
-            cols = stripped.split()
-            if len(cols) < 2:
-                if bad is None:
-                    bad = (lineno, f"expected 'token tag', got {stripped!r}")
-                continue
-            tokens.append(cols[0])
-            tags.append(cols[-1])
+    bad_lines: set = set()
+    for lineno, line in _decoded_lines(path, bad_lines):
+        stripped = line.strip()
+        if not stripped:
+            flush()
+            continue
+        if stripped.startswith("-DOCSTART-"):
+            report.docstart += 1
+            flush()
+            continue
+        if not tokens and bad is None:
+            start = lineno
+        cols = stripped.split()
+        if lineno in bad_lines:
+            if bad is None:
+                bad = (lineno, "not valid UTF-8")
+            continue
+        if len(cols) < 2:
+            if bad is None:
+                bad = (lineno, f"expected 'token tag', got {stripped!r}")
+            continue
+        tokens.append(cols[0])
+        tags.append(cols[-1])
     flush()
     return out
 

@@ -207,8 +207,13 @@ def load_rules(path: str) -> RuleSet:
         FileNotFoundError: no such file.
     """
     path = os.fspath(path)
-    with open(path, "r", encoding="utf-8") as fh:
-        text = fh.read()
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise RuleError(f"not valid UTF-8 ({err.reason} at byte {err.start})", path, line) from None
     try:
         data = load_yaml_with_lines(text, path)
     except YAMLFormatError as err:
