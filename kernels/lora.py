@@ -44,10 +44,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from vfm.ops.lora_reference import dropout_threshold
+
 __all__ = ["shrink", "expand", "reduce_rows", "dropout_apply", "dropout_args", "KERNEL_DTYPES"]
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def _interpreting() -> bool:
@@ -277,7 +278,7 @@ class DropoutArgs:
         self.active = p > 0.0
         seed = int(seed) if self.active else 0
         self.k0, self.k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
-        self.thr = int(p * 4294967296.0) if self.active else 0  # floor: p * 2^32 >= 0
+        self.thr = dropout_threshold(p) if self.active else 0
         self.inv = 1.0 / (1.0 - p) if self.active else 1.0
 
     def tuple(self):
@@ -298,11 +299,6 @@ def _block_r(rank: int) -> int:
 
 def _ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
-
-
-def _check_dtype(name: str, t: Tensor) -> None:
-    if t.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"{name} is {t.dtype}; the triton low-rank kernels take float32, float16 or bfloat16")
 
 
 BLOCK_M = 32

@@ -264,3 +264,18 @@ def test_registry_never_picks_the_interpreter_and_refuses_float64():
     before = _registry.CALLS[("lora_linear", "triton")]
     lora_linear(x.float(), w.float(), None, a.float(), b.float(), 2.0)
     assert _registry.CALLS[("lora_linear", "triton")] == before
+
+
+def test_opcheck_multi_with_the_triton_backend():
+    """Schema, fake tensors, autograd registration and aliasing of the op with the triton kernels inside."""
+    g = _gen(13)
+    x = torch.randn(9, 12, generator=g).to(DEV).requires_grad_(True)
+    args = (x, torch.randn(7, 12, generator=g).to(DEV), torch.randn(7, generator=g).to(DEV).requires_grad_(True),
+            torch.randn(2, 3, 12, generator=g).to(DEV).requires_grad_(True),
+            torch.randn(2, 7, 3, generator=g).to(DEV).requires_grad_(True), torch.tensor([1.0, 2.0], device=DEV),
+            torch.tensor([0, 1, -1, 1, 0, 0, 1, -1, 1], device=DEV), 0.2, torch.tensor(5))
+    before = _registry.CALLS[("lora_linear_multi", "triton")]
+    with vfm.use_backend("triton"):
+        torch.library.opcheck(torch.ops.vfm.lora_linear_multi.default, args,  # aot_dispatch: tests/test_lora_api.py
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    assert _registry.CALLS[("lora_linear_multi", "triton")] > before
