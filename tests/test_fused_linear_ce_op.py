@@ -99,3 +99,23 @@ def test_empty_batch():
     loss = flce(hidden, weight, torch.zeros(0, dtype=torch.long), bias)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_autocast_runs_the_head_in_the_autocast_dtype():
+    hidden, weight, bias, target = _inputs(n=24, h=16, v=37)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = flce(hidden, weight, target, bias, block_rows=5)
+    assert loss.dtype == torch.float32
+    grads = torch.autograd.grad(loss, (hidden, weight, bias))
+    assert all(g.dtype == torch.float32 for g in grads)
+    with torch.no_grad():  # the head really ran in bf16: the same number as on bf16-cast inputs
+        low = flce(hidden.bfloat16(), weight.bfloat16(), target, bias.bfloat16(), block_rows=5)
+        full = flce(hidden, weight, target, bias, block_rows=5)
+    assert loss.item() == low.item() and loss.item() != full.item()
+    # reference: bf16-rounded operands, float64 logits
+    hb, wb, bb = (t.detach().bfloat16().double().requires_grad_() for t in (hidden, weight, bias))
+    ref = knowledge_cross_entropy(hb @ wb.T + bb, target)
+    ref_grads = torch.autograd.grad(ref, (hb, wb, bb))
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-2, atol=1e-2)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-2 * b.abs().max().item())

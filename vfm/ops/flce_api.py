@@ -103,6 +103,10 @@ def fused_linear_knowledge_cross_entropy(
             ``inplace_backward`` is accepted and has no effect (the logits buffer is always
             reused in place).
 
+    Under ``torch.autocast``, fp32 hidden states and output layers are cast to the autocast dtype
+    first (as ``F.linear`` would be; the casts are differentiable, so fp32 parameters get fp32
+    gradients); the loss is computed in fp32 as always.
+
     Returns:
         As :func:`vfm.functional.knowledge_cross_entropy`: the fp32 loss (scalar, or shape
         ``target.shape`` for ``reduction="none"``), or :class:`KnowledgeCEParts`.
@@ -163,6 +167,16 @@ def prepare_fused_arguments(hidden, weight, target, bias=None, *, teacher_hidden
     if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
         raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
     return_parts = bool(options.pop("return_parts", False))
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type) and hidden.dtype == torch.float32:
+        # As F.linear under autocast: the output layer(s) run in the autocast dtype; the casts are
+        # differentiable, so fp32 parameters receive fp32 gradients. The loss stays fp32.
+        low = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(low), weight.to(low)
+        bias = bias.to(low) if bias is not None else None
+        if head and teacher_hidden.dtype == torch.float32:
+            teacher_hidden, teacher_weight = teacher_hidden.to(low), teacher_weight.to(low)
+            teacher_bias = teacher_bias.to(low) if teacher_bias is not None else None
     options.pop("inplace_backward", None)
 
     # Validate and normalise the loss options for the whole batch through knowledge CE's own

@@ -1,0 +1,303 @@
+"""Fused linear (knowledge) cross-entropy benchmark: forward + backward through the output layer.
+
+Two ways to run it:
+
+* pytest-benchmark: ``python -m pytest benches/bench_fused_linear.py --benchmark-columns=median``
+  (CPU: N=512, H=1024, V=32000 fp32 to stay short; GPU: N=8192, H=4096, V=128256 bf16).
+* script: ``python benches/bench_fused_linear.py --device cpu --rows 2048 --hidden 1024 --vocab 128256``
+  prints a Markdown table of time (median) and peak memory beyond the inputs (CPU: VmHWM growth of
+  a child process that runs one step after a warm-up, returned gradients included, as
+  ``vfm/bench.py`` measures; GPU: ``torch.cuda.max_memory_allocated`` growth).
+
+Cases: ``ce`` (plain cross-entropy, 10% rows ignored) and ``distill`` (student and teacher heads,
+0.5 x CE + 0.5 x JSD(beta 0.5), T = 1).  Providers: vfm backends (``vfm[cpp]`` on CPU,
+``vfm[triton]`` on CUDA, ``vfm[triton]-bf16acc`` without fp32 weight-gradient accumulation),
+``torch eager`` (materialised logits + ``F.cross_entropy``), ``torch linear_cross_entropy``
+(torch's chunked ``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``, CE only), and
+Liger-Kernel / Cut Cross-Entropy when importable.  Every step returns the gradients of hidden and
+weight (kept alive while memory is measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+CASES = ("ce", "distill")
+CE_W, KD_W, BETA = 0.5, 0.5, 0.5
+
+
+def make_inputs(case: str, n: int, h: int, v: int, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
+    """hidden (N, H), weight (V, H), target (N,) with 10% ignored; a teacher head for ``distill``."""
+    g = torch.Generator().manual_seed(seed)
+    inp = dict(hidden=torch.randn(n, h, generator=g).to(device, dtype),
+               weight=(torch.randn(v, h, generator=g) / h ** 0.5).to(device, dtype))
+    target = torch.randint(0, v, (n,), generator=g)
+    target[torch.rand(n, generator=g) < 0.1] = -100
+    inp["target"] = target.to(device)
+    if case == "distill":
+        inp["t_hidden"] = torch.randn(n, h, generator=g).to(device, dtype)
+        inp["t_weight"] = (torch.randn(v, h, generator=g) / h ** 0.5).to(device, dtype)
+    return inp
+
+
+def _leaves(inp):
+    return inp["hidden"].detach().requires_grad_(), inp["weight"].detach().requires_grad_()
+
+
+def _jsd_eager(z, t, mask):
+    log_p, log_q = F.log_softmax(z.float(), -1), F.log_softmax(t.float(), -1)
+    log_m = torch.logsumexp(torch.stack([log_p + torch.log(torch.tensor(1 - BETA)),
+                                         log_q + torch.log(torch.tensor(BETA))]), 0)
+    kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
+    kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)
+    per_row = BETA * kl_qm + (1 - BETA) * kl_pm
+    return (per_row * mask).sum() / mask.sum().clamp_min(1)
+
+
+def providers(device: str) -> Dict[str, Callable]:
+    """name -> make(case, inp) returning a step closure (or None when the provider lacks the case)."""
+    import vfm
+
+    out: Dict[str, Callable] = {}
+    backends = [b for b in vfm.available_backends("fused_linear_knowledge_cross_entropy", device)
+                if b != "torch" and not (b == "triton" and device == "cpu")]
+    for backend in backends:
+        for suffix, accum in (("", torch.float32), ("-bf16acc", None)):
+            if suffix and device != "cuda":
+                continue
+
+            def make(case, inp, backend=backend, accum=accum):
+                def step():
+                    h, w = _leaves(inp)
+                    opts = {}
+                    if case == "distill":
+                        opts = dict(teacher_hidden=inp["t_hidden"], teacher_weight=inp["t_weight"], kd="jsd",
+                                    jsd_beta=BETA, ce_weight=CE_W, kd_weight=KD_W)
+                    with vfm.use_backend(backend):
+                        loss = vfm.functional.fused_linear_knowledge_cross_entropy(
+                            h, w, inp["target"], grad_accum_dtype=accum, **opts)
+                    loss.backward()
+                    return h.grad, w.grad
+                return step
+            out[f"vfm[{backend}]{suffix}"] = make
+
+    def eager(case, inp):
+        def step():
+            h, w = _leaves(inp)
+            z = h @ w.T
+            loss = F.cross_entropy(z.float(), inp["target"], ignore_index=-100)
+            if case == "distill":
+                with torch.no_grad():
+                    t = inp["t_hidden"] @ inp["t_weight"].T
+                loss = CE_W * loss + KD_W * _jsd_eager(z, t, (inp["target"] != -100).float())
+            loss.backward()
+            return h.grad, w.grad
+        return step
+    out["torch eager"] = eager
+
+    if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        def torch_lce(case, inp):
+            if case != "ce":
+                return None
+
+            def step():
+                h, w = _leaves(inp)
+                loss = F.linear_cross_entropy(h, w, inp["target"], ignore_index=-100,
+                                              options=torch.nn.LinearCrossEntropyOptions())
+                loss.backward()
+                return h.grad, w.grad
+            return step
+        out["torch linear_cross_entropy"] = torch_lce
+
+    try:  # optional peers
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # type: ignore
+
+        def liger(case, inp):
+            if case != "ce" or device != "cuda":
+                return None
+            fn = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+
+            def step():
+                h, w = _leaves(inp)
+                fn(w, h, inp["target"]).backward()
+                return h.grad, w.grad
+            return step
+        out["liger"] = liger
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce  # type: ignore
+
+        def cut_ce(case, inp):
+            if case != "ce" or device != "cuda":
+                return None
+
+            def step():
+                h, w = _leaves(inp)
+                cce(h, w, inp["target"], ignore_index=-100).backward()
+                return h.grad, w.grad
+            return step
+        out["cut cross-entropy"] = cut_ce
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
+def time_step(step: Callable, device: str, warmup: int, repeat: int) -> float:
+    """Median milliseconds of ``step()`` (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeat):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+        del out
+    return statistics.median(times)
+
+
+def gpu_peak_gib(step: Callable) -> float:
+    """Peak CUDA memory allocated during one step beyond what was allocated before, in GiB."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / 2 ** 30
+
+
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child_peak_gb(provider: str, case: str, n: int, h: int, v: int) -> float:
+    """In this (child) process: one warm-up step, reset VmHWM, one step; RSS growth in GB."""
+    inp = make_inputs(case, n, h, v, torch.float32, "cpu")
+    step = providers("cpu")[provider](case, inp)
+    warm = step()  # warm-up: thread pools and lazy buffers are not the op's memory
+    del warm
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    base = _rss("VmRSS")
+    out = step()
+    peak = _rss("VmHWM")
+    del out
+    return (peak - base) / 1e9
+
+
+def cpu_peak_gb(provider: str, case: str, n: int, h: int, v: int) -> float:
+    """Peak RSS growth of one step, measured in a fresh child process (see :func:`child_peak_gb`)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys, json; sys.path.insert(0, {here!r}); from bench_fused_linear import child_peak_gb; "
+            f"print(json.dumps(child_peak_gb({provider!r}, {case!r}, {n}, {h}, {v})))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ))
+    return float(json.loads(res.stdout.strip().splitlines()[-1]))
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(description="fused linear (knowledge) cross-entropy benchmark")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rows", type=int, default=None)
+    parser.add_argument("--hidden", type=int, default=None)
+    parser.add_argument("--vocab", type=int, default=None)
+    parser.add_argument("--cases", default=None, help="comma-separated subset of " + ",".join(CASES))
+    parser.add_argument("--providers", default=None, help="comma-separated subset")
+    parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    gpu = args.device == "cuda"
+    n, h, v = args.rows or (8192 if gpu else 2048), args.hidden or (4096 if gpu else 1024), args.vocab or 128256
+    dtype = torch.bfloat16 if gpu else torch.float32
+    cases = args.cases.split(",") if args.cases else (list(CASES) if gpu else ["ce"])
+    repeat = args.repeat or (10 if gpu else 2)
+    provs = providers(args.device)
+    if args.providers:
+        provs = {k: p for k, p in provs.items() if k in args.providers.split(",")}
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        def tqdm(x, **_):
+            return x
+    print(f"device={args.device} N={n} H={h} V={v} dtype={dtype} torch={torch.__version__} "
+          f"threads={torch.get_num_threads()}", flush=True)
+    rows = []
+    for case in cases:
+        inp = make_inputs(case, n, h, v, dtype, args.device)
+        for name in tqdm(list(provs), desc=case):
+            step = provs[name](case, inp)
+            if step is None:
+                continue
+            ms = time_step(step, args.device, warmup=2 if gpu else 1, repeat=repeat)
+            mem = float("nan")
+            if not args.no_memory:
+                mem = gpu_peak_gib(step) if gpu else cpu_peak_gb(name, case, n, h, v)
+            rows.append(dict(case=case, provider=name, ms=ms, mem=mem))
+            print(f"  {case} {name}: {ms:.1f} ms, {mem:.3f} {'GiB' if gpu else 'GB'}", flush=True)
+    unit = "GiB" if gpu else "GB"
+    print(f"\n| case | provider | time (ms) | peak memory beyond inputs ({unit}) | vs eager |\n|---|---|---|---|---|")
+    for case in cases:
+        eager = next((r["ms"] for r in rows if r["case"] == case and r["provider"] == "torch eager"), float("nan"))
+        for r in (r for r in rows if r["case"] == case):
+            print(f"| {case} | {r['provider']} | {r['ms']:.1f} | {r['mem']:.3f} | {r['ms'] / eager:.2f}x eager's time |")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(dict(device=args.device, n=n, h=h, v=v, dtype=str(dtype), rows=rows), fh, indent=1)
+        os.replace(tmp, args.json)
+    return 0
+
+
+# ------------------------------------------------------------------------ pytest-benchmark --
+try:
+    import pytest
+except ImportError:  # pragma: no cover - script mode without pytest
+    pytest = None
+
+if pytest is not None:
+    _DEV = "cuda" if torch.cuda.is_available() else "cpu"
+    _SHAPE = (8192, 4096, 128256) if _DEV == "cuda" else (512, 1024, 32000)
+    _DTYPE = torch.bfloat16 if _DEV == "cuda" else torch.float32
+
+    @pytest.mark.parametrize("case", CASES)
+    @pytest.mark.parametrize("provider", sorted(providers(_DEV)))
+    def test_fused_linear(benchmark, provider, case):
+        inp = make_inputs(case, *_SHAPE, _DTYPE, _DEV)
+        step = providers(_DEV)[provider](case, inp)
+        if step is None:
+            pytest.skip(f"{provider} has no {case} case on {_DEV}")
+
+        def run():
+            step()
+            if _DEV == "cuda":
+                torch.cuda.synchronize()
+        benchmark.pedantic(run, rounds=10 if _DEV == "cuda" else 3, warmup_rounds=1)
+        if _DEV == "cuda":
+            benchmark.extra_info["peak_gib"] = gpu_peak_gib(step)
+        benchmark.extra_info.update(n=_SHAPE[0], h=_SHAPE[1], v=_SHAPE[2], dtype=str(_DTYPE))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
