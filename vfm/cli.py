@@ -1,4 +1,5 @@
-"""Command line: ``vfm doctor`` (what is installed and why a backend is missing), ``vfm bench``."""
+"""Command line: ``vfm doctor`` (what is installed and why a backend is missing), ``vfm bench``,
+``vfm train CONFIG.yaml``, ``vfm eval --model DIR --data FILE --out DIR``, ``vfm demo [--quick]``."""
 
 from __future__ import annotations
 
@@ -62,7 +63,39 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="versions, native extension and available backends")
     sub.add_parser("bench", help="benchmark the knowledge cross-entropy (see vfm bench --help)", add_help=False)
+    p_train = sub.add_parser("train", help="fine-tune a model from a YAML config (vfm.train)")
+    p_train.add_argument("config", help="the YAML configuration file")
+    p_eval = sub.add_parser("eval", help="score a saved model on a labelled file (P/R/F1, confusion matrix)")
+    p_eval.add_argument("--model", required=True, help="saved model folder (e.g. a run's final/)")
+    p_eval.add_argument("--data", required=True, help="labelled .csv/.jsonl/.conll file")
+    p_eval.add_argument("--rules", default=None, help="rule file: also score rule-restricted predictions")
+    p_eval.add_argument("--out", required=True, help="folder for metrics.json, report.txt, confusion_matrix.png")
+    p_eval.add_argument("--text-field", default="text")
+    p_eval.add_argument("--label-field", default="label")
+    p_eval.add_argument("--max-length", type=int, default=128)
+    p_demo = sub.add_parser("demo", help="few-shot intent classification on built-in data (MiniLM, rules, teacher)")
+    p_demo.add_argument("--out", default="vfm-demo", help="output folder (default: ./vfm-demo)")
+    p_demo.add_argument("--quick", action="store_true", help="tiny subset, one epoch: every stage, fast (CI)")
     args, rest = parser.parse_known_args(argv)
+    if args.command in ("train", "eval", "demo") and rest:
+        parser.error(f"{args.command}: unrecognized arguments {rest}")
+    if args.command == "train":
+        from vfm.train.run import train
+
+        result = train(args.config)
+        print(f"best model: {result.final_model_dir}")
+        return 0
+    if args.command == "eval":
+        from vfm.evaluate import evaluate_model
+
+        evaluate_model(args.model, args.data, args.out, rules_path=args.rules, text_field=args.text_field,
+                       label_field=args.label_field, max_length=args.max_length)
+        return 0
+    if args.command == "demo":
+        from vfm.demo import run_demo
+
+        run_demo(args.out, quick=args.quick)
+        return 0
     if args.command == "doctor":
         if rest:
             parser.error(f"doctor takes no arguments, got {rest}")

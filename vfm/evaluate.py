@@ -256,3 +256,134 @@ def save_classification_outputs(report: ClassificationReport, out_dir: str, *, p
     _atomic_bytes(paths["report"], (str(report) + "\n").encode("utf-8"))
     plot_confusion(report.confusion, report.labels, paths["confusion"])
     return paths
+
+
+# ------------------------------------------------------------------------- vfm eval ---
+def _load_for_eval(model_dir: str, tagging: bool):
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
+
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"--model {model_dir!r} is not a directory")
+    if os.path.exists(os.path.join(model_dir, "adapter_config.json")):  # a PEFT adapter folder
+        from peft import AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification
+
+        cls = AutoPeftModelForTokenClassification if tagging else AutoPeftModelForSequenceClassification
+    else:
+        cls = AutoModelForTokenClassification if tagging else AutoModelForSequenceClassification
+    model = cls.from_pretrained(model_dir, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    config = model.config if hasattr(model, "config") else model.base_model.config
+    labels = [config.id2label[i] for i in range(config.num_labels)]
+    return model, tok, labels
+
+
+def _predict_classes(model, tok, texts, batch_size, max_length, progress):
+    import torch
+    from tqdm.auto import tqdm
+
+    out = []
+    with torch.no_grad():
+        for s in tqdm(range(0, len(texts), batch_size), desc="predict", disable=not progress, leave=False):
+            enc = tok(list(texts[s:s + batch_size]), padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")
+            out.append(model(**enc).logits.float())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+def _predict_tags(model, tok, sentences, labels, max_length, progress):
+    import torch
+    from tqdm.auto import tqdm
+
+    preds = []
+    with torch.no_grad():
+        for tokens in tqdm(sentences, desc="predict", disable=not progress, leave=False):
+            enc = tok(list(tokens), is_split_into_words=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")
+            ids = model(**enc).logits[0].argmax(-1).tolist()
+            words = enc.word_ids(0)
+            tags = ["O"] * len(tokens)  # words cut off by truncation are predicted O (counted as misses)
+            seen = set()
+            for pos, w in enumerate(words):
+                if w is not None and w not in seen:
+                    seen.add(w)
+                    tags[w] = labels[ids[pos]]
+            preds.append(tags)
+    return preds
+
+
+def evaluate_model(model_dir: str, data_path: str, out_dir: str, *, rules_path: Optional[str] = None,
+                   text_field: str = "text", label_field: str = "label", batch_size: int = 64,
+                   max_length: int = 128, progress: bool = True, quiet: bool = False) -> Dict[str, object]:
+    """``vfm eval``: score a saved model on a labelled file and write the reports.
+
+    Classification files (CSV/JSONL with a label): per-label P/R/F1, averages, accuracy, a
+    confusion-matrix PNG and ``predictions.csv``; with ``rules_path``, also the scores when each
+    prediction is restricted to the labels its text's rules allow (``rules_*`` files).  Tagging
+    files (CoNLL or JSONL tokens/tags): entity-level scores (exact span and type), predicting one
+    tag per word from its first sub-token.
+
+    Args:
+        model_dir: a saved model (``vfm train``'s ``final/``, any Transformers classifier, or a
+            PEFT adapter folder).
+        data_path: the labelled file (read with :func:`vfm.data.load_examples`).
+        out_dir: where the reports go.
+        rules_path: optional rule file (classification).
+
+    Returns:
+        The metrics dict that is also written to ``metrics.json``.
+    """
+    from vfm.data import load_examples
+
+    examples, load_report = load_examples(data_path, text_field=text_field, label_field=label_field)
+    if not quiet:
+        print(load_report)
+    tagging = any(ex.tags for ex in examples)
+    model, tok, labels = _load_for_eval(model_dir, tagging)
+    os.makedirs(out_dir, exist_ok=True)
+    if tagging:
+        gold = [ex.tags for ex in examples]
+        pred = _predict_tags(model, tok, [ex.tokens for ex in examples], labels, max_length, progress)
+        scores = entity_report(gold, pred)
+        write_json(os.path.join(out_dir, "metrics.json"), {"entity": scores, "sentences": len(examples)})
+        lines = [f"{'entity':<14} precision  recall     f1  support"]
+        lines += [f"{k:<14} {v['precision']:9.3f}  {v['recall']:6.3f}  {v['f1']:5.3f}  {v.get('support', '')}"
+                  for k, v in scores.items()]
+        _atomic_bytes(os.path.join(out_dir, "report.txt"), ("\n".join(lines) + "\n").encode("utf-8"))
+        if not quiet:
+            print("\n".join(lines))
+        return {"entity": scores}
+    index = {name: i for i, name in enumerate(labels)}
+    bad = [ex for ex in examples if ex.label not in index]
+    if bad:
+        raise ValueError(f"{data_path}: rows whose label the model does not have ({labels}): "
+                         + ", ".join(f"{ex.where} ({ex.label!r})" for ex in bad[:5]))
+    texts = [ex.text for ex in examples]
+    gold_ids = [index[ex.label] for ex in examples]
+    logits = _predict_classes(model, tok, texts, batch_size, max_length, progress)
+    pred_ids = logits.argmax(-1).tolist()
+    report = classification_report(gold_ids, pred_ids, labels)
+    result: Dict[str, object] = {"model": report.flat()}
+    save_classification_outputs(report, out_dir)
+    rows = [[ex.where, ex.text, ex.label, labels[p]] for ex, p in zip(examples, pred_ids)]
+    header = ["where", "text", "gold", "predicted"]
+    if rules_path:
+        from vfm.knowledge import load_rules
+
+        rules = load_rules(rules_path)
+        if list(rules.labels) != labels:
+            raise ValueError(f"{rules_path}: labels {rules.labels} differ from the model's {labels}")
+        allowed = rules.compile(texts).allowed
+        constrained = logits.masked_fill(~allowed, float("-inf")).argmax(-1).tolist()
+        rule_report = classification_report(gold_ids, constrained, labels)
+        save_classification_outputs(rule_report, out_dir, prefix="rules_")
+        result["model+rules"] = rule_report.flat()
+        header.append("predicted_with_rules")
+        rows = [r + [labels[c]] for r, c in zip(rows, constrained)]
+    write_csv(os.path.join(out_dir, "predictions.csv"), header, rows)
+    if not quiet:
+        print(report)
+        if rules_path:
+            print("\nwith the rules restricting each prediction to its allowed labels:")
+            print(rule_report)
+        print(f"\nwritten to {out_dir}: metrics.json, report.txt, confusion_matrix.png, predictions.csv")
+    return result

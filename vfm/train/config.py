@@ -193,6 +193,11 @@ def _check_type(value: Any, annotation: Any, where: str, name: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _check_type(value, inner[0], where, name)
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{where}: {name} must be a number, got {value!r}")
         return float(value)

@@ -245,10 +245,10 @@ def tensorboard_callback(log_dir: str):
         from transformers.integrations import TensorBoardCallback
     except Exception as exc:  # noqa: BLE001 - tensorboard not installed or broken
         return None, f"TensorBoard is not importable ({exc.__class__.__name__}: {exc}); metrics go to CSV only"
-    try:
-        return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=log_dir)), None
-    except Exception as exc:  # noqa: BLE001
-        return None, f"TensorBoard writer failed ({exc}); metrics go to CSV only"
+    del SummaryWriter
+    callback = TensorBoardCallback()
+    callback.logging_dir = log_dir  # also used when it reopens its writer (evaluate() after train())
+    return callback, None
 
 
 def last_checkpoint(output_dir: str) -> Optional[str]:
