@@ -169,3 +169,105 @@ def test_kernel_dropout_hash_matches_reference(tmp_path):
     assert got == want
     assert all(0 <= v <= MASK32 for v in got)
     assert sys.maxsize > 2**32  # 64-bit offsets
+
+
+# ------------------------------------------------------------------ Python glue of the LoRA kernels --
+class _KernelModel:
+    """A plain-torch model of the three CUDA LoRA ops' semantics (csrc/cuda/lora_cuda.h), so that the
+    Python glue of vfm/ops/lora_cuda.py (argument order, transposed views, scales, ids) is checked
+    on CPU against the reference.  It is written from the header's contract, not from the kernels."""
+
+    calls: list = []
+
+    @classmethod
+    def _drop(cls, v, seed, threshold, dscale):
+        if threshold == 0:
+            return v
+        n, c = v.shape
+        keep = dropout_hash(seed, torch.arange(n * c, dtype=torch.int64).view(n, c)) >= threshold
+        return torch.where(keep, v * dscale, torch.zeros((), dtype=v.dtype))
+
+    @classmethod
+    def _per_row(cls, mats, ids, scales, alpha, n):
+        m = mats if mats.dim() == 3 else mats[None]
+        k = ids if ids is not None else torch.zeros(n, dtype=torch.int64)
+        s = alpha * (scales[k.clamp_min(0)].double() if scales is not None else torch.ones(n, dtype=torch.float64))
+        return m[k.clamp_min(0)].double(), s, (k >= 0)
+
+    @classmethod
+    def lora_cuda_dropout(cls, src, dtype, seed, threshold, dscale):
+        cls.calls.append("dropout")
+        return cls._drop(src.to(dtype), seed, threshold, dscale).contiguous()
+
+    @classmethod
+    def lora_cuda_shrink(cls, src, mats, ids, scales, alpha, seed, threshold, dscale):
+        cls.calls.append("shrink")
+        m, s, live = cls._per_row(mats, ids, scales, alpha, src.shape[0])
+        u = cls._drop(src.to(mats.dtype), seed, threshold, dscale).double()
+        out = torch.einsum("nc,nrc->nr", u, m) * (s * live)[:, None]
+        return out.to(mats.dtype)
+
+    @classmethod
+    def lora_cuda_expand_(cls, out, coef, mats, ids, scales, alpha, seed, threshold, dscale):
+        cls.calls.append("expand")
+        m, s, live = cls._per_row(mats, ids, scales, alpha, out.shape[0])
+        low = torch.einsum("nr,nrc->nc", coef.double(), m) * (s * live)[:, None]
+        out += cls._drop(low, seed, threshold, dscale).to(out.dtype)
+
+
+@pytest.fixture
+def kernel_model(monkeypatch):
+    from vfm.ops import lora_cuda
+
+    _KernelModel.calls = []
+    monkeypatch.setattr(lora_cuda, "_kernels", lambda: _KernelModel)
+    return _KernelModel
+
+
+def _close_all(got, want):
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        if b is None:
+            assert a is None, f"output {i}"
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"output {i}: {m}")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_lora_cuda_glue_single_adapter(kernel_model, p):
+    from vfm.ops import lora_cuda
+    from vfm.ops.lora_reference import lora_backward_torch, lora_forward_torch
+
+    g = torch.Generator().manual_seed(21)
+    x, w, b = torch.randn(13, 20, generator=g), torch.randn(9, 20, generator=g), torch.randn(9, generator=g)
+    a, bb = torch.randn(4, 20, generator=g), torch.randn(9, 4, generator=g)
+    seed, gy = torch.tensor(555), torch.randn(13, 9, generator=g)
+    y, xa = lora_cuda.lora_forward_cuda(x, w, b, a, bb, 0.7, p, seed)
+    y0, xa0 = lora_forward_torch(x, w, b, a, bb, 0.7, p, seed)
+    _close_all((y, xa), (y0, xa0))
+    needs = (True, True, True, True, True)
+    _close_all(lora_cuda.lora_backward_cuda(gy, x, w, a, bb, xa, 0.7, p, seed, needs),
+               lora_backward_torch(gy, x, w, a, bb, xa0, 0.7, p, seed, needs))
+    assert ("shrink" in kernel_model.calls) == (p > 0)  # without dropout: the reference's cuBLAS path
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_lora_cuda_glue_multi_adapter(kernel_model, p):
+    from vfm.ops import lora_cuda
+    from vfm.ops.lora_reference import lora_multi_backward_torch, lora_multi_forward_torch
+
+    g = torch.Generator().manual_seed(22)
+    n, fin, fout, r, k = 17, 11, 7, 5, 3
+    x, w, b = torch.randn(n, fin, generator=g), torch.randn(fout, fin, generator=g), torch.randn(fout, generator=g)
+    a_stack, b_stack = torch.randn(k, r, fin, generator=g), torch.randn(k, fout, r, generator=g)
+    scal = torch.tensor([0.5, 2.0, 1.5])
+    ids = torch.randint(-1, k, (n,), generator=g)
+    ids[:4] = torch.tensor([-1, 0, 1, 2])
+    seed, gy = torch.tensor(77), torch.randn(n, fout, generator=g)
+    y, xa = lora_cuda.lora_multi_forward_cuda(x, w, b, a_stack, b_stack, scal, ids, p, seed)
+    y0, xa0 = lora_multi_forward_torch(x, w, b, a_stack, b_stack, scal, ids, p, seed)
+    _close_all((y, xa), (y0, xa0))
+    for needs in [(True,) * 5, (False, False, False, True, False), (True, False, False, False, True)]:
+        _close_all(lora_cuda.lora_multi_backward_cuda(gy, x, w, a_stack, b_stack, scal, ids, xa, p, seed, needs),
+                   lora_multi_backward_torch(gy, x, w, a_stack, b_stack, scal, ids, xa0, p, seed, needs))
+    assert {"shrink", "expand"} <= set(kernel_model.calls)

@@ -76,6 +76,11 @@ def check_cuda(device: torch.device) -> Optional[str]:
     return None
 
 
+def _kernels():
+    """The namespace of the extension's CUDA ops (``torch.ops.vfm_C``); tests substitute an emulation."""
+    return torch.ops.vfm_C
+
+
 def pair_supported(src: torch.dtype, adapter: torch.dtype) -> bool:
     """Whether the kernels take inputs of dtype ``src`` with adapters of dtype ``adapter``."""
     if src == adapter:
@@ -99,7 +104,7 @@ def lora_forward_cuda(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed) -
     """(y, xa) as :func:`~vfm.ops.lora_reference.lora_forward_torch`; xa = D(x) A^T by the shrink kernel."""
     if not _lora_kernel_ok(x, lora_a, dropout_p):
         return lora_forward_torch(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
-    xa = torch.ops.vfm_C.lora_cuda_shrink(x, lora_a, None, None, 1.0, *_drop_args(dropout_p, seed))
+    xa = _kernels().lora_cuda_shrink(x, lora_a, None, None, 1.0, *_drop_args(dropout_p, seed))
     y = F.linear(x, weight, bias)
     if y.dtype == lora_b.dtype:
         y.addmm_(xa, lora_b.t(), alpha=scale)
@@ -121,10 +126,10 @@ def lora_backward_cuda(grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p, 
         gx = torch.mm(grad_y, weight)
         if gx.stride(-1) != 1:
             gx = gx.contiguous()
-        torch.ops.vfm_C.lora_cuda_expand_(gx, gxa, lora_a, None, None, 1.0, *drop)  # gx += D(gxa A)
+        _kernels().lora_cuda_expand_(gx, gxa, lora_a, None, None, 1.0, *drop)  # gx += D(gxa A)
     gw = torch.mm(grad_y.t(), x) if need_w else None
     gbias = grad_y.sum(0) if need_bias else None
-    ga = torch.mm(gxa.t(), torch.ops.vfm_C.lora_cuda_dropout(x, lora_a.dtype, *drop)) if need_a else None
+    ga = torch.mm(gxa.t(), _kernels().lora_cuda_dropout(x, lora_a.dtype, *drop)) if need_a else None
     gb = torch.mm(g_low.t(), xa).mul_(scale) if need_b else None
     return gx, gw, gbias, ga, gb
 
@@ -145,12 +150,12 @@ def lora_multi_forward_cuda(x, weight, bias, a_stack, b_stack, scalings, adapter
         return lora_multi_forward_torch(x, weight, bias, a_stack, b_stack, scalings, adapter_ids, dropout_p, seed)
     ids = adapter_ids.to(torch.int64).contiguous()
     scal = scalings.to(torch.float32).contiguous()
-    xa = torch.ops.vfm_C.lora_cuda_shrink(x, a_stack, ids, None, 1.0, *_drop_args(dropout_p, seed))
+    xa = _kernels().lora_cuda_shrink(x, a_stack, ids, None, 1.0, *_drop_args(dropout_p, seed))
     y = F.linear(x, weight, bias)
     if y.stride(-1) != 1:
         y = y.contiguous()
     # y_i += s_k xa_i B_k^T: expand with M_k = B_k^T (r, out), a transposed view
-    torch.ops.vfm_C.lora_cuda_expand_(y, xa, b_stack.transpose(1, 2), ids, scal, 1.0, 0, 0, 1.0)
+    _kernels().lora_cuda_expand_(y, xa, b_stack.transpose(1, 2), ids, scal, 1.0, 0, 0, 1.0)
     return y, xa
 
 
@@ -166,19 +171,19 @@ def lora_multi_backward_cuda(grad_y, x, weight, a_stack, b_stack, scalings, adap
     scal = scalings.to(torch.float32).contiguous()
     gxa = None
     if need_x or need_a:  # gxa_i = s_k grad_y_i B_k (shrink with M_k = B_k^T)
-        gxa = torch.ops.vfm_C.lora_cuda_shrink(grad_y, b_stack.transpose(1, 2), ids, scal, 1.0, 0, 0, 1.0)
+        gxa = _kernels().lora_cuda_shrink(grad_y, b_stack.transpose(1, 2), ids, scal, 1.0, 0, 0, 1.0)
     gx = None
     if need_x:
         gx = torch.mm(grad_y, weight)
         if gx.stride(-1) != 1:
             gx = gx.contiguous()
-        torch.ops.vfm_C.lora_cuda_expand_(gx, gxa, a_stack, ids, None, 1.0, *drop)  # gx_i += D(gxa_i A_k)
+        _kernels().lora_cuda_expand_(gx, gxa, a_stack, ids, None, 1.0, *drop)  # gx_i += D(gxa_i A_k)
     gw = torch.mm(grad_y.t(), x) if need_w else None
     gbias = grad_y.sum(0) if need_bias else None
     ga = torch.zeros_like(a_stack) if need_a else None
     gb = torch.zeros_like(b_stack) if need_b else None
     if need_a or need_b:
-        u = torch.ops.vfm_C.lora_cuda_dropout(x, adt, *drop) if need_a else None
+        u = _kernels().lora_cuda_dropout(x, adt, *drop) if need_a else None
         g_low = grad_y.to(adt) if need_b else None
         for k, rows in _segments(ids, a_stack.shape[0]):
             if need_a:
