@@ -14,8 +14,8 @@ backward call:
 * device -> host synchronisations detectable at the ATen level (``_local_scalar_dense`` behind
   ``.item()`` / ``bool(t)`` / ``int(t)``, ``nonzero``, ``unique``, ...).
 
-Times (median of repeats, microseconds) are Python wall time with every Triton kernel replaced by a
-no-op, so they measure the host work only (argument checks, small tensor ops on tiny CPU tensors,
+Times (best of the repeats, microseconds) are Python wall time with every Triton kernel replaced by a
+no-op (the prologue's stub writes its error word = 0), so they measure the host work only (argument checks, small tensor ops on tiny CPU tensors,
 Triton's launcher Python is *not* included): ``prep`` is the argument normalisation alone,
 ``fwd+bwd`` the whole call.  Timing a real kernel under the interpreter would be meaningless.
 
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import threading
 import time
@@ -107,6 +106,8 @@ class KernelHook:
                 hook.count += 1
                 hook.names.append(getattr(self_k, "__name__", "?"))
                 if hook.stub:
+                    if hook.names[-1] == "_kce_prologue_kernel":
+                        args[9].zero_()  # its error word: 'no range error' (the only output read on host)
                     return None
                 _inside_kernel.on = True
                 try:
@@ -148,7 +149,8 @@ def _step(case: str, n_rows: int, vocab: int):
     return step, prep
 
 
-def _median_us(fn, repeat: int) -> float:
+def _best_us(fn, repeat: int) -> float:
+    """Best of ``repeat`` runs (microseconds): the machine is shared, the minimum is the host cost."""
     for _ in range(5):
         fn()
     times = []
@@ -156,7 +158,7 @@ def _median_us(fn, repeat: int) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    return min(times) * 1e6
 
 
 def measure(case: str, n_rows: int, vocab: int, repeat: int) -> dict:
@@ -171,8 +173,8 @@ def measure(case: str, n_rows: int, vocab: int, repeat: int) -> dict:
                 step()
             launches, kernel_names = hook.count, list(hook.names)
             hook.stub = True
-            t_step = _median_us(step, repeat)
-            t_prep = _median_us(prep, repeat)
+            t_step = _best_us(step, repeat)
+            t_prep = _best_us(prep, repeat)
     return dict(case=case, aten=cnt.launch, meta=cnt.meta, sync=cnt.sync, triton=launches,
                 total=cnt.launch + launches, prep_us=t_prep, step_us=t_step, ops=cnt.names,
                 kernels=kernel_names)

@@ -122,7 +122,12 @@ def _normalise_teacher_topk(teacher_topk, lead_shape, n_rows: int, vocab: int, d
     return idx.contiguous(), lp.contiguous()
 
 
-def _normalise_allowed(allowed, lead_shape, n_rows: int, vocab: int, device) -> Tuple[Tensor, Tensor]:
+def _normalise_allowed(allowed, lead_shape, n_rows: int, vocab: int, device, on_device: bool = False):
+    """Packed allowed words (G, W) int32 and group ids (N,) int32 (-1 = unconstrained).
+
+    With ``on_device`` (the CUDA path) the group ids' range check and mapping are left to the
+    prologue kernel: returns (bits, raw group ids (N,) or None for a dense mask, unconstrained (G,)).
+    """
     if isinstance(allowed, Tensor):
         if allowed.dtype != torch.bool:
             raise TypeError(f"allowed must be a bool tensor (or a (group_masks, group_ids) pair), got {allowed.dtype}")
@@ -130,6 +135,9 @@ def _normalise_allowed(allowed, lead_shape, n_rows: int, vocab: int, device) -> 
             raise ValueError(f"allowed has shape {_shape(allowed)}; expected logits' shape {tuple(lead_shape) + (vocab,)}")
         _same_device("allowed", allowed, device)
         masks = allowed.reshape(n_rows, vocab)
+        if on_device:
+            bits, unconstrained = _packed_groups(masks, dense=True)
+            return bits, None, unconstrained
         gid = torch.arange(n_rows, device=device, dtype=torch.int64)
     elif isinstance(allowed, (tuple, list)) and len(allowed) == 2:
         masks, gid = allowed
@@ -143,6 +151,9 @@ def _normalise_allowed(allowed, lead_shape, n_rows: int, vocab: int, device) -> 
             raise ValueError(f"allowed group_ids shape {_shape(gid)} differs from target shape {tuple(lead_shape)}")
         _same_device("allowed group_masks", masks, device)
         _same_device("allowed group_ids", gid, device)
+        if on_device:
+            bits, unconstrained = _packed_groups(masks, dense=False)
+            return bits, gid.reshape(n_rows).contiguous(), unconstrained
         gid = gid.reshape(n_rows).long()
         if not _compiling() and gid.numel():
             bad = (gid < -1) | (gid >= masks.shape[0])
@@ -266,30 +277,45 @@ class _Prepared(NamedTuple):
     return_parts: bool
 
 
-def _prepare(a: dict) -> "_Prepared":
-    (target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, ce_weight,
-     teacher_logits, teacher_topk, temperature, kd_weight, kd, jsd_beta, allowed, penalty_weight,
-     penalty, rule_strength, soft_mask, num_items_in_batch, inplace_backward, return_parts) = (
-        a["target"], a["weight"], a["ignore_index"], a["reduction"], a["label_smoothing"],
-        a["z_loss"], a["softcap"], a["ce_weight"], a["teacher_logits"], a["teacher_topk"],
-        a["temperature"], a["kd_weight"], a["kd"], a["jsd_beta"], a["allowed"], a["penalty_weight"],
-        a["penalty"], a["rule_strength"], a["soft_mask"], a["num_items_in_batch"],
-        a["inplace_backward"], a["return_parts"])
-    logits = _require_tensor("logits", a["logits"], floating=True)
-    if logits.dim() < 1 or logits.shape[-1] == 0:
-        raise ValueError(f"logits must have shape (*, V) with V >= 1, got {_shape(logits)}")
-    target = _require_tensor("target", target, floating=False)
-    vocab = int(logits.shape[-1])
-    lead_shape = tuple(logits.shape[:-1])
-    if tuple(target.shape) != lead_shape:
-        raise ValueError(f"target shape {_shape(target)} does not match logits shape {_shape(logits)} without its last dim")
-    device = logits.device
-    _same_device("target", target, device)
+class _Options(NamedTuple):
+    """The validated scalar options of a call (cached: they repeat from step to step)."""
+
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+    softcap: float
+    ce_weight: float
+    temperature: float
+    kd_weight: float
+    penalty_weight: float
+    jsd_beta: float
+    strength: float
+    kd_mode: int
+    pen_mode: int
+
+
+_OPTION_KEYS = ("reduction", "ignore_index", "label_smoothing", "z_loss", "softcap", "ce_weight", "temperature",
+                "kd_weight", "kd", "jsd_beta", "penalty_weight", "penalty", "rule_strength", "inplace_backward",
+                "return_parts")
+_PLAIN = (int, float, str, bool, type(None))
+_OPTIONS: dict = {}
+
+
+def _options(a: dict) -> _Options:
+    """Validate the scalar options (cached by value and type: the same call repeats every step)."""
+    values = tuple(a[k] for k in _OPTION_KEYS) + (a["num_items_in_batch"] is None,)
+    key = None
+    if all(type(v) in _PLAIN for v in values):
+        key = tuple(zip(map(type, values), values))
+        hit = _OPTIONS.get(key)
+        if hit is not None:
+            return hit
+    (reduction, ignore_index, label_smoothing, z_loss, softcap, ce_weight, temperature, kd_weight, kd, jsd_beta,
+     penalty_weight, penalty, rule_strength, inplace_backward, return_parts, no_items) = values
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    ignore_index = int(ignore_index)
     label_smoothing = _require_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
     z_loss = _require_number("z_loss", z_loss, low=0.0)
     softcap_value = 0.0 if softcap is None else _require_number("softcap", softcap, low=0.0, low_open=True)
@@ -305,11 +331,35 @@ def _prepare(a: dict) -> "_Prepared":
     if penalty not in PEN_MODES:
         raise ValueError(f"penalty must be one of {tuple(PEN_MODES)}, got {penalty!r}")
     strength = math.inf if rule_strength is None else _require_number("rule_strength", rule_strength, low=0.0)
-    if num_items_in_batch is not None and reduction != "mean":
+    if not no_items and reduction != "mean":
         raise ValueError(f"num_items_in_batch needs reduction='mean', got reduction={reduction!r}")
     for name, flag in (("inplace_backward", inplace_backward), ("return_parts", return_parts)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    out = _Options(int(ignore_index), label_smoothing, z_loss, softcap_value, ce_weight, temperature, kd_weight,
+                   penalty_weight, jsd_beta, strength, KD_MODES[kd] if kd_weight != 0.0 else KD_NONE,
+                   PEN_MODES[penalty] if penalty_weight != 0.0 else PEN_NONE)
+    if key is not None:
+        if len(_OPTIONS) >= 64:
+            _OPTIONS.clear()
+        _OPTIONS[key] = out
+    return out
+
+
+def _prepare(a: dict) -> "_Prepared":
+    logits = _require_tensor("logits", a["logits"], floating=True)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have shape (*, V) with V >= 1, got {_shape(logits)}")
+    target = _require_tensor("target", a["target"], floating=False)
+    vocab = int(logits.shape[-1])
+    lead_shape = tuple(logits.shape[:-1])
+    if tuple(target.shape) != lead_shape:
+        raise ValueError(f"target shape {_shape(target)} does not match logits shape {_shape(logits)} without its last dim")
+    device = logits.device
+    _same_device("target", target, device)
+    o = _options(a)
+    reduction, kd, num_items_in_batch = a["reduction"], a["kd"], a["num_items_in_batch"]
+    ignore_index, kd_weight, penalty_weight = o.ignore_index, o.kd_weight, o.penalty_weight
 
     acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z2d = logits.reshape(-1, vocab)
@@ -317,17 +367,21 @@ def _prepare(a: dict) -> "_Prepared":
         z2d = z2d.contiguous()
     n_rows = z2d.shape[0]
     tgt = target.reshape(n_rows).long()
-    valid = tgt != ignore_index
-    _check_target_range(tgt, valid, vocab, ignore_index)
+    # CUDA tensors: per-row scales, range checks and group ids in one prologue kernel (no sync).
+    on_device = acc_dtype == torch.float32 and _ops.use_device_path(z2d)
+    if not on_device:
+        valid = tgt != ignore_index
+        _check_target_range(tgt, valid, vocab, ignore_index)
 
-    w = None
-    if weight is not None:
-        w = _require_tensor("weight", weight, floating=True)
+    w = a["weight"]
+    if w is not None:
+        w = _require_tensor("weight", w, floating=True)
         if tuple(w.shape) != (vocab,):
             raise ValueError(f"weight must have shape ({vocab},) (one per class), got {_shape(w)}")
         _same_device("weight", w, device)
         w = w.to(acc_dtype).contiguous()
 
+    teacher_logits, teacher_topk = a["teacher_logits"], a["teacher_topk"]
     if teacher_logits is not None and teacher_topk is not None:
         raise ValueError("give either teacher_logits or teacher_topk, not both")
     teacher = topk_idx = topk_lp = None
@@ -350,12 +404,17 @@ def _prepare(a: dict) -> "_Prepared":
     if kd_weight != 0.0 and teacher is None and topk_idx is None:
         raise ValueError(f"kd_weight={kd_weight} needs a teacher: pass teacher_logits or teacher_topk")
 
-    if penalty_weight != 0.0 and allowed is None:
+    allowed = a["allowed"]
+    if o.pen_mode != PEN_NONE and allowed is None:
         raise ValueError(f"penalty_weight={penalty_weight} needs allowed (the allowed-label masks)")
-    allowed_bits = group_ids = None
+    allowed_bits = group_ids = raw_gid = unconstrained = None
     if allowed is not None:
-        allowed_bits, group_ids = _normalise_allowed(allowed, lead_shape, n_rows, vocab, device)
+        if on_device:
+            allowed_bits, raw_gid, unconstrained = _normalise_allowed(allowed, lead_shape, n_rows, vocab, device, True)
+        else:
+            allowed_bits, group_ids = _normalise_allowed(allowed, lead_shape, n_rows, vocab, device)
 
+    soft_mask = a["soft_mask"]
     if soft_mask is not None:
         _require_tensor("soft_mask", soft_mask)
         if soft_mask.dtype != torch.bool:
@@ -363,17 +422,46 @@ def _prepare(a: dict) -> "_Prepared":
         if tuple(soft_mask.shape) != lead_shape:
             raise ValueError(f"soft_mask shape {_shape(soft_mask)} differs from target shape {lead_shape}")
         _same_device("soft_mask", soft_mask, device)
-        masks = torch.stack([valid, soft_mask.reshape(n_rows)]).to(acc_dtype)
+        soft_mask = soft_mask.reshape(n_rows)
+    items = None
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, Tensor):
+            items = num_items_in_batch.to(device=device)
+        else:
+            items = _require_number("num_items_in_batch", num_items_in_batch, low=0.0, low_open=True)
+    coefs = (o.ce_weight, kd_weight, penalty_weight, o.z_loss)
+    if on_device:
+        scales, group_ids = _device_prologue(tgt, soft_mask, w, raw_gid, unconstrained, items, allowed, vocab,
+                                             ignore_index, reduction == "mean", coefs)
+    else:
+        scales = _scales(tgt, valid, soft_mask, w, items, reduction == "mean", coefs, acc_dtype)
+
+    kd_mode, pen_mode = o.kd_mode, o.pen_mode
+    if pen_mode != PEN_POSTERIOR and kd_mode == KD_NONE:
+        teacher = None  # unused: do not make the kernels read it
+    if kd_mode == KD_NONE:
+        topk_idx = topk_lp = None
+    compute_grad = z2d.requires_grad and torch.is_grad_enabled()
+    args = (z2d, tgt, w, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales, ignore_index,
+            o.label_smoothing, o.softcap, o.temperature, kd_mode, o.jsd_beta, pen_mode, o.strength,
+            o.ce_weight != 0.0, o.z_loss != 0.0)
+    return _Prepared(args, compute_grad, reduction != "none", a["inplace_backward"] and compute_grad, lead_shape,
+                     a["return_parts"])
+
+
+def _scales(tgt, valid, soft_mask, w, items, mean: bool, coefs, acc_dtype) -> Tensor:
+    """Per-row scales (4, N) with torch ops (CPU, fp64, tracing); see :func:`_device_prologue`."""
+    n_rows = tgt.shape[0]
+    if soft_mask is not None:
+        masks = torch.stack([valid, soft_mask]).to(acc_dtype)
     else:
         masks = valid.to(acc_dtype).expand(2, n_rows)
-    # Per-row scales, in as few small kernels as possible (each is a launch on a GPU).
-    if reduction == "mean":
-        if num_items_in_batch is not None:
-            if isinstance(num_items_in_batch, Tensor):
-                items = num_items_in_batch.to(device=device, dtype=acc_dtype).reshape(())
+    if mean:
+        if items is not None:
+            if isinstance(items, Tensor):
+                items = items.to(dtype=acc_dtype).reshape(())
             else:
-                items = torch.tensor(_require_number("num_items_in_batch", num_items_in_batch, low=0.0, low_open=True),
-                                     dtype=acc_dtype, device=device)
+                items = torch.tensor(items, dtype=acc_dtype, device=tgt.device)
             denom = items.expand(2)
         elif w is not None:
             w_y = w[torch.where(valid, tgt, torch.zeros_like(tgt))]
@@ -383,20 +471,38 @@ def _prepare(a: dict) -> "_Prepared":
         base = masks * torch.where(denom > 0, denom.reciprocal(), 0.0)[:, None]
     else:
         base = masks
-    scales = torch.stack([base[0] * ce_weight, base[1] * kd_weight, base[1] * penalty_weight, base[1] * z_loss])
+    ce_weight, kd_weight, penalty_weight, z_loss = coefs
+    return torch.stack([base[0] * ce_weight, base[1] * kd_weight, base[1] * penalty_weight, base[1] * z_loss])
 
-    kd_mode = KD_MODES[kd] if kd_weight != 0.0 else KD_NONE
-    pen_mode = PEN_MODES[penalty] if penalty_weight != 0.0 else PEN_NONE
-    if pen_mode != PEN_POSTERIOR and kd_mode == KD_NONE:
-        teacher = None  # unused: do not make the kernels read it
-    if kd_mode == KD_NONE:
-        topk_idx = topk_lp = None
-    compute_grad = z2d.requires_grad and torch.is_grad_enabled()
-    args = (z2d, tgt, w, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales, ignore_index,
-            label_smoothing, softcap_value, temperature, kd_mode, jsd_beta, pen_mode, strength,
-            ce_weight != 0.0, z_loss != 0.0)
-    return _Prepared(args, compute_grad, reduction != "none", inplace_backward and compute_grad, lead_shape,
-                     return_parts)
+
+def _device_prologue(tgt, soft_mask, w, raw_gid, unconstrained, items, allowed, vocab: int, ignore_index: int,
+                     mean: bool, coefs):
+    """Scales, range checks and group ids in one Triton launch (the CUDA path).
+
+    A failed range check is a device-side assertion on CUDA; on CPU (the interpreter, used to test
+    this path) the error word is read back and the usual ValueError raised.
+    """
+    from vfm.kernels.kce_prologue import ERR_GROUP, ERR_TARGET, kce_prologue
+
+    if isinstance(items, Tensor):
+        items = items.reshape(())
+    scales, gids, err = kce_prologue(
+        tgt.contiguous(), soft_mask.contiguous() if soft_mask is not None else None, w, raw_gid, unconstrained,
+        items, vocab=vocab, ignore_index=ignore_index, mean=mean, coefs=coefs,
+        dense_groups=isinstance(allowed, Tensor))
+    if tgt.device.type == "cpu":
+        code = int(err)
+        if code & ERR_TARGET:
+            valid = tgt != ignore_index
+            _check_target_range(tgt, valid, vocab, ignore_index)
+        if code & ERR_GROUP:
+            bad = (raw_gid < -1) | (raw_gid >= unconstrained.shape[0])
+            raise ValueError(f"allowed group_ids must lie in [-1, {unconstrained.shape[0]}); "
+                             f"got {raw_gid[bad].unique()[:8].tolist()}")
+    return scales, gids
+
+
+_SIGNATURE = inspect.signature(knowledge_cross_entropy)
 
 
 def prepare_arguments(logits: Tensor, target: Tensor, **options) -> "_Prepared":
@@ -405,7 +511,7 @@ def prepare_arguments(logits: Tensor, target: Tensor, **options) -> "_Prepared":
     Returns the positional arguments of ``torch.ops.vfm.knowledge_cross_entropy`` (without the
     trailing ``compute_grad, reduce`` flags) and the call's flags; used by tests and benchmarks.
     """
-    bound = inspect.signature(knowledge_cross_entropy).bind(logits, target, **options)
+    bound = _SIGNATURE.bind(logits, target, **options)
     bound.apply_defaults()
     return _prepare(bound.arguments)
 

@@ -14,6 +14,7 @@ that gradient is exactly one, which is what ``loss.backward()`` sends.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Optional, Tuple
@@ -45,6 +46,30 @@ def _check_cpp(device: torch.device) -> Optional[str]:
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_device_path(t: Tensor) -> bool:
+    """Whether a call on ``t``'s device normalises its arguments and scales its gradient on device.
+
+    The device path runs the per-row scales, range checks and group-id mapping in one Triton
+    prologue kernel and scales a reduced loss's gradient with a kernel that reads the upstream
+    gradient from device memory (no host synchronisation; see :mod:`vfm.kernels.kce_prologue`).
+    Auto: CUDA tensors when triton is installed, in eager mode.  ``VFM_KCE_DEVICE_PATH=0`` turns it
+    off; ``VFM_KCE_DEVICE_PATH=1`` also sends CPU tensors through it under ``TRITON_INTERPRET=1``
+    (tests and the host-overhead benchmark).  The numbers are the same either way.
+    """
+    flag = os.environ.get("VFM_KCE_DEVICE_PATH", "")
+    if flag == "0" or not _is_eager_tensor(t):
+        return False
+    kind = t.device.type
+    if kind == "cuda":
+        return _triton_importable()
+    return kind == "cpu" and flag == "1" and _interpret() and _triton_importable()
 
 
 def triton_missing_reason(device: torch.device) -> Optional[str]:
@@ -95,6 +120,7 @@ def _run(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group
     return impl(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales, grad, cfg)
 
 
+@functools.lru_cache(maxsize=256)
 def _config(ignore_index, label_smoothing, softcap, temperature, kd_mode, jsd_beta, pen_mode, rule_strength,
             use_ce, use_z) -> KCEConfig:
     return KCEConfig(
@@ -215,13 +241,27 @@ def _is_eager_tensor(t: Tensor) -> bool:
     return key is None or torch._C._get_dispatch_mode(key) is None
 
 
-def _scale_grad(grad: Tensor, g_loss: Tensor, reduce: bool, inplace: bool) -> Tensor:
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _scale_grad(grad: Tensor, g_loss: Tensor, reduce: bool, inplace: bool, owned: bool = False) -> Tensor:
+    """The gradient for upstream gradient ``g_loss``: ``grad`` scaled (in place when ``inplace``).
+
+    ``owned``: ``grad`` is a buffer the caller hands to autograd (or the logits' storage of the
+    in-place mode), so on the device path a reduced loss's gradient is scaled in place by a kernel
+    that reads ``g_loss`` on device and does nothing when it is 1: no host synchronisation.
+    """
     if torch.is_grad_enabled() or g_loss.requires_grad:
         raise RuntimeError(
             "knowledge_cross_entropy does not support double backward (create_graph=True): its gradient "
             "is computed by a fused kernel, not by differentiable operations"
         )
     if reduce:
+        if (owned and grad.dtype in _KERNEL_DTYPES and g_loss.numel() == 1 and g_loss.device == grad.device
+                and grad.dim() == 2 and grad.stride(-1) == 1 and use_device_path(grad) and _is_eager_tensor(g_loss)):
+            from vfm.kernels.kce_prologue import kce_scale_grad_
+
+            return kce_scale_grad_(grad, g_loss)
         if _is_eager_tensor(g_loss) and bool(g_loss == 1):
             return grad  # loss.backward(): the kernel's gradient is already the answer, no pass needed
         factor = g_loss.to(grad.dtype)
@@ -274,7 +314,7 @@ class InplaceKnowledgeCrossEntropy(torch.autograd.Function):
         nones = (None,) * 19
         if g_loss is None:
             return (None,) + nones
-        return (_scale_grad(grad, g_loss, ctx.reduce, inplace=True),) + nones
+        return (_scale_grad(grad, g_loss, ctx.reduce, inplace=True, owned=True),) + nones
 
 
 class EagerKnowledgeCrossEntropy(torch.autograd.Function):
@@ -305,10 +345,10 @@ class EagerKnowledgeCrossEntropy(torch.autograd.Function):
         if ctx.grad is None:
             raise RuntimeError(
                 "knowledge_cross_entropy: backward ran twice through the same graph (retain_graph=True) after a "
-                "first backward with upstream gradient 1, which hands the fused gradient buffer to autograd. "
-                "Recompute the loss instead."
+                "first backward that handed the fused gradient buffer to autograd (upstream gradient 1, or on "
+                "CUDA any upstream gradient of a reduced loss, which is scaled in place). Recompute the loss instead."
             )
-        out = _scale_grad(ctx.grad, g_loss, ctx.reduce, inplace=False)
+        out = _scale_grad(ctx.grad, g_loss, ctx.reduce, inplace=False, owned=True)
         if out is ctx.grad:
             # Handing the buffer itself over: drop ctx's reference so autograd adopts it as .grad
             # instead of copying it.
