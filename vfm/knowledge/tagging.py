@@ -25,6 +25,7 @@ from torch import Tensor
 from vfm.knowledge.report import RuleReport, RuleStats, _MAX_LISTED
 
 logger = logging.getLogger("vfm.knowledge")
+_PROGRESS_MIN_TOKENS = 200_000
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ebef]")
 
 
@@ -76,12 +77,14 @@ class TokenMasks(list):
 
 
 def _gazetteer_index(ruleset):
+    """Lookup tables of the gazetteers: exact keys, plus prefilters that let most tokens skip."""
     cached = getattr(ruleset, "_gazetteer_index_cache", None)
     if cached is not None:
         return cached
     spaced: Dict[Tuple[bool, str], set] = {}
     joined: Dict[Tuple[bool, str], set] = {}
-    longest = 0
+    first_words: Dict[str, int] = {}  # case-folded first word -> most words of an entry starting with it
+    cjk_prefixes: set = set()  # case-folded prefixes of the CJK entries (matched across token boundaries)
     for g, gaz in enumerate(ruleset.gazetteers):
         for entry in gaz.entries:
             words = entry.split()
@@ -89,12 +92,14 @@ def _gazetteer_index(ruleset):
             if not gaz.case_sensitive:
                 key = key.casefold()
             spaced.setdefault((gaz.case_sensitive, key), set()).add(g)
-            longest = max(longest, len(words))
+            first = words[0].casefold()
+            first_words[first] = max(first_words.get(first, 0), len(words))
             if _CJK.search(entry):
                 flat = key.replace(" ", "")
                 joined.setdefault((gaz.case_sensitive, flat), set()).add(g)
-                longest = max(longest, len(flat))
-    cached = (spaced, joined, longest)
+                folded = flat.casefold()
+                cjk_prefixes.update(folded[:k] for k in range(1, len(folded) + 1))
+    cached = (spaced, joined, first_words, cjk_prefixes)
     ruleset._gazetteer_index_cache = cached
     return cached
 
@@ -112,11 +117,22 @@ def _span_gazetteers(span: Sequence[str], spaced, joined) -> set:
 
 def gazetteer_matches(ruleset, tokens: Sequence[str]) -> List[Tuple[int, int, List[int]]]:
     """Leftmost-longest gazetteer matches on one sentence: ``(start, end, [gazetteer indices])``."""
-    spaced, joined, longest = _gazetteer_index(ruleset)
+    spaced, joined, first_words, cjk_prefixes = _gazetteer_index(ruleset)
     out = []
     i, n = 0, len(tokens)
-    while i < n and longest:
-        for j in range(min(n, i + longest), i, -1):
+    while i < n:
+        tok = tokens[i].casefold()
+        limit = min(n, i + first_words.get(tok, 0))  # longest span worth trying from token i
+        if tok in cjk_prefixes:
+            flat, j = tok, i + 1
+            limit = max(limit, j)
+            while j < n:
+                flat += tokens[j].casefold()
+                if flat not in cjk_prefixes:
+                    break
+                j += 1
+                limit = max(limit, j)
+        for j in range(limit, i, -1):
             hit = _span_gazetteers(tokens[i:j], spaced, joined)
             if hit:
                 out.append((i, j, sorted(hit)))
@@ -157,48 +173,66 @@ def compile_tokens(ruleset, tokens: Sequence[Sequence[str]]) -> TokenMasks:
     sentences = _check_tokens(tokens)
     num_labels = ruleset.num_labels
     lid = ruleset.label_to_id
-    rule_ok = [sorted(r.allowed_ids(num_labels)) for r in ruleset.token_rules]
+    full = (1 << num_labels) - 1  # allowed sets as Python int bitsets: cheap to intersect per token
+    rule_bits = [_bits(r.allowed_ids(num_labels)) for r in ruleset.token_rules]
     fired: Dict[str, list] = {r.name: [] for r in ruleset.token_rules}
     fired.update({g.name: [] for g in ruleset.gazetteers})
     contradictions, matches, masks = [], [], []
-    for s, sent in enumerate(sentences):
-        mask = torch.ones(len(sent), num_labels, dtype=torch.bool)
+    token_hits: Dict[str, List[int]] = {}
+    iterator = enumerate(sentences)
+    if sum(len(x) for x in sentences) >= _PROGRESS_MIN_TOKENS:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, total=len(sentences), desc="matching token rules", unit="sentence")
+    for s, sent in iterator:
+        constraint = [full] * len(sent)
         acted: Dict[int, List[str]] = {}
-        constraint = torch.ones(len(sent), num_labels, dtype=torch.bool)
-        touched = torch.zeros(len(sent), dtype=torch.bool)
         for start, end, gaz_ids in gazetteer_matches(ruleset, sent):
             ents = sorted({ruleset.gazetteers[g].entity for g in gaz_ids})
-            soft = any(ruleset.gazetteers[g].allow_outside for g in gaz_ids)
+            soft = (1 << lid["O"]) if any(ruleset.gazetteers[g].allow_outside for g in gaz_ids) else 0
+            begin = _bits(lid["B-" + e] for e in ents) | soft
+            inside = _bits(lid["I-" + e] for e in ents) | soft
             matches.append((s, start, end, ents))
             for t in range(start, end):
-                row = torch.zeros(num_labels, dtype=torch.bool)
-                row[[lid[("B-" if t == start else "I-") + e] for e in ents]] = True
-                if soft:
-                    row[lid["O"]] = True
-                constraint[t] &= row
-                touched[t] = True
+                constraint[t] &= begin if t == start else inside
                 for g in gaz_ids:
                     fired[ruleset.gazetteers[g].name].append((s, t))
                     acted.setdefault(t, []).append(ruleset.gazetteers[g].name)
-        for r, rule in enumerate(ruleset.token_rules):
-            for t, tok in enumerate(sent):
-                if rule.fires(tok):
-                    row = torch.zeros(num_labels, dtype=torch.bool)
-                    row[rule_ok[r]] = True
-                    constraint[t] &= row
-                    touched[t] = True
-                    fired[rule.name].append((s, t))
-                    acted.setdefault(t, []).append(rule.name)
-        for t in touched.nonzero().flatten().tolist():
-            if constraint[t].any():
-                mask[t] = constraint[t]
-            else:
+        for t, tok in enumerate(sent):
+            hits = token_hits.get(tok)
+            if hits is None:  # tokens repeat: evaluate the rules once per distinct token
+                hits = token_hits[tok] = [r for r, rule in enumerate(ruleset.token_rules) if rule.fires(tok)]
+            for r in hits:
+                constraint[t] &= rule_bits[r]
+                fired[ruleset.token_rules[r].name].append((s, t))
+                acted.setdefault(t, []).append(ruleset.token_rules[r].name)
+        for t in sorted(acted):
+            if constraint[t] == 0:
                 contradictions.append((s, t, acted[t]))
-        masks.append(mask)
+                constraint[t] = full
+        masks.append(_unpack(constraint, num_labels))
+    for name in fired:
+        fired[name].sort()
     if contradictions:
         logger.warning("%d token(s) whose rules/gazetteers allow no tag together were left unconstrained; "
                        "first: sentence %d token %d (%s)", len(contradictions), *contradictions[0])
     return TokenMasks(masks, fired, contradictions, matches)
+
+
+def _bits(ids) -> int:
+    out = 0
+    for i in ids:
+        out |= 1 << i
+    return out
+
+
+def _unpack(rows: List[int], num_labels: int) -> Tensor:
+    """Int bitsets -> bool ``(len(rows), num_labels)``."""
+    if num_labels <= 62:
+        packed = torch.tensor(rows, dtype=torch.int64).reshape(-1, 1)
+        return ((packed >> torch.arange(num_labels, dtype=torch.int64)) & 1).bool()
+    return torch.tensor([[(r >> k) & 1 == 1 for k in range(num_labels)] for r in rows],
+                        dtype=torch.bool).reshape(len(rows), num_labels)
 
 
 def _tag_parts(ruleset):
@@ -320,6 +354,7 @@ def token_report(ruleset, tokens, gold=None) -> RuleReport:
                     ids.append(None if tag is None or int(tag) == -100 else int(tag))
             gold_tags.append(ids)
     num_labels = ruleset.num_labels
+    starts = {(s, a) for (s, a, _, _) in masks.matches}
     stats = []
     for kind, items in (("token", ruleset.token_rules), ("gazetteer", ruleset.gazetteers)):
         for item in items:
@@ -336,7 +371,7 @@ def token_report(ruleset, tokens, gold=None) -> RuleReport:
                     st.gold_seen += 1
                     if kind == "gazetteer":  # the tag this match demands on this token
                         tag = ruleset.labels[g]
-                        start = any(a == t for (ss, a, b, _) in masks.matches if ss == s and a <= t < b)
+                        start = (s, t) in starts
                         want = ("B-" if start else "I-") + item.entity
                         good = tag == want or (item.allow_outside and tag == "O")
                     else:
@@ -346,12 +381,16 @@ def token_report(ruleset, tokens, gold=None) -> RuleReport:
                         if len(st.conflict_rows) < _MAX_LISTED:
                             st.conflict_rows.append((s, t))
             stats.append(st)
-    constrained = [(s, t) for s, m in enumerate(masks) for t in range(m.shape[0]) if not bool(m[t].all())]
-    mean_allowed = (sum(int(masks[s][t].sum()) for s, t in constrained) / len(constrained)) if constrained else 0.0
+    flat = masks.flat() if total else torch.ones(0, num_labels, dtype=torch.bool)
+    constrained = ~flat.all(dim=1)
+    n_con = int(constrained.sum())
+    mean_allowed = float(flat[constrained].sum(dim=1).float().mean()) if n_con else 0.0
     gold_conflicts = None
     if gold_tags is not None:
-        gold_conflicts = sum(1 for s, t in constrained
-                             if gold_tags[s][t] is not None and not bool(masks[s][t, gold_tags[s][t]]))
-    return RuleReport(source=ruleset.source, total=total, constrained=len(constrained),
+        gold_flat = torch.tensor([-1 if g is None else g for tags in gold_tags for g in tags], dtype=torch.long)
+        has_gold = gold_flat >= 0
+        allowed_gold = flat.gather(1, gold_flat.clamp_min(0)[:, None])[:, 0] if total else has_gold
+        gold_conflicts = int((constrained & has_gold & ~allowed_gold).sum())
+    return RuleReport(source=ruleset.source, total=total, constrained=n_con,
                       contradictions=len(masks.contradictions), exclusive_conflicts=0, gold_conflicts=gold_conflicts,
                       mean_allowed=mean_allowed, rules=stats, unit="tokens")
