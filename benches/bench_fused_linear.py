@@ -261,7 +261,8 @@ def main(argv: Optional[list] = None) -> int:
     for case in cases:
         eager = next((r["ms"] for r in rows if r["case"] == case and r["provider"] == "torch eager"), float("nan"))
         for r in (r for r in rows if r["case"] == case):
-            print(f"| {case} | {r['provider']} | {r['ms']:.1f} | {r['mem']:.3f} | {r['ms'] / eager:.2f}x eager's time |")
+            print(f"| {case} | {r['provider']} | {r['ms']:.1f} | {r['mem']:.3f} | "
+                  f"{r['ms'] / eager:.2f}x eager's time |")
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as fh:

@@ -79,7 +79,8 @@ def check(backend, hidden, weight, bias, target, opts, upstream=None, teacher_he
         if leaf is None:
             continue
         scale = r.abs().max().item() or 1.0
-        torch.testing.assert_close(leaf.grad.double(), r, rtol=0, atol=tol * scale + 1e-12, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(leaf.grad.double(), r, rtol=0, atol=tol * scale + 1e-12,
+                                   msg=lambda m, name=name: f"{name}: {m}")
     return loss, leaves
 
 
@@ -269,3 +270,23 @@ def test_gpu_bf16_matches_reference(case):
     for leaf, r in zip(leaves, ref[1:]):
         scale = r.abs().max().item()
         torch.testing.assert_close(leaf.grad.double(), r, rtol=0, atol=2e-2 * scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("accum", [torch.float32, None])
+def test_gpu_bf16_teacher_head_jsd(accum):
+    """Distillation through the output layer in bf16 on CUDA, both weight-gradient accumulations."""
+    hidden, weight, bias, target, _ = make_case({}, n_rows=300, hidden_size=256, vocab=4099, seed=7, bias=False)
+    g = torch.Generator().manual_seed(13)
+    t_h, t_w = torch.randn(300, 128, generator=g), torch.randn(4099, 128, generator=g) / 8
+    cuda16 = lambda t: t.bfloat16().cuda()  # noqa: E731
+    hb, wb, tg = cuda16(hidden), cuda16(weight), target.cuda()
+    leaves = [hb.clone().requires_grad_(), wb.clone().requires_grad_()]
+    opts = dict(ce_weight=0.5, kd_weight=0.5, kd="jsd")
+    loss = flce(*leaves, tg, teacher_hidden=cuda16(t_h), teacher_weight=cuda16(t_w), block_rows=64,
+                grad_accum_dtype=accum, **opts)
+    loss.backward()
+    ref = reference(hb, wb, None, tg, opts, teacher_head=(cuda16(t_h), cuda16(t_w), None))
+    torch.testing.assert_close(loss.double(), ref[0], rtol=2e-3, atol=2e-3)
+    for leaf, r in zip(leaves, ref[1:3]):
+        torch.testing.assert_close(leaf.grad.double(), r, rtol=0, atol=2e-2 * r.abs().max().item())

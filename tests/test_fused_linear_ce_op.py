@@ -119,3 +119,17 @@ def test_autocast_runs_the_head_in_the_autocast_dtype():
     torch.testing.assert_close(loss.double(), ref, rtol=1e-2, atol=1e-2)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a.double(), b, rtol=0, atol=2e-2 * b.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [4099, 4100])
+def test_gpu_weight_grad_accumulator_fp32_from_bf16(vocab):
+    """cuBLAS bf16 x bf16 -> fp32 accumulation into the split accumulator: one final rounding."""
+    g = torch.Generator().manual_seed(2)
+    blocks = [(torch.randn(64, vocab, generator=g).bfloat16().cuda(),
+               torch.randn(64, 96, generator=g).bfloat16().cuda()) for _ in range(12)]
+    acc = WeightGradAccumulator(vocab, 96, torch.bfloat16, torch.device("cuda"), accum_fp32=True)
+    for gb, hb in blocks:
+        acc.add(gb, hb)
+    exact = sum(gb.double().t() @ hb.double() for gb, hb in blocks)
+    torch.testing.assert_close(acc.finish().double(), exact, rtol=2 ** -7, atol=1e-6)

@@ -53,7 +53,8 @@ def _check_head(prefix: str, hidden: Tensor, weight: Tensor, bias: Optional[Tens
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"{prefix}bias must have shape ({weight.shape[0]},), got {_SHAPE(bias)}")
         if bias.dtype != hidden.dtype or bias.device != hidden.device:
-            raise TypeError(f"{prefix}bias is {bias.dtype} on {bias.device}; expected {hidden.dtype} on {hidden.device}")
+            raise TypeError(f"{prefix}bias is {bias.dtype} on {bias.device}; "
+                            f"expected {hidden.dtype} on {hidden.device}")
 
 
 def fused_linear_knowledge_cross_entropy(
@@ -134,7 +135,8 @@ def prepare_fused_arguments(hidden, weight, target, bias=None, *, teacher_hidden
     unknown = sorted(set(options) - set(KCE_OPTIONS))
     if unknown:
         raise TypeError(f"fused_linear_knowledge_cross_entropy got unknown options {unknown}; known: "
-                        f"{KCE_OPTIONS + ['class_weight', 'teacher_hidden', 'teacher_weight', 'teacher_bias', 'block_rows', 'grad_accum_dtype']}")
+                        f"{KCE_OPTIONS + ['class_weight', 'teacher_hidden', 'teacher_weight', 'teacher_bias']}"
+                        " + ['block_rows', 'grad_accum_dtype']")
     _check_head("", hidden, weight, bias)
     lead_shape = tuple(hidden.shape[:-1])
     vocab = int(weight.shape[0])
@@ -154,7 +156,8 @@ def prepare_fused_arguments(hidden, weight, target, bias=None, *, teacher_hidden
             raise ValueError("give one teacher: teacher_hidden/teacher_weight, teacher_logits or teacher_topk")
         _check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias)
         if tuple(teacher_hidden.shape[:-1]) != lead_shape:
-            raise ValueError(f"teacher_hidden {_SHAPE(teacher_hidden)} must have the student's rows {lead_shape} + (Ht,) "
+            raise ValueError(f"teacher_hidden {_SHAPE(teacher_hidden)} must have the student's rows "
+                             f"{lead_shape} + (Ht,) "
                              f"(hidden is {_SHAPE(hidden)})")
         if teacher_weight.shape[0] != vocab:
             raise ValueError(f"teacher_weight {_SHAPE(teacher_weight)} has V={teacher_weight.shape[0]} but weight "
@@ -192,7 +195,9 @@ def prepare_fused_arguments(hidden, weight, target, bias=None, *, teacher_hidden
     if not (head and teacher_kept):
         teacher_hidden = teacher_weight = teacher_bias = None  # the loss does not use the teacher
     h2d = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    th2d = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).contiguous() if teacher_hidden is not None else None
+    th2d = None
+    if teacher_hidden is not None:
+        th2d = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).contiguous()
     grad_on = torch.is_grad_enabled()
     need = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
             grad_on and bias is not None and bias.requires_grad)
