@@ -23,7 +23,7 @@ others are tried in a random order, and an example none can change is reported a
 from __future__ import annotations
 
 import random
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 from vfm.data.example import Change, Example, StepReport
 from vfm.data.text import is_cjk, join_tokens, tokenize_words

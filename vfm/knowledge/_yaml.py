@@ -34,7 +34,15 @@ class LineList(list):
 
 
 class YAMLFormatError(ValueError):
-    """A malformed YAML file (syntax error or duplicate key), with its path and line."""
+    """A malformed YAML file (syntax error or duplicate key), with its path and line.
+
+    Attributes:
+        source, line, problem: the file, the 1-based line (None if unknown) and what is wrong.
+    """
+
+    def __init__(self, source: str, line: Optional[int], problem: str):
+        super().__init__(f"{source}:{line}: {problem}" if line is not None else f"{source}: {problem}")
+        self.source, self.line, self.problem = source, line, problem
 
 
 class _LineLoader(yaml.SafeLoader):
@@ -50,12 +58,10 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
         try:
             hash(key)
         except TypeError:
-            raise YAMLFormatError(f"{loader.name}:{key_node.start_mark.line + 1}: unhashable mapping key") from None
+            raise YAMLFormatError(loader.name, key_node.start_mark.line + 1, "unhashable mapping key") from None
         if key in out:
-            raise YAMLFormatError(
-                f"{loader.name}:{key_node.start_mark.line + 1}: duplicate key {key!r} "
-                f"(first at line {out.key_lines[key]})"
-            )
+            raise YAMLFormatError(loader.name, key_node.start_mark.line + 1,
+                                  f"duplicate key {key!r} (first at line {out.key_lines[key]})")
         out[key] = loader.construct_object(value_node, deep=True)
         out.key_lines[key] = key_node.start_mark.line + 1
     return out
@@ -91,10 +97,10 @@ def load_yaml_with_lines(text: str, source: str) -> Any:
         return loader.get_single_data()
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
-        line = mark.line + 1 if mark is not None else "?"
-        raise YAMLFormatError(f"{source}:{line}: invalid YAML: {err.problem or err}") from None
+        line = mark.line + 1 if mark is not None else None
+        raise YAMLFormatError(source, line, f"invalid YAML: {err.problem or err}") from None
     except yaml.YAMLError as err:
-        raise YAMLFormatError(f"{source}: invalid YAML: {err}") from None
+        raise YAMLFormatError(source, None, f"invalid YAML: {err}") from None
     finally:
         loader.dispose()
 

@@ -2,7 +2,8 @@
 
 Matching rules (documented in :mod:`vfm.knowledge`):
 
-* keywords and lexicon entries match case-insensitively unless ``case_sensitive: true``;
+* keywords, lexicon entries and regexes match case-insensitively unless ``case_sensitive: true``
+  (per rule, or for the whole file under ``options``);
 * a keyword that begins or ends with an ASCII letter/digit must stand as a whole word there
   (``heart`` does not fire on ``sweetheart``); CJK keywords match as substrings, since Chinese is
   written without spaces (``心脏`` fires on ``患者心脏不适``);

@@ -7,7 +7,6 @@ error is a :class:`RuleError` naming the file, the line and the rule.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Optional, Sequence
 
@@ -217,10 +216,5 @@ def load_rules(path: str) -> RuleSet:
     try:
         data = load_yaml_with_lines(text, path)
     except YAMLFormatError as err:
-        raise RuleError(str(err).split(": ", 1)[-1], path, _line_from_message(str(err))) from None
+        raise RuleError(err.problem, path, err.line) from None
     return RuleSet.from_dict(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
-
-
-def _line_from_message(msg: str) -> Optional[int]:
-    m = re.match(r".*?:(\d+): ", msg)
-    return int(m.group(1)) if m else None
