@@ -431,10 +431,18 @@ def _prepare(a: dict) -> "_Prepared":
             items = _require_number("num_items_in_batch", num_items_in_batch, low=0.0, low_open=True)
     coefs = (o.ce_weight, kd_weight, penalty_weight, o.z_loss)
     if on_device:
-        scales, group_ids = _device_prologue(tgt, soft_mask, w, raw_gid, unconstrained, items, allowed, vocab,
-                                             ignore_index, reduction == "mean", coefs)
+        scales, group_ids, err = _ops.row_scales_device(tgt, soft_mask, w, raw_gid, unconstrained, items, vocab,
+                                                        ignore_index, reduction == "mean", coefs,
+                                                        dense_groups=isinstance(allowed, Tensor))
+        if err is not None:  # CPU (the interpreter): read the error word, raise what the CPU path raises
+            if err & 1:
+                _check_target_range(tgt, tgt != ignore_index, vocab, ignore_index)
+            if err & 2:
+                bad = (raw_gid < -1) | (raw_gid >= unconstrained.shape[0])
+                raise ValueError(f"allowed group_ids must lie in [-1, {unconstrained.shape[0]}); "
+                                 f"got {raw_gid[bad].unique()[:8].tolist()}")
     else:
-        scales = _scales(tgt, valid, soft_mask, w, items, reduction == "mean", coefs, acc_dtype)
+        scales = _ops.row_scales_torch(tgt, valid, soft_mask, w, items, reduction == "mean", coefs, acc_dtype)
 
     kd_mode, pen_mode = o.kd_mode, o.pen_mode
     if pen_mode != PEN_POSTERIOR and kd_mode == KD_NONE:
@@ -447,59 +455,6 @@ def _prepare(a: dict) -> "_Prepared":
             o.ce_weight != 0.0, o.z_loss != 0.0)
     return _Prepared(args, compute_grad, reduction != "none", a["inplace_backward"] and compute_grad, lead_shape,
                      a["return_parts"])
-
-
-def _scales(tgt, valid, soft_mask, w, items, mean: bool, coefs, acc_dtype) -> Tensor:
-    """Per-row scales (4, N) with torch ops (CPU, fp64, tracing); see :func:`_device_prologue`."""
-    n_rows = tgt.shape[0]
-    if soft_mask is not None:
-        masks = torch.stack([valid, soft_mask]).to(acc_dtype)
-    else:
-        masks = valid.to(acc_dtype).expand(2, n_rows)
-    if mean:
-        if items is not None:
-            if isinstance(items, Tensor):
-                items = items.to(dtype=acc_dtype).reshape(())
-            else:
-                items = torch.tensor(items, dtype=acc_dtype, device=tgt.device)
-            denom = items.expand(2)
-        elif w is not None:
-            w_y = w[torch.where(valid, tgt, torch.zeros_like(tgt))]
-            denom = torch.stack([(w_y * masks[0]).sum(), masks[1].sum()])
-        else:
-            denom = masks.sum(1)
-        base = masks * torch.where(denom > 0, denom.reciprocal(), 0.0)[:, None]
-    else:
-        base = masks
-    ce_weight, kd_weight, penalty_weight, z_loss = coefs
-    return torch.stack([base[0] * ce_weight, base[1] * kd_weight, base[1] * penalty_weight, base[1] * z_loss])
-
-
-def _device_prologue(tgt, soft_mask, w, raw_gid, unconstrained, items, allowed, vocab: int, ignore_index: int,
-                     mean: bool, coefs):
-    """Scales, range checks and group ids in one Triton launch (the CUDA path).
-
-    A failed range check is a device-side assertion on CUDA; on CPU (the interpreter, used to test
-    this path) the error word is read back and the usual ValueError raised.
-    """
-    from vfm.kernels.kce_prologue import ERR_GROUP, ERR_TARGET, kce_prologue
-
-    if isinstance(items, Tensor):
-        items = items.reshape(())
-    scales, gids, err = kce_prologue(
-        tgt.contiguous(), soft_mask.contiguous() if soft_mask is not None else None, w, raw_gid, unconstrained,
-        items, vocab=vocab, ignore_index=ignore_index, mean=mean, coefs=coefs,
-        dense_groups=isinstance(allowed, Tensor))
-    if tgt.device.type == "cpu":
-        code = int(err)
-        if code & ERR_TARGET:
-            valid = tgt != ignore_index
-            _check_target_range(tgt, valid, vocab, ignore_index)
-        if code & ERR_GROUP:
-            bad = (raw_gid < -1) | (raw_gid >= unconstrained.shape[0])
-            raise ValueError(f"allowed group_ids must lie in [-1, {unconstrained.shape[0]}); "
-                             f"got {raw_gid[bad].unique()[:8].tolist()}")
-    return scales, gids
 
 
 _SIGNATURE = inspect.signature(knowledge_cross_entropy)

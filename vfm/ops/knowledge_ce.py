@@ -149,6 +149,71 @@ def forward_impl(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bit
     return (row_loss.sum() if reduce else row_loss), parts
 
 
+# ------------------------------------------------------------- per-row scales of a call --
+def row_scales_torch(tgt: Tensor, valid: Tensor, soft_mask: Optional[Tensor], w: Optional[Tensor], items,
+                     mean: bool, coefs, acc_dtype: torch.dtype) -> Tensor:
+    """The kernels' per-row scales (4, N) with torch ops (CPU, float64, tracing).
+
+    Args:
+        tgt: (N,) int64 targets; valid: (N,) bool ``tgt != ignore_index``.
+        soft_mask: (N,) bool rows counting for KD / penalty / z-loss, or None (= valid).
+        w: (V,) class weights in ``acc_dtype``, or None.
+        items: ``num_items_in_batch`` (a number or a one-element tensor on tgt's device), or None.
+        mean: ``reduction == "mean"``; coefs: (ce_weight, kd_weight, penalty_weight, z_loss).
+        acc_dtype: float32, or float64 for float64 logits.
+
+    Returns:
+        (4, N) ``acc_dtype`` scales: the row masks, divided for ``mean`` by their denominators
+        (``items``, else the counted rows' class weights and the soft_mask rows; 0 when not > 0),
+        times the coefficients.
+    """
+    n_rows = tgt.shape[0]
+    if soft_mask is not None:
+        masks = torch.stack([valid, soft_mask]).to(acc_dtype)
+    else:
+        masks = valid.to(acc_dtype).expand(2, n_rows)
+    if mean:
+        if items is not None:
+            if isinstance(items, Tensor):
+                items = items.to(dtype=acc_dtype).reshape(())
+            else:
+                items = torch.tensor(items, dtype=acc_dtype, device=tgt.device)
+            denom = items.expand(2)
+        elif w is not None:
+            w_y = w[torch.where(valid, tgt, torch.zeros_like(tgt))]
+            denom = torch.stack([(w_y * masks[0]).sum(), masks[1].sum()])
+        else:
+            denom = masks.sum(1)
+        base = masks * torch.where(denom > 0, denom.reciprocal(), 0.0)[:, None]
+    else:
+        base = masks
+    ce_weight, kd_weight, penalty_weight, z_loss = coefs
+    return torch.stack([base[0] * ce_weight, base[1] * kd_weight, base[1] * penalty_weight, base[1] * z_loss])
+
+
+def row_scales_device(tgt: Tensor, soft_mask: Optional[Tensor], w: Optional[Tensor], raw_gid: Optional[Tensor],
+                      unconstrained: Optional[Tensor], items, vocab: int, ignore_index: int, mean: bool, coefs,
+                      dense_groups: bool = False):
+    """:func:`row_scales_torch` (float32), the range checks and the group-id mapping in one launch.
+
+    Args: as :func:`row_scales_torch`, plus ``raw_gid`` (N,) the user's group ids (None for a dense
+    mask, ``dense_groups=True``), ``unconstrained`` (G,) bool groups allowing every label or none.
+
+    Returns:
+        (scales (4, N) float32, group ids (N,) int32 or None, error word): on CUDA the error word
+        is None (a failed check is a device-side assertion, no host synchronisation); on CPU it is
+        the int read back (bit 1: a target out of range, bit 2: a group id out of range).
+    """
+    from vfm.kernels.kce_prologue import kce_prologue
+
+    if isinstance(items, Tensor):
+        items = items.reshape(())
+    scales, gids, err = kce_prologue(
+        tgt.contiguous(), soft_mask.contiguous() if soft_mask is not None else None, w, raw_gid, unconstrained,
+        items, vocab=vocab, ignore_index=ignore_index, mean=mean, coefs=coefs, dense_groups=dense_groups)
+    return scales, gids, (int(err) if tgt.device.type == "cpu" else None)
+
+
 # ------------------------------------------------------------------------------ the ops --
 @torch.library.custom_op("vfm::knowledge_cross_entropy", mutates_args=())
 def knowledge_cross_entropy_op(
