@@ -19,6 +19,8 @@ def _texts(examples):
     ("a<br>b", "a b"),                                                # block tags leave a space
     ("x <y and z> w", "x <y and z> w"),                               # not HTML: kept
     ("BP <140 & HR>60", "BP <140 & HR>60"),
+    ("if a<b and c>d then", "if a<b and c>d then"),                   # bare words: not an HTML tag
+    ('<a href="x">link</a> <input disabled>', "link"),
     ("  many   spaces\n\n", "many spaces"),
     ("中 文　测试，全角！", "中文测试,全角!"),                              # CJK spaces, full-width punctuation
     ("<div>患者</div><div>主诉胸痛</div>", "患者主诉胸痛"),

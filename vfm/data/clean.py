@@ -10,8 +10,8 @@ NFKC, control and invisible characters, whitespace.
 * Control characters (Unicode category Cc except tab/newline, which become spaces) and
   invisible format characters (zero-width space, BOM, soft hyphen, direction marks) are removed.
 * Markup: HTML/XML tags with a known HTML tag name are removed (block tags leave a space),
-  ``<script>``/``<style>`` contents dropped, entities decoded; text such as ``a <b and c>``
-  whose tag name is not HTML is kept.
+  ``<script>``/``<style>`` contents and comments dropped, entities decoded.  What only looks
+  like a tag is kept: an unknown name (``<foo>``) or bare words as attributes (``a<b and c>d``).
 * Whitespace runs become one space, ends are stripped, and (``cjk_spaces=True``) spaces between
   two CJK characters are removed (``中 文`` -> ``中文``: Chinese uses no spaces between words).
 """
@@ -41,6 +41,15 @@ _BLOCK_TAGS = set("""address article aside blockquote br dd div dl dt fieldset f
 h4 h5 h6 header hr li main nav ol p pre section table tbody td tfoot th thead tr ul""".split())
 
 
+_BOOLEAN_ATTRS = set("""allowfullscreen async autofocus autoplay checked controls default defer disabled hidden
+ismap loop multiple muted nomodule novalidate nowrap open readonly required reversed selected""".split())
+
+
+def _not_markup(tag: str, attrs) -> bool:
+    """A "tag" that is really text: an unknown name, or valueless words as attributes (``a<b and c>d``)."""
+    return tag not in _HTML_TAGS or any(value is None and name not in _BOOLEAN_ATTRS for name, value in attrs)
+
+
 class _TextExtractor(HTMLParser):
     def __init__(self):
         super().__init__(convert_charrefs=True)
@@ -48,7 +57,7 @@ class _TextExtractor(HTMLParser):
         self.skip = 0
 
     def handle_starttag(self, tag, attrs):
-        if tag not in _HTML_TAGS:
+        if _not_markup(tag, attrs):
             self.parts.append(self.get_starttag_text() or "")
             return
         if tag in ("script", "style"):
@@ -57,7 +66,7 @@ class _TextExtractor(HTMLParser):
             self.parts.append(" ")
 
     def handle_startendtag(self, tag, attrs):
-        if tag not in _HTML_TAGS:
+        if _not_markup(tag, attrs):
             self.parts.append(self.get_starttag_text() or "")
         elif tag in _BLOCK_TAGS:
             self.parts.append(" ")
