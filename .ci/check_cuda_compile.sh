@@ -2,7 +2,8 @@
 # Compile every CUDA source of vfm._C for sm_90 without a GPU (CI only; users never need this).
 #
 # * csrc/cuda/*.cu include no torch header: nvcc compiles each one alone, with the flags setup.py
-#   gives nvcc (-O3 -std=c++17 -lineinfo), for -gencode arch=compute_90,code=sm_90.
+#   gives nvcc (-O3 -std=c++17 -lineinfo) and those torch's CUDAExtension adds (no implicit
+#   half / bfloat16 conversions, relaxed constexpr), for -gencode arch=compute_90,code=sm_90.
 # * csrc/cuda/*.cpp (the thin TORCH_CHECK bindings) and csrc/ext.cpp as a CUDA build sees it
 #   (-DVFM_WITH_CUDA) are checked with the host compiler's -fsyntax-only against the installed
 #   torch's headers (a CPU-only wheel has every header they use).
@@ -49,8 +50,11 @@ compile_one() {
   local kind="$1" src="$2" name
   name="$(echo "$src" | tr '/.' '__')"
   if [ "$kind" = cu ]; then
-    "$NVCC" -std=c++17 -O3 -lineinfo -gencode arch=compute_90,code=sm_90 -Icsrc -c "$src" -o "$OUT/$name.o" \
-      >"$OUT/$name.log" 2>&1
+    # setup.py's nvcc flags plus the ones torch's CUDAExtension always adds (COMMON_NVCC_FLAGS)
+    "$NVCC" -std=c++17 -O3 -lineinfo -gencode arch=compute_90,code=sm_90 -Xcompiler -fPIC \
+      -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+      -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr -DVFM_WITH_CUDA=1 \
+      -Icsrc -c "$src" -o "$OUT/$name.o" >"$OUT/$name.log" 2>&1
   else
     # shellcheck disable=SC2086
     "$CXX" -std=c++17 -fsyntax-only -w -DVFM_WITH_CUDA=1 -DVFM_CUDA_ARCHS=sm_90 -Icsrc $TORCH_INC -I"$PY_INC" \

@@ -178,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor> kce_forward_cuda(
 
   const c10::DeviceGuard guard(dev);
   const c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
-  void* stream = impl.getStream(dev).native_handle();
+  void* stream = impl.getStreamNativeHandle(impl.getStream(dev));
   const int err = kce_forward_launch(P, stream);
   TORCH_CHECK(err == 0, "kce_forward (cuda): kernel launch failed: ", cuda_error_string(err));
   return {row_loss, parts};

@@ -35,7 +35,7 @@ int dtype_code(at::ScalarType t) {
 
 void* current_stream(const at::Device& dev) {
   const c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
-  return impl.getStream(dev).native_handle();
+  return impl.getStreamNativeHandle(impl.getStream(dev));
 }
 
 DropoutArgs dropout_args(const char* op, int64_t seed, int64_t threshold, double dscale) {
