@@ -93,6 +93,7 @@ def test_transition_and_start_masks_hand_derived():
     assert rs.start_mask().int().tolist() == [1, 1, 0, 1, 0]
     after = allowed_after(rs, torch.tensor([-1, 1, 4]))
     assert after.int().tolist() == [[1, 1, 0, 1, 0], expected[1], expected[4]]
+    assert rs.allowed_after(torch.tensor([[2, -1]])).int().tolist() == [[expected[2], [1, 1, 0, 1, 0]]]
     with pytest.raises(ValueError, match="prev_tags"):
         allowed_after(rs, torch.tensor([5]))
 

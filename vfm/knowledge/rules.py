@@ -185,6 +185,12 @@ class RuleSet:
 
         return transition_mask(self)
 
+    def allowed_after(self, prev_tags):
+        """Allowed next tags given previous tag ids (-1 = sentence start): bool ``(..., L)``."""
+        from vfm.knowledge.tagging import allowed_after
+
+        return allowed_after(self, prev_tags)
+
     def start_mask(self):
         """Tags valid on the first token, bool ``[L]`` (no ``I-X``)."""
         from vfm.knowledge.tagging import start_mask
