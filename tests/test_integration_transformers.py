@@ -233,6 +233,9 @@ def test_causal_num_items_in_batch_ignore_index_and_shift_labels():
     # shift_labels given: used as is (nothing shifted again)
     via_shift = model(input_ids=x, shift_labels=shifted(labels), num_items_in_batch=n_items)
     torch.testing.assert_close(via_shift.loss, out.loss, **TIGHT)
+    # the logits path honours the same arguments
+    via_logits = model(input_ids=x, labels=labels, num_items_in_batch=n_items, return_logits=True)
+    torch.testing.assert_close(via_logits.loss, out.loss, **TIGHT)
 
 
 def test_causal_logits_to_keep():
@@ -313,6 +316,35 @@ def test_causal_soft_mask_topk_teacher_and_groups():
     out.loss.backward()
     expected.backward()
     assert_same_grads(model, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["autocast_bf16", "bf16_weights", "checkpointing"])
+def test_causal_precision_and_checkpointing(mode):
+    reference, model = pair("llama")
+    if mode == "bf16_weights":
+        reference.to(torch.bfloat16), model.to(torch.bfloat16)
+    if mode == "checkpointing":
+        reference.activation_checkpointing_enable(), model.activation_checkpointing_enable()
+    x = ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast_bf16"):
+        out, ref = model(input_ids=x, labels=x), reference(input_ids=x, labels=x)
+    assert out.logits is None
+    tol = dict(rtol=1e-5, atol=1e-6) if mode == "checkpointing" else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.loss, ref.loss, **tol)
+    out.loss.backward()
+    ref.loss.backward()
+    for name, g in grads(reference).items():  # bf16: compared relative to the gradient's scale
+        got = grads(model)[name].float()
+        assert (got - g.float()).abs().max() <= tol["rtol"] * g.float().abs().max() + tol["atol"], name
+
+
+def test_generation_is_unchanged():
+    reference, model = pair("gemma2")
+    reference.eval(), model.eval()
+    prompt = ids(t=5)
+    mask = torch.ones_like(prompt)
+    expected = reference.generate(prompt, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(prompt, attention_mask=mask, max_new_tokens=4, do_sample=False), expected)
 
 
 # --------------------------------------------------------------------------- patch bookkeeping --
@@ -491,7 +523,8 @@ def test_token_classification():
 
 
 # --------------------------------------------------------------------------------------- Trainer --
-def test_trainer_two_steps_with_batch_keys(tmp_path, monkeypatch):
+@pytest.mark.parametrize("remove_unused_columns", [True, False])
+def test_trainer_two_steps_with_batch_keys(tmp_path, monkeypatch, remove_unused_columns):
     from transformers import Trainer, TrainingArguments
 
     model = apply_vfm(causal("llama"), kd_weight=0.5, penalty_weight=0.1)
@@ -512,7 +545,8 @@ def test_trainer_two_steps_with_batch_keys(tmp_path, monkeypatch):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
                              gradient_accumulation_steps=2, learning_rate=1e-2, report_to=[], save_strategy="no",
-                             use_cpu=True, logging_steps=1, disable_tqdm=True)  # remove_unused_columns left True
+                             use_cpu=True, logging_steps=1, disable_tqdm=True,
+                             remove_unused_columns=remove_unused_columns)
     trainer = Trainer(model=model, args=args, train_dataset=rows)
     result = trainer.train()
     assert len(seen) == 4  # 2 steps x 2 accumulated micro-batches, each through the fused loss
@@ -521,3 +555,6 @@ def test_trainer_two_steps_with_batch_keys(tmp_path, monkeypatch):
     assert torch.isfinite(torch.tensor(result.training_loss))
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert "lm_head.weight" in changed and len(changed) == len(before)
+    # evaluation: the same batch keys, the loss from the logits (eval mode returns them)
+    metrics = trainer.evaluate(eval_dataset=rows[:4])
+    assert len(seen) == 4 and torch.isfinite(torch.tensor(metrics["eval_loss"]))

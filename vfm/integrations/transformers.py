@@ -3,7 +3,8 @@
 ``apply_vfm(model, **loss_options)`` patches *one model instance* (never its class: two models in one
 process stay independent) so that its ``forward(..., labels=...)`` computes vfm's loss:
 
-* **Causal LMs** (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2 and Gemma3 ``*ForCausalLM``): in training
+* **Causal LMs** (:data:`CAUSAL_LM_CLASSES`: the Llama, Mistral, Qwen2/3, Gemma/Gemma2/Gemma3, Phi/Phi3,
+  OLMo2 and Starcoder2 ``*ForCausalLM`` classes, whose forward was read in transformers 5.x): in training
   mode the loss is :func:`vfm.functional.fused_linear_knowledge_cross_entropy` of the final hidden
   states and the LM head's weight (and bias), so the ``[tokens, vocab]`` logits are never materialised
   and ``outputs.logits`` is ``None``.  Logits are still computed and returned in eval mode
@@ -35,11 +36,22 @@ position t, exactly what ``teacher(input_ids).logits`` returns, aligned with the
 and never shifted (no copy).  ``teacher_frame="labels"`` shifts the teacher like the labels instead.
 With ``shift_labels`` nothing is shifted.
 
-The patched ``forward`` lists the batch keys in its signature, so ``transformers.Trainer`` keeps
-those dataset columns even with ``remove_unused_columns=True`` (the default); with a custom
-collator make sure it stacks them.  ``unapply_vfm`` restores the original ``forward`` exactly.
-PEFT models (and :func:`vfm.peft.accelerate`'d ones) are patched on their base model, the LM head
-or classifier under the wrapper is the one used.
+With ``transformers.Trainer``: call ``apply_vfm`` *before* creating the Trainer (it reads the forward
+signature once).  The patched ``forward`` lists the batch keys in its signature, so the Trainer keeps
+those dataset columns even with ``remove_unused_columns=True`` (the default; ``False`` works too);
+its default collator stacks them (a custom collator must too).  The forward takes ``**kwargs``, so
+the Trainer passes ``num_items_in_batch`` and does not divide the loss by the accumulation steps
+again.  Keep ``ignore_index=-100`` with the Trainer (it counts ``labels != -100``).  The Trainer's
+``label_smoothing_factor`` takes the labels away from the model (its own smoother then needs the
+logits): use ``apply_vfm(model, label_smoothing=...)`` instead.  Evaluation runs in eval mode, so
+``compute_metrics`` gets logits.  Batches without labels must not carry vfm batch keys (ValueError).
+
+``unapply_vfm`` restores the original ``forward`` exactly (an instance-level ``forward`` that was
+there before, e.g. a hook library's, comes back).  PEFT models (and :func:`vfm.peft.accelerate`'d
+ones) are patched on their base model; the LM head under the wrapper is used as it runs: PEFT's
+``modules_to_save`` copy when that is active, else the original.  A LoRA adapter *on* the LM head
+has no single weight to fuse, so that case takes the logits path.  A user-set ``loss_function`` on
+the model is bypassed while patched.
 
 Example::
 
