@@ -30,6 +30,7 @@ def test_csv_rows_lines_and_malformed(tmp_path):
     assert [(m.file, m.line) for m in report.malformed] == [(path, 5), (path, 6), (path, 8)]
     assert "4 fields, the header has 3" in report.malformed[0].reason
     assert report.loaded == 3 and f"{path}:5:" in str(report)
+    assert report.unlabelled == 1 and "without a label (kept, unlabelled): 1" in str(report)
     json.dumps(report.to_dict())
 
 

@@ -45,6 +45,7 @@ class LoadReport:
         loaded: examples returned.
         malformed: rows skipped, each with file, line and reason.
         blank_lines: blank lines skipped (JSONL), ``docstart``: ``-DOCSTART-`` lines (CoNLL).
+        unlabelled: loaded classification rows without a label (CSV/JSONL; kept, label None).
     """
 
     path: str
@@ -53,12 +54,14 @@ class LoadReport:
     malformed: List[Malformed] = field(default_factory=list)
     blank_lines: int = 0
     docstart: int = 0
+    unlabelled: int = 0
 
     def __str__(self) -> str:
         lines = [f"loaded {self.loaded} examples from {self.path} ({self.format}); "
                  f"malformed rows skipped: {len(self.malformed)}"
                  + (f"; blank lines: {self.blank_lines}" if self.blank_lines else "")
-                 + (f"; -DOCSTART- lines: {self.docstart}" if self.docstart else "")]
+                 + (f"; -DOCSTART- lines: {self.docstart}" if self.docstart else "")
+                 + (f"; rows without a label (kept, unlabelled): {self.unlabelled}" if self.unlabelled else "")]
         lines += [f"  {m}" for m in self.malformed[:50]]
         if len(self.malformed) > 50:
             lines.append(f"  ... and {len(self.malformed) - 50} more (see .malformed)")
@@ -67,7 +70,7 @@ class LoadReport:
     def to_dict(self) -> dict:
         """Plain dict."""
         return {"path": self.path, "format": self.format, "loaded": self.loaded, "blank_lines": self.blank_lines,
-                "docstart": self.docstart, "malformed": [vars(m) for m in self.malformed]}
+                "docstart": self.docstart, "unlabelled": self.unlabelled, "malformed": [vars(m) for m in self.malformed]}
 
 
 def _decoded_lines(path: str, bad: set, keepends: bool = False):
@@ -279,6 +282,8 @@ def load_examples(path, format: Optional[str] = None, text_field: str = "text", 
     else:
         examples = _load_conll(path, report)
     report.loaded = len(examples)
+    if format != "conll":
+        report.unlabelled = sum(1 for ex in examples if ex.label is None and ex.tokens is None)
     logger.info("loaded %d examples from %s (%s), %d malformed rows skipped", len(examples), path, format,
                 len(report.malformed))
     for m in report.malformed[:20]:
