@@ -244,10 +244,21 @@ __device__ __forceinline__ void sweep(const S* x, const S* t, S* g, int64_t V, F
   const Vec<S>* xv = reinterpret_cast<const Vec<S>*>(x + head);
   const Vec<S>* tv = t != nullptr ? reinterpret_cast<const Vec<S>*>(t + head) : nullptr;
   Vec<S>* gv = WRITE ? reinterpret_cast<Vec<S>*>(g + head) : nullptr;
+  // Software pipelining: the next vector of this thread is loaded before the current one is
+  // used, so two 16-byte loads per stream are in flight per thread (each vector index belongs
+  // to one thread, so the prefetch never reads an element already overwritten in place).
+  Vec<S> xn, tn;
+  if (tid < nvec) {
+    xn = xv[tid];
+    if (tv != nullptr) tn = tv[tid];
+  }
   for (int64_t q = tid; q < nvec; q += nt) {
-    const Vec<S> xs = xv[q];
-    Vec<S> ts;
-    if (tv != nullptr) ts = tv[q];
+    const Vec<S> xs = xn;
+    const Vec<S> ts = tn;
+    if (q + nt < nvec) {
+      xn = xv[q + nt];
+      if (tv != nullptr) tn = tv[q + nt];
+    }
     Vec<S> out;
     const int64_t v0 = head + q * VEC;
 #pragma unroll
