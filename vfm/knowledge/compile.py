@@ -141,6 +141,7 @@ def compile_texts(ruleset, texts: Sequence[str]) -> CompiledRules:
     texts = _check_texts(texts)
     num_labels = ruleset.num_labels
     fired = _fired_matrix(ruleset, texts)
+    fired_list = fired.tolist()
     masks = rule_masks(ruleset)
     # a label survives on a row unless some fired rule disallows it
     vetoes = fired.float() @ (~masks).float() if len(ruleset.rules) else torch.zeros(len(texts), num_labels)
@@ -151,8 +152,8 @@ def compile_texts(ruleset, texts: Sequence[str]) -> CompiledRules:
     constrained = any_fired & (counts > 0) & (counts < num_labels)
     allowed[~constrained] = True
     names = [r.name for r in ruleset.rules]
-    contradictions = [(int(i), [names[r] for r in fired[i].nonzero().flatten().tolist()])
-                      for i in empty.nonzero().flatten().tolist()]
+    contradictions = [(i, [names[r] for r, hit in enumerate(fired_list[i]) if hit])
+                      for i in empty.nonzero().flatten().tolist()] if bool(empty.any()) else []
     if contradictions:
         logger.warning("%d text(s) where the fired rules allow no label together were left unconstrained; "
                        "first: row %d (rules %s)", len(contradictions), *contradictions[0])
@@ -160,7 +161,7 @@ def compile_texts(ruleset, texts: Sequence[str]) -> CompiledRules:
     fired_rows = {name: fired[:, r].nonzero().flatten().tolist() for r, name in enumerate(names)}
     return CompiledRules(allowed=allowed, group_ids=group_ids, group_masks=group_masks, fired=fired_rows,
                          fired_matrix=fired, rule_names=names, contradictions=contradictions,
-                         exclusive_conflicts=exclusive_conflicts(ruleset, fired))
+                         exclusive_conflicts=exclusive_conflicts(ruleset, fired_list))
 
 
 def _member_sets(ruleset) -> List[List[set]]:
@@ -172,8 +173,12 @@ def _member_sets(ruleset) -> List[List[set]]:
     return out
 
 
-def exclusive_conflicts(ruleset, fired: Tensor) -> List[Tuple[int, int, List[str]]]:
+def exclusive_conflicts(ruleset, fired: List[List[bool]]) -> List[Tuple[int, int, List[str]]]:
     """Rows where fired rules point to two different members of one exclusive group.
+
+    Args:
+        ruleset: the rules.
+        fired: N rows of R booleans (which rules fired on each text).
 
     A rule points to member m of a group when its allow list meets the group only inside m's
     subtree.  Two such rules on one row name labels that cannot hold together.
@@ -189,9 +194,13 @@ def exclusive_conflicts(ruleset, fired: Tensor) -> List[Tuple[int, int, List[str
             hit = [m for m, ids in enumerate(sets) if rule.allow & ids]
             if len(hit) == 1:
                 points[(r, g)] = hit[0]
+    if not points:
+        return []
     out = []
-    for i in fired.any(dim=1).nonzero().flatten().tolist():
-        rows = fired[i].nonzero().flatten().tolist()
+    for i, row in enumerate(fired):
+        rows = [r for r, hit in enumerate(row) if hit]
+        if len(rows) < 2:
+            continue
         for g in range(len(members)):
             pointed = {(points[(r, g)]) for r in rows if (r, g) in points}
             if len(pointed) > 1:
