@@ -439,6 +439,26 @@ def test_peft_lora_accelerated_model(caplog):
     torch.testing.assert_close(out.loss, reference(input_ids=x, labels=x).loss, **TIGHT)
 
 
+def test_peft_lora_classifier_with_teacher():
+    from peft import LoraConfig, get_peft_model
+
+    reference = get_peft_model(bert("sequence"), LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]))
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    model = copy.deepcopy(reference)
+    assert vfm.peft.accelerate(model).num_accelerated == 4
+    apply_vfm(model, kd_weight=0.5)
+    x, labels, teacher = ids(vocab=120, t=11), torch.tensor([1, 4]), torch.randn(2, 5)
+    out = model(input_ids=x, labels=labels, teacher_logits=teacher)
+    expected = hand_loss(reference(input_ids=x).logits, labels, teacher=teacher, kd_weight=0.5)
+    torch.testing.assert_close(out.loss, expected.float(), rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    expected.backward()
+    assert_same_grads(model, reference)  # the LoRA factors and PEFT's trainable classifier copy
+
+
 # ------------------------------------------------------------------------------ classification --
 def bert(kind, num_labels=5, seed=0):
     torch.manual_seed(seed)
