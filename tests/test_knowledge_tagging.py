@@ -153,6 +153,13 @@ def test_token_report():
     assert "drugs" in str(rep)
 
 
+def test_entities_as_list_of_mappings():
+    rs = RuleSet.from_dict({"entities": [{"name": "DRUG", "description": "a medicine"}, "DOSE"]})
+    assert rs.labels == TAGS and rs.descriptions["I-DRUG"] == "inside a medicine"
+    with pytest.raises(RuleError, match="duplicate entity type 'DRUG'"):
+        RuleSet.from_dict({"entities": ["DRUG", "DRUG"]})
+
+
 def test_tagging_errors():
     with pytest.raises(RuleError, match="has no matching 'B-X'"):
         RuleSet.from_dict({"task": "tagging", "labels": ["O", "I-X"]})

@@ -88,10 +88,15 @@ class Parser:
             ents = data.get("entities")
             if ents is None:
                 self.fail("a tagging rule file needs 'entities' (or explicit BIO 'labels')")
-            items = list(ents.items()) if isinstance(ents, dict) else [(e, None) for e in _as_list(ents)]
+            if isinstance(ents, dict):
+                items = list(ents.items())
+            else:  # a list of names or of {name, description}
+                items = [(e.get("name"), e) if isinstance(e, dict) else (e, None) for e in _as_list(ents)]
             labels = ["O"]
             for i, (name, desc) in enumerate(items):
                 line = line_of(ents, key=name) if isinstance(ents, dict) else line_of(ents, index=i)
+                if f"B-{name}" in labels:
+                    self.fail(f"duplicate entity type {name!r}", line)
                 if not isinstance(name, str) or not name or name == "O" or "-" in name[:2]:
                     self.fail(f"entity type must be a non-empty string other than 'O', got {name!r}", line)
                 if isinstance(desc, dict):
