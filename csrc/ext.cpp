@@ -43,6 +43,23 @@ TORCH_LIBRARY(vfm_C, m) {
   m.def("lora_dropout_dx_(Tensor(a!) dx, Tensor gh, Tensor a, int seed, int threshold, float scale) -> ()");
   // grad_a = gh^T D(x) (r, in).
   m.def("lora_dropout_ga(Tensor gh, Tensor x, int seed, int threshold, float scale) -> Tensor");
+  // Grouped low-rank kernels (csrc/cpu/lora_dropout.cpp): rows grouped by adapter id (ids None: one
+  // adapter; id -1: no adapter), scales (K,) float32 per adapter times alpha; the dropout D (on src
+  // or on the added term) is active when threshold > 0.
+  // out (N, R) = alpha * scales[k] * D(src_i) M_k^T.
+  m.def(
+      "lora_shrink(Tensor src, Tensor mats, Tensor? ids, Tensor? scales, float alpha, int seed, int threshold, "
+      "float dscale) -> Tensor");
+  // out (N, C) += D(alpha * scales[k] * coef_i M_k), in place.
+  m.def(
+      "lora_expand_(Tensor(a!) out, Tensor coef, Tensor mats, Tensor? ids, Tensor? scales, float alpha, int seed, "
+      "int threshold, float dscale) -> ()");
+  // (K, R, C) (or (R, C) without ids): alpha * scales[k] * sum_{i in adapter k} coef_i^T D(src_i).
+  m.def(
+      "lora_reduce(Tensor coef, Tensor src, int n_adapters, Tensor? ids, Tensor? scales, float alpha, int seed, "
+      "int threshold, float dscale) -> Tensor");
+  // D(x) as a new contiguous tensor.
+  m.def("lora_dropout_apply(Tensor x, int seed, int threshold, float dscale) -> Tensor");
 }
 
 namespace {

@@ -109,3 +109,149 @@ def test_forced_cpp_refuses_half_precision_and_auto_choice_uses_torch():
     before = _registry.CALLS[("lora_linear", "torch")]
     vfm.functional.lora_linear(x, w, None, a, b, 2.0)
     assert _registry.CALLS[("lora_linear", "torch")] == before + 1
+
+
+# ------------------------------------------------------------- every op, fold path, variants --
+from vfm.ops.lora_api import adalora_linear, dora_linear, lora_linear_multi  # noqa: E402
+
+TOL_V = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-10, atol=1e-11)}
+
+
+def _forced(op, backend, fn, leaves, gy):
+    """Run fn() under a forced backend; returns (y, {name: grad}) and checks forward and backward ran there."""
+    leaves = {k: (v.detach().requires_grad_(v.requires_grad) if v is not None else None) for k, v in leaves.items()}
+    before = _registry.CALLS[(op, backend)]
+    with vfm.use_backend(backend):
+        y = fn(**leaves)
+        y.backward(gy)
+    assert _registry.CALLS[(op, backend)] >= before + 2, (op, backend)
+    return y.detach(), {k: v.grad for k, v in leaves.items() if v is not None and v.requires_grad}
+
+
+def _compare(op, fn, leaves, gy, dtype):
+    y_t, g_t = _forced(op, "torch", fn, leaves, gy)
+    y_c, g_c = _forced(op, "cpp", fn, leaves, gy)
+    torch.testing.assert_close(y_c, y_t, **TOL_V[dtype])
+    assert g_c.keys() == g_t.keys()
+    for name in g_t:
+        assert g_c[name] is not None, name
+        torch.testing.assert_close(g_c[name], g_t[name], **TOL_V[dtype], msg=lambda m: f"grad {name}: {m}")
+
+
+def _leaves(dtype, n, d_in, d_out, r, *, bias, train_w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = dict(x=torch.randn(n, d_in, generator=g, dtype=dtype).requires_grad_(True),
+             w=torch.randn(d_out, d_in, generator=g, dtype=dtype).requires_grad_(train_w),
+             b=torch.randn(d_out, generator=g, dtype=dtype).requires_grad_(True) if bias else None,
+             a=(torch.randn(r, d_in, generator=g, dtype=dtype) * 0.3).requires_grad_(True),
+             bb=(torch.randn(d_out, r, generator=g, dtype=dtype) * 0.3).requires_grad_(True))
+    return t, torch.randn(n, d_out, generator=g, dtype=dtype)
+
+
+# (rows, in, out, r): rows >= in takes lora_linear's folded-weight path, rows < in the other.
+SHAPES = [(41, 29, 23, 3), (11, 37, 29, 5), (70, 17, 33, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_lora_cpp_both_paths(dtype, p, shape):
+    t, gy = _leaves(dtype, *shape, bias=True, train_w=shape[3] == 3)
+    _compare("lora_linear", lambda x, w, b, a, bb: lora_linear(x, w, b, a, bb, 1.7, dropout_p=p, seed=77), t, gy,
+             dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("shape,bias,train_w", [(SHAPES[0], True, True), (SHAPES[1], False, False),
+                                                (SHAPES[2], True, False)])
+def test_dora_cpp_matches_torch(dtype, p, shape, bias, train_w):
+    t, gy = _leaves(dtype, *shape, bias=bias, train_w=train_w, seed=1)
+    t["m"] = (torch.rand(shape[2], dtype=dtype) + 0.5).requires_grad_(True)
+    _compare("dora_linear",
+             lambda x, w, b, a, bb, m: dora_linear(x, w, b, a, bb, m, 0.9, dropout_p=p, seed=5), t, gy, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("shape,train_w", [(SHAPES[0], True), (SHAPES[1], False), (SHAPES[2], False)])
+def test_adalora_cpp_matches_torch(dtype, p, shape, train_w):
+    t, gy = _leaves(dtype, *shape, bias=True, train_w=train_w, seed=2)
+    e = torch.randn(shape[3], 1, dtype=dtype)
+    e[0] = 0.0  # a pruned rank: lora_e still gets its gradient
+    t["e"] = e.requires_grad_(True)
+    ranknum = torch.tensor([float(shape[3])])
+    _compare("adalora_linear",
+             lambda x, w, b, a, bb, e: adalora_linear(x, w, b, a, e, bb, 2.0, ranknum, dropout_p=p, seed=9), t, gy,
+             dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("n,d_in,d_out,r,k", [(23, 29, 31, 3, 4), (9, 70, 5, 17, 2), (40, 16, 16, 8, 1)])
+def test_multi_cpp_matches_torch(dtype, p, n, d_in, d_out, r, k):
+    g = torch.Generator().manual_seed(3)
+    t = dict(x=torch.randn(n, d_in, generator=g, dtype=dtype).requires_grad_(True),
+             w=torch.randn(d_out, d_in, generator=g, dtype=dtype).requires_grad_(k == 2),
+             b=torch.randn(d_out, generator=g, dtype=dtype).requires_grad_(True),
+             a=(torch.randn(k, r, d_in, generator=g, dtype=dtype) * 0.3).requires_grad_(True),
+             bb=(torch.randn(k, d_out, r, generator=g, dtype=dtype) * 0.3).requires_grad_(True))
+    ids = torch.randint(-1, k, (n,), generator=g)  # unsorted, with -1 rows
+    ids[0], ids[-1] = -1, k - 1
+    scalings = [0.5 + i for i in range(k)]
+    gy = torch.randn(n, d_out, generator=g, dtype=dtype)
+    _compare("lora_linear_multi",
+             lambda x, w, b, a, bb: lora_linear_multi(x, w, b, a, bb, scalings, ids, dropout_p=p, seed=11), t, gy,
+             dtype)
+
+
+def test_multi_cpp_every_row_without_adapter_and_unused_adapters():
+    """All rows -1: y is the base layer, the factors' gradients are exactly zero (as the reference's)."""
+    g = torch.Generator().manual_seed(4)
+    t = dict(x=torch.randn(6, 10, generator=g).requires_grad_(True), w=torch.randn(7, 10, generator=g),
+             b=None, a=torch.randn(3, 2, 10, generator=g).requires_grad_(True),
+             bb=torch.randn(3, 7, 2, generator=g).requires_grad_(True))
+    gy = torch.randn(6, 7, generator=g)
+    ids = torch.full((6,), -1)
+    y, grads = _forced("lora_linear_multi", "cpp",
+                       lambda x, w, b, a, bb: lora_linear_multi(x, w, b, a, bb, [1.0, 2.0, 3.0], ids, dropout_p=0.2,
+                                                                seed=1), t, gy)
+    torch.testing.assert_close(y, t["x"].detach() @ t["w"].t())
+    assert torch.equal(grads["a"], torch.zeros_like(t["a"])) and torch.equal(grads["bb"], torch.zeros_like(t["bb"]))
+    torch.testing.assert_close(grads["x"], gy @ t["w"])
+
+
+def test_grouped_kernels_against_plain_loops():
+    """vfm_C::lora_shrink / lora_expand_ / lora_reduce with ids, scales and dropout, against per-row torch loops."""
+    g = torch.Generator().manual_seed(5)
+    n, c, r, k, p = 19, 45, 18, 3, 0.25
+    x = torch.randn(n, c, generator=g, dtype=torch.float64)
+    mats = torch.randn(k, r, c, generator=g, dtype=torch.float64)
+    coef = torch.randn(n, r, generator=g, dtype=torch.float64)
+    ids = torch.randint(-1, k, (n,), generator=g)
+    sc = torch.rand(k, generator=g)
+    thr, ds = dropout_threshold(p), 1.0 / (1.0 - p)
+    u = torch.where(dropout_keep_mask(31, n, c, p), x * ds, torch.zeros((), dtype=x.dtype))
+    ops = torch.ops.vfm_C
+    out = ops.lora_shrink(x, mats, ids, sc, 0.5, 31, thr, ds)
+    acc = torch.randn(n, c, generator=g, dtype=torch.float64)
+    expanded = acc.clone()
+    ops.lora_expand_(expanded, coef, mats, ids, sc, 0.5, 31, thr, ds)
+    red = ops.lora_reduce(coef, x, k, ids, sc, 0.5, 31, thr, ds)
+    for i in range(n):
+        a = int(ids[i])
+        if a < 0:
+            assert torch.equal(out[i], torch.zeros(r, dtype=x.dtype)) and torch.equal(expanded[i], acc[i])
+            continue
+        s = 0.5 * float(sc[a])
+        torch.testing.assert_close(out[i], s * (u[i] @ mats[a].t()))
+        term = s * (coef[i] @ mats[a])
+        torch.testing.assert_close(expanded[i], acc[i] + torch.where(u[i] != 0, term * ds, torch.zeros_like(term)))
+    for a in range(k):
+        rows = ids == a
+        torch.testing.assert_close(red[a], 0.5 * float(sc[a]) * (coef[rows].t() @ u[rows]))
+
+
+@pytest.mark.parametrize("op", ["dora_linear", "adalora_linear", "lora_linear_multi"])
+def test_registry_prefers_cpp_for_every_low_rank_op(op):
+    assert vfm.available_backends(op, "cpu")[0] == "cpp"

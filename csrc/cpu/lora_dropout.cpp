@@ -1,15 +1,21 @@
-// CPU kernels of the dropout side of vfm_C's lora_linear backend (contract:
-// vfm/ops/lora_reference.py).  The keep-mask D is never materialised: each kernel regenerates it
-// from (seed, element offset) with the contract's hash while it streams over x.
+// CPU kernels of vfm_C's low-rank adapter backends (contract: vfm/ops/lora_reference.py; Python
+// side: vfm/ops/lora_cpp.py and vfm/ops/lora_cpp_variants.py).  Three grouped kernels cover
+// lora_linear, adalora_linear, dora_linear and lora_linear_multi (rows grouped by adapter with a
+// counting sort, register-tiled loops of csrc/cpu/lora_tiles.h, OpenMP through at::parallel_for):
 //
-// * lora_dropout_xa(x, a, seed, threshold, scale) -> xa (N, r) = D(x) A^T
-// * lora_dropout_dx_(dx, gh, a, seed, threshold, scale): dx (N, in) += D(gh A)
-// * lora_dropout_ga(gh, x, seed, threshold, scale) -> (r, in) = gh^T D(x)
+// * lora_shrink(src (N, C), mats (K, R, C) or (R, C), ids?, scales?, alpha, seed, threshold, dscale)
+//     -> out (N, R): out[i] = alpha * scales[k] * D?(src_i) M_k^T, k = ids[i] (0 rows for id -1)
+// * lora_expand_(out (N, C), coef (N, R), mats (K, R, C) or (R, C), ids?, scales?, alpha, ...)
+//     out[i] += D?(alpha * scales[k] * coef_i M_k)                              (in place)
+// * lora_reduce(coef (N, R), src (N, C), K, ids?, scales?, alpha, ...) -> (K, R, C) (or (R, C)
+//     without ids): res[k] = alpha * scales[k] * sum_{i: ids[i] = k} coef_i^T D?(src_i)
+// * lora_dropout_apply(x, seed, threshold, dscale) -> D(x) (a new contiguous tensor)
 //
-// x: (N, in) with unit column stride (any row stride); a: (r, in) contiguous; gh: (N, r)
-// contiguous; x, a, gh, dx all of one dtype, float32 or float64 (the Python adapter sends the
-// other cases to the reference).  Accumulation in the input dtype.  The offset of element (i, j)
-// is i * in + j (x seen as a contiguous matrix), as in the reference.
+// D? is the contract's dropout when threshold > 0 (keep iff hash(seed, i * C + j) >= threshold,
+// kept values times dscale), the identity when threshold == 0; it applies to src (shrink,
+// reduce) or to the added term (expand), always with x's (N, C) offsets.  All tensors of one call
+// share a dtype, float32 or float64; scales is float32 (K,).  The older names lora_dropout_xa,
+// lora_dropout_dx_ and lora_dropout_ga are the single-adapter forms.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=fast", "no-trapping-math")
 #endif
@@ -22,8 +28,8 @@
 #include <cstdint>
 #include <vector>
 
-// The row loops are compiled per ISA (as in knowledge_ce.cpp): the hash needs 32-bit vector
-// multiplies (SSE4.1 / AVX2) to vectorise.
+#include "cpu/lora_tiles.h"
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define VFM_LORA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -33,243 +39,370 @@
 namespace vfm_cpu {
 namespace {
 
-inline uint32_t fmix32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x85EBCA6Bu;
-  h ^= h >> 13;
-  h *= 0xC2B2AE35u;
-  h ^= h >> 16;
-  return h;
-}
+using lora::Drop;
+using lora::kMR;
+using lora::kRG;
+using lora::round_up;
 
-struct Drop {
-  uint32_t k0, k1;
-  uint32_t thr_lo;  // threshold when it fits in 32 bits
-  bool all_dropped;  // threshold == 2^32 (cannot happen for p < 1, kept for safety)
+// Rows grouped by adapter: segment k is order[start[k] .. start[k + 1]) (identity order and one
+// segment when there are no ids); rows with id -1 belong to no segment.
+struct Groups {
+  int64_t K = 1;
+  std::vector<int64_t> order, start;
+  int64_t row(int64_t t) const { return order.empty() ? t : order[t]; }
 };
 
-inline Drop make_drop(int64_t seed, int64_t threshold) {
+struct Tile {
+  int64_t k, t0, n;  // adapter, first position in the order, rows (<= kMR)
+};
+
+Groups group_rows(const c10::optional<at::Tensor>& ids_opt, int64_t N, int64_t K) {
+  Groups g;
+  g.K = K;
+  if (!ids_opt.has_value()) {
+    TORCH_CHECK(K == 1, "lora kernels: without adapter ids there must be one adapter, got K = ", K);
+    g.start = {0, N};
+    return g;
+  }
+  const at::Tensor& ids_in = *ids_opt;
+  TORCH_CHECK(ids_in.dim() == 1 && ids_in.size(0) == N, "lora kernels: ids must have shape (", N, "), got ",
+              ids_in.sizes());
+  TORCH_CHECK(ids_in.device().is_cpu(), "lora kernels: ids must be a CPU tensor");
+  const at::Tensor ids = ids_in.to(at::kLong).contiguous();
+  const int64_t* p = ids.data_ptr<int64_t>();
+  std::vector<int64_t> count(K + 1, 0);
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(p[i] >= -1 && p[i] < K, "lora kernels: adapter id ", p[i], " of row ", i, " is outside [-1, ", K,
+                ")");
+    ++count[p[i] + 1];
+  }
+  g.start.assign(K + 1, 0);
+  for (int64_t k = 0; k < K; ++k) g.start[k + 1] = g.start[k] + count[k + 1];
+  g.order.resize(g.start[K]);
+  std::vector<int64_t> pos(g.start.begin(), g.start.end() - 1);
+  for (int64_t i = 0; i < N; ++i)
+    if (p[i] >= 0) g.order[pos[p[i]]++] = i;
+  return g;
+}
+
+std::vector<Tile> row_tiles(const Groups& g) {
+  std::vector<Tile> tiles;
+  for (int64_t k = 0; k < g.K; ++k)
+    for (int64_t t = g.start[k]; t < g.start[k + 1]; t += kMR) tiles.push_back({k, t, std::min<int64_t>(kMR, g.start[k + 1] - t)});
+  return tiles;
+}
+
+Drop make_drop(int64_t seed, int64_t threshold, double dscale) {
+  TORCH_CHECK(threshold >= 0 && threshold <= 0xFFFFFFFFll, "lora kernels: threshold must lie in [0, 2^32), got ",
+              threshold);
   const uint64_t s = static_cast<uint64_t>(seed);
   Drop d;
   d.k0 = static_cast<uint32_t>(s & 0xFFFFFFFFull);
-  d.k1 = static_cast<uint32_t>((s >> 32) & 0xFFFFFFFFull);
-  d.all_dropped = threshold > 0xFFFFFFFFll;
-  d.thr_lo = static_cast<uint32_t>(std::min<int64_t>(std::max<int64_t>(threshold, 0), 0xFFFFFFFFll));
+  d.k1 = static_cast<uint32_t>(s >> 32);
+  d.thr = static_cast<uint32_t>(threshold);
+  d.active = threshold > 0;
+  d.scale = d.active ? dscale : 1.0;
   return d;
 }
 
-// u[j] = keep(base + j) ? v[j] * scale : 0 for j in [0, n), where base + j < 2^64.
 template <typename T>
-inline void dropped_row(const Drop& d, uint64_t base, const T* v, T scale, int64_t n, T* u) {
-  if (d.all_dropped) {
-    for (int64_t j = 0; j < n; ++j) u[j] = T(0);
-    return;
+std::vector<T> adapter_scales(const c10::optional<at::Tensor>& scales, int64_t K, double alpha) {
+  std::vector<T> s(K, static_cast<T>(alpha));
+  if (scales.has_value()) {
+    TORCH_CHECK(scales->dim() == 1 && scales->size(0) == K, "lora kernels: scales must have shape (", K, "), got ",
+                scales->sizes());
+    const at::Tensor sc = scales->to(at::kCPU).to(at::kDouble).contiguous();
+    const double* p = sc.data_ptr<double>();
+    for (int64_t k = 0; k < K; ++k) s[k] = static_cast<T>(static_cast<T>(p[k]) * static_cast<T>(alpha));
   }
-  const uint64_t end = base + static_cast<uint64_t>(n);
-  if ((base >> 32) == ((end - 1) >> 32) || n == 0) {
-    // One high word for the whole span: a vectorisable loop on 32-bit lanes.
-    const uint32_t hi_mix = d.k1 ^ (static_cast<uint32_t>(base >> 32) * 0x9E3779B9u);
-    const uint32_t lo0 = static_cast<uint32_t>(base);
-    const uint32_t k0 = d.k0, thr = d.thr_lo;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
-      const uint32_t h = fmix32(fmix32((lo0 + static_cast<uint32_t>(j)) ^ k0) ^ hi_mix);
-      u[j] = h >= thr ? v[j] * scale : T(0);
+  return s;
+}
+
+// ------------------------------------------------------------------------------ kernels --
+template <typename T>
+void shrink_range(const Drop& d, const T* src, int64_t ld, int64_t C, const T* mt, int64_t RP, int64_t R,
+                  const Groups* g, const Tile* tiles, int64_t t0, int64_t t1, const T* ks, T* out) {
+  std::vector<T> ubuf(d.active ? kMR * C : 0);
+  const T ds = static_cast<T>(d.scale);
+  for (int64_t t = t0; t < t1; ++t) {
+    const Tile& tile = tiles[t];
+    const T* u[kMR];
+    T* o[kMR];
+    for (int m = 0; m < tile.n; ++m) {
+      const int64_t i = g->row(tile.t0 + m);
+      if (d.active) {
+        lora::drop_row<T>(d, static_cast<uint64_t>(i) * static_cast<uint64_t>(C), src + i * ld, ds, C,
+                          ubuf.data() + m * C);
+        u[m] = ubuf.data() + m * C;
+      } else {
+        u[m] = src + i * ld;
+      }
+      o[m] = out + i * R;
     }
-  } else {
-    for (int64_t j = 0; j < n; ++j) {
-      const uint64_t off = base + static_cast<uint64_t>(j);
-      const uint32_t h = fmix32(fmix32(static_cast<uint32_t>(off) ^ d.k0) ^ d.k1 ^
-                                (static_cast<uint32_t>(off >> 32) * 0x9E3779B9u));
-      u[j] = h >= d.thr_lo ? v[j] * scale : T(0);
+    for (int m = tile.n; m < kMR; ++m) u[m] = u[0];
+    lora::shrink_tile<T>(u, static_cast<int>(tile.n), mt + tile.k * C * RP, C, RP, R, ks[tile.k], o);
+  }
+}
+
+template <typename T>
+void expand_range(const Drop& d, T* out, int64_t ldo, const T* coef, int64_t C, const T* mp, int64_t CP, int64_t R,
+                  const Groups* g, const Tile* tiles, int64_t t0, int64_t t1, const T* ks) {
+  std::vector<T> cbuf(kMR * R);
+  for (int64_t t = t0; t < t1; ++t) {
+    const Tile& tile = tiles[t];
+    uint64_t base[kMR];
+    T* o[kMR];
+    const T s = ks[tile.k];
+    for (int m = 0; m < kMR; ++m) {
+      const int64_t i = g->row(tile.t0 + std::min<int64_t>(m, tile.n - 1));
+      for (int64_t r = 0; r < R; ++r) cbuf[m * R + r] = s * coef[i * R + r];
+      base[m] = static_cast<uint64_t>(i) * static_cast<uint64_t>(C);
+      o[m] = out + i * ldo;
     }
+    lora::expand_tile<T>(cbuf.data(), R, static_cast<int>(tile.n), mp + tile.k * R * CP, R, C, CP, d, base, o);
   }
 }
 
+// Tasks (k, panel): task q covers adapter q / npanel, columns [(q % npanel) * JP, + JP).
 template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t j = 0; j < n; ++j) acc += a[j] * b[j];
-  return acc;
-}
-
-template <typename T>
-inline void axpy(T alpha, const T* x, int64_t n, T* y) {  // y += alpha * x
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) y[j] += alpha * x[j];
-}
-
-template <typename T>
-inline void scale_row(T alpha, const T* x, int64_t n, T* y) {  // y = alpha * x
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) y[j] = alpha * x[j];
-}
-
-template <typename T>
-inline void xa_range(const Drop& d, const T* xp, int64_t ldx, const T* ap, T* op, int64_t K, int64_t R, T s,
-                     int64_t i0, int64_t i1, T* u) {
-  for (int64_t i = i0; i < i1; ++i) {
-    dropped_row<T>(d, static_cast<uint64_t>(i) * static_cast<uint64_t>(K), xp + i * ldx, s, K, u);
-    for (int64_t k = 0; k < R; ++k) op[i * R + k] = dot(u, ap + k * K, K);
+void reduce_range(const Drop& d, const T* coef, const T* src, int64_t ld, int64_t C, int64_t R, int64_t JP,
+                  int64_t npanel, const Groups* g, int64_t q0, int64_t q1, const T* ks, T* res) {
+  std::vector<T> acc(R * JP), ubuf(kRG * JP), cbuf(kRG * R);
+  const T ds = static_cast<T>(d.scale);
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t k = q / npanel, c0 = (q % npanel) * JP;
+    const int64_t w = std::min<int64_t>(JP, C - c0), WP = round_up(w, lora::Vec<T>::L);
+    std::fill(acc.begin(), acc.begin() + R * WP, T(0));
+    const T* u[kRG];
+    for (int m = 0; m < kRG; ++m) u[m] = ubuf.data() + m * WP;
+    for (int64_t t = g->start[k]; t < g->start[k + 1]; t += kRG) {
+      const int64_t n = std::min<int64_t>(kRG, g->start[k + 1] - t);
+      for (int m = 0; m < kRG; ++m) {
+        T* um = ubuf.data() + m * WP;
+        if (m < n) {
+          const int64_t i = g->row(t + m);
+          const T* x = src + i * ld + c0;
+          if (d.active) {
+            lora::drop_row<T>(d, static_cast<uint64_t>(i) * static_cast<uint64_t>(C) + c0, x, ds, w, um);
+          } else {
+            std::copy(x, x + w, um);
+          }
+          std::fill(um + w, um + WP, T(0));
+          std::copy(coef + i * R, coef + i * R + R, cbuf.data() + m * R);
+        } else {
+          std::fill(um, um + WP, T(0));
+          std::fill(cbuf.data() + m * R, cbuf.data() + m * R + R, T(0));
+        }
+      }
+      lora::reduce_step<T>(cbuf.data(), R, u, R, WP, acc.data());
+    }
+    const T s = ks[k];
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = 0; j < w; ++j) res[(k * R + r) * C + c0 + j] = s * acc[r * WP + j];
   }
 }
 
-template <typename T>
-inline void dx_range(const Drop& d, T* dp, const T* gp, const T* ap, int64_t K, int64_t R, T s, int64_t i0,
-                     int64_t i1, T* t, T* u) {
-  for (int64_t i = i0; i < i1; ++i) {
-    const T* g = gp + i * R;
-    scale_row(g[0], ap, K, t);
-    for (int64_t k = 1; k < R; ++k) axpy(g[k], ap + k * K, K, t);
-    dropped_row<T>(d, static_cast<uint64_t>(i) * static_cast<uint64_t>(K), t, s, K, u);
-    axpy(T(1), u, K, dp + i * K);
-  }
-}
-
-constexpr int64_t kGaBlock = 64;
-
-// Columns [j0, j0 + w) of gh^T D(x), all rows, into op (r, K); acc: R * kGaBlock scratch.
-template <typename T>
-inline void ga_block(const Drop& d, const T* xp, int64_t ldx, const T* gp, T* op, int64_t N, int64_t K, int64_t R,
-                     T s, int64_t j0, int64_t w, T* acc) {
-  T u[kGaBlock];
-  for (int64_t q = 0; q < R * kGaBlock; ++q) acc[q] = T(0);
-  for (int64_t i = 0; i < N; ++i) {
-    dropped_row<T>(d, static_cast<uint64_t>(i) * static_cast<uint64_t>(K) + j0, xp + i * ldx + j0, s, w, u);
-    const T* g = gp + i * R;
-    for (int64_t k = 0; k < R; ++k) axpy(g[k], u, w, acc + k * kGaBlock);
-  }
-  for (int64_t k = 0; k < R; ++k)
-    for (int64_t j = 0; j < w; ++j) op[k * K + j0 + j] = acc[k * kGaBlock + j];
-}
-
-#define VFM_LORA_INSTANTIATE(T, SFX)                                                                            \
-  VFM_LORA_CLONES void xa_range_##SFX(const Drop& d, const T* xp, int64_t ldx, const T* ap, T* op, int64_t K,   \
-                                      int64_t R, T s, int64_t i0, int64_t i1, T* u) {                           \
-    xa_range<T>(d, xp, ldx, ap, op, K, R, s, i0, i1, u);                                                         \
-  }                                                                                                             \
-  VFM_LORA_CLONES void dx_range_##SFX(const Drop& d, T* dp, const T* gp, const T* ap, int64_t K, int64_t R, T s, \
-                                      int64_t i0, int64_t i1, T* t, T* u) {                                     \
-    dx_range<T>(d, dp, gp, ap, K, R, s, i0, i1, t, u);                                                           \
-  }                                                                                                             \
-  VFM_LORA_CLONES void ga_block_##SFX(const Drop& d, const T* xp, int64_t ldx, const T* gp, T* op, int64_t N,   \
-                                      int64_t K, int64_t R, T s, int64_t j0, int64_t w, T* acc) {               \
-    ga_block<T>(d, xp, ldx, gp, op, N, K, R, s, j0, w, acc);                                                     \
+#define VFM_LORA_INSTANTIATE(T, SFX)                                                                               \
+  VFM_LORA_CLONES void shrink_##SFX(const Drop& d, const T* src, int64_t ld, int64_t C, const T* mt, int64_t RP,   \
+                                    int64_t R, const Groups* g, const Tile* tiles, int64_t t0, int64_t t1,        \
+                                    const T* ks, T* out) {                                                         \
+    shrink_range<T>(d, src, ld, C, mt, RP, R, g, tiles, t0, t1, ks, out);                                          \
+  }                                                                                                                \
+  VFM_LORA_CLONES void expand_##SFX(const Drop& d, T* out, int64_t ldo, const T* coef, int64_t C, const T* mp,     \
+                                    int64_t CP, int64_t R, const Groups* g, const Tile* tiles, int64_t t0,        \
+                                    int64_t t1, const T* ks) {                                                     \
+    expand_range<T>(d, out, ldo, coef, C, mp, CP, R, g, tiles, t0, t1, ks);                                        \
+  }                                                                                                                \
+  VFM_LORA_CLONES void reduce_##SFX(const Drop& d, const T* coef, const T* src, int64_t ld, int64_t C, int64_t R,  \
+                                    int64_t JP, int64_t npanel, const Groups* g, int64_t q0, int64_t q1,          \
+                                    const T* ks, T* res) {                                                         \
+    reduce_range<T>(d, coef, src, ld, C, R, JP, npanel, g, q0, q1, ks, res);                                       \
+  }                                                                                                                \
+  VFM_LORA_CLONES void apply_##SFX(const Drop& d, const T* x, int64_t ld, int64_t C, int64_t i0, int64_t i1,       \
+                                   T* u) {                                                                         \
+    for (int64_t i = i0; i < i1; ++i)                                                                              \
+      lora::drop_row<T>(d, static_cast<uint64_t>(i) * static_cast<uint64_t>(C), x + i * ld,                       \
+                        static_cast<T>(d.scale), C, u + i * C);                                                   \
   }
 
 VFM_LORA_INSTANTIATE(float, f32)
 VFM_LORA_INSTANTIATE(double, f64)
 
-inline void xa_rows(const Drop& d, const float* xp, int64_t ldx, const float* ap, float* op, int64_t K, int64_t R,
-                    float s, int64_t i0, int64_t i1, float* u) { xa_range_f32(d, xp, ldx, ap, op, K, R, s, i0, i1, u); }
-inline void xa_rows(const Drop& d, const double* xp, int64_t ldx, const double* ap, double* op, int64_t K, int64_t R,
-                    double s, int64_t i0, int64_t i1, double* u) { xa_range_f64(d, xp, ldx, ap, op, K, R, s, i0, i1, u); }
-inline void dx_rows(const Drop& d, float* dp, const float* gp, const float* ap, int64_t K, int64_t R, float s,
-                    int64_t i0, int64_t i1, float* t, float* u) { dx_range_f32(d, dp, gp, ap, K, R, s, i0, i1, t, u); }
-inline void dx_rows(const Drop& d, double* dp, const double* gp, const double* ap, int64_t K, int64_t R, double s,
-                    int64_t i0, int64_t i1, double* t, double* u) { dx_range_f64(d, dp, gp, ap, K, R, s, i0, i1, t, u); }
-inline void ga_cols(const Drop& d, const float* xp, int64_t ldx, const float* gp, float* op, int64_t N, int64_t K,
-                    int64_t R, float s, int64_t j0, int64_t w, float* acc) { ga_block_f32(d, xp, ldx, gp, op, N, K, R, s, j0, w, acc); }
-inline void ga_cols(const Drop& d, const double* xp, int64_t ldx, const double* gp, double* op, int64_t N, int64_t K,
-                    int64_t R, double s, int64_t j0, int64_t w, double* acc) { ga_block_f64(d, xp, ldx, gp, op, N, K, R, s, j0, w, acc); }
+#define VFM_LORA_OVERLOADS(T, SFX)                                                                                  \
+  inline void shrink_k(const Drop& d, const T* a, int64_t b, int64_t c, const T* e, int64_t f, int64_t h,          \
+                       const Groups* g, const Tile* t, int64_t t0, int64_t t1, const T* ks, T* o) {                 \
+    shrink_##SFX(d, a, b, c, e, f, h, g, t, t0, t1, ks, o);                                                         \
+  }                                                                                                                 \
+  inline void expand_k(const Drop& d, T* o, int64_t lo, const T* c, int64_t C, const T* mp, int64_t CP, int64_t R, \
+                       const Groups* g, const Tile* t, int64_t t0, int64_t t1, const T* ks) {                       \
+    expand_##SFX(d, o, lo, c, C, mp, CP, R, g, t, t0, t1, ks);                                                      \
+  }                                                                                                                 \
+  inline void reduce_k(const Drop& d, const T* c, const T* s, int64_t ld, int64_t C, int64_t R, int64_t JP,        \
+                       int64_t np, const Groups* g, int64_t q0, int64_t q1, const T* ks, T* res) {                  \
+    reduce_##SFX(d, c, s, ld, C, R, JP, np, g, q0, q1, ks, res);                                                    \
+  }                                                                                                                 \
+  inline void apply_k(const Drop& d, const T* x, int64_t ld, int64_t C, int64_t i0, int64_t i1, T* u) {            \
+    apply_##SFX(d, x, ld, C, i0, i1, u);                                                                            \
+  }
 
-void check_common(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.device().is_cpu(), "lora_dropout: ", name, " must be a CPU tensor");
-  TORCH_CHECK(x.dim() == 2, "lora_dropout: ", name, " must be 2-D, got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "lora_dropout: ", name, " must be float32 or float64, got ", x.scalar_type());
+VFM_LORA_OVERLOADS(float, f32)
+VFM_LORA_OVERLOADS(double, f64)
+
+// ------------------------------------------------------------------------- op wrappers --
+void check_2d(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
 }
 
 at::Tensor unit_col(const at::Tensor& x) { return x.stride(1) == 1 || x.size(1) <= 1 ? x : x.contiguous(); }
+int64_t row_stride(const at::Tensor& x) { return x.size(0) > 1 ? x.stride(0) : x.size(1); }
+
+// (K, R, C) view of mats (2-D mats: one adapter).
+at::Tensor as_stack(const at::Tensor& mats, const char* op) {
+  TORCH_CHECK(mats.device().is_cpu(), op, ": mats must be a CPU tensor");
+  TORCH_CHECK(mats.dim() == 2 || mats.dim() == 3, op, ": mats must be (R, C) or (K, R, C), got ", mats.sizes());
+  return mats.dim() == 2 ? mats.unsqueeze(0) : mats;
+}
+
+int64_t grain_rows(int64_t work_per_tile) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(work_per_tile, 1)); }
 
 }  // namespace
 
-at::Tensor lora_dropout_xa_cpu(const at::Tensor& x_in, const at::Tensor& a_in, int64_t seed, int64_t threshold,
-                               double scale) {
-  check_common(x_in, "x");
-  check_common(a_in, "a");
-  TORCH_CHECK(x_in.scalar_type() == a_in.scalar_type(), "lora_dropout_xa: x and a dtypes differ");
-  TORCH_CHECK(x_in.size(1) == a_in.size(1), "lora_dropout_xa: x is ", x_in.sizes(), " but a is ", a_in.sizes());
-  const at::Tensor x = unit_col(x_in);
-  const at::Tensor a = a_in.contiguous();
-  const int64_t N = x.size(0), K = x.size(1), R = a.size(0);
-  at::Tensor out = at::empty({N, R}, x.options());
+at::Tensor lora_shrink_cpu(const at::Tensor& src_in, const at::Tensor& mats_in, const c10::optional<at::Tensor>& ids,
+                           const c10::optional<at::Tensor>& scales, double alpha, int64_t seed, int64_t threshold,
+                           double dscale) {
+  check_2d(src_in, "lora_shrink", "src");
+  const at::Tensor m = as_stack(mats_in, "lora_shrink");
+  TORCH_CHECK(m.scalar_type() == src_in.scalar_type(), "lora_shrink: src and mats dtypes differ");
+  const int64_t N = src_in.size(0), C = src_in.size(1), K = m.size(0), R = m.size(1);
+  TORCH_CHECK(m.size(2) == C, "lora_shrink: src is ", src_in.sizes(), " but mats is ", mats_in.sizes());
+  const at::Tensor src = unit_col(src_in);
+  at::Tensor out = ids.has_value() ? at::zeros({N, R}, src.options()) : at::empty({N, R}, src.options());
   if (N == 0 || R == 0) return out;
-  if (K == 0) return out.zero_();
-  const Drop d = make_drop(seed, threshold);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lora_dropout_xa", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* ap = a.data_ptr<scalar_t>();
+  if (C == 0) return out.zero_();
+  const Groups g = group_rows(ids, N, K);
+  const std::vector<Tile> tiles = row_tiles(g);
+  const Drop d = make_drop(seed, threshold, dscale);
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "lora_shrink", [&] {
+    const int64_t RP = round_up(R, lora::Vec<scalar_t>::L);
+    // M^T packed per adapter: mt[k][j][r] = mats[k][r][j], zero padded to RP ranks.
+    at::Tensor mt = at::zeros({K, C, RP}, src.options());
+    mt.narrow(2, 0, R).copy_(m.transpose(1, 2));
+    const std::vector<scalar_t> ks = adapter_scales<scalar_t>(scales, K, alpha);
+    const scalar_t* sp = src.data_ptr<scalar_t>();
+    const scalar_t* mp = mt.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    const int64_t ldx = x.size(0) > 1 ? x.stride(0) : K;
-    const scalar_t s = static_cast<scalar_t>(scale);
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K * R, 1));
-    at::parallel_for(0, N, grain, [&](int64_t i0, int64_t i1) {
-      std::vector<scalar_t> u(K);
-      xa_rows(d, xp, ldx, ap, op, K, R, s, i0, i1, u.data());
+    const int64_t ld = row_stride(src);
+    at::parallel_for(0, static_cast<int64_t>(tiles.size()), grain_rows(kMR * C * RP / 8), [&](int64_t t0, int64_t t1) {
+      shrink_k(d, sp, ld, C, mp, RP, R, &g, tiles.data(), t0, t1, ks.data(), op);
     });
   });
   return out;
 }
 
-void lora_dropout_dx_cpu(at::Tensor dx, const at::Tensor& gh_in, const at::Tensor& a_in, int64_t seed,
-                         int64_t threshold, double scale) {
-  check_common(dx, "dx");
-  check_common(gh_in, "gh");
-  check_common(a_in, "a");
-  TORCH_CHECK(dx.scalar_type() == gh_in.scalar_type() && dx.scalar_type() == a_in.scalar_type(),
-              "lora_dropout_dx_: dx, gh and a dtypes differ");
-  TORCH_CHECK(dx.is_contiguous(), "lora_dropout_dx_: dx must be contiguous");
-  const int64_t N = dx.size(0), K = dx.size(1), R = a_in.size(0);
-  TORCH_CHECK(a_in.size(1) == K && gh_in.size(0) == N && gh_in.size(1) == R, "lora_dropout_dx_: shapes dx ",
-              dx.sizes(), ", gh ", gh_in.sizes(), ", a ", a_in.sizes(), " do not match");
-  if (N == 0 || K == 0 || R == 0) return;
-  const at::Tensor gh = gh_in.contiguous();
-  const at::Tensor a = a_in.contiguous();
-  const Drop d = make_drop(seed, threshold);
-  AT_DISPATCH_FLOATING_TYPES(dx.scalar_type(), "lora_dropout_dx_", [&] {
-    scalar_t* dp = dx.data_ptr<scalar_t>();
-    const scalar_t* gp = gh.data_ptr<scalar_t>();
-    const scalar_t* ap = a.data_ptr<scalar_t>();
-    const scalar_t s = static_cast<scalar_t>(scale);
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K * R, 1));
-    at::parallel_for(0, N, grain, [&](int64_t i0, int64_t i1) {
-      std::vector<scalar_t> t(K), u(K);
-      dx_rows(d, dp, gp, ap, K, R, s, i0, i1, t.data(), u.data());
+void lora_expand_cpu(at::Tensor out, const at::Tensor& coef_in, const at::Tensor& mats_in,
+                     const c10::optional<at::Tensor>& ids, const c10::optional<at::Tensor>& scales, double alpha,
+                     int64_t seed, int64_t threshold, double dscale) {
+  check_2d(out, "lora_expand_", "out");
+  check_2d(coef_in, "lora_expand_", "coef");
+  const at::Tensor m = as_stack(mats_in, "lora_expand_");
+  TORCH_CHECK(out.scalar_type() == coef_in.scalar_type() && out.scalar_type() == m.scalar_type(),
+              "lora_expand_: out, coef and mats dtypes differ");
+  TORCH_CHECK(out.size(1) <= 1 || out.stride(1) == 1, "lora_expand_: out must have unit column stride");
+  const int64_t N = out.size(0), C = out.size(1), K = m.size(0), R = m.size(1);
+  TORCH_CHECK(m.size(2) == C && coef_in.size(0) == N && coef_in.size(1) == R, "lora_expand_: shapes out ",
+              out.sizes(), ", coef ", coef_in.sizes(), ", mats ", mats_in.sizes(), " do not match");
+  if (N == 0 || C == 0 || R == 0) return;
+  const Groups g = group_rows(ids, N, K);
+  const std::vector<Tile> tiles = row_tiles(g);
+  const Drop d = make_drop(seed, threshold, dscale);
+  const at::Tensor coef = coef_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lora_expand_", [&] {
+    const int64_t CP = round_up(C, lora::Vec<scalar_t>::L);
+    at::Tensor mp = at::zeros({K, R, CP}, out.options());
+    mp.narrow(2, 0, C).copy_(m);
+    const std::vector<scalar_t> ks = adapter_scales<scalar_t>(scales, K, alpha);
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t* cp = coef.data_ptr<scalar_t>();
+    const scalar_t* pp = mp.data_ptr<scalar_t>();
+    const int64_t ldo = row_stride(out);
+    at::parallel_for(0, static_cast<int64_t>(tiles.size()), grain_rows(kMR * CP * R / 8), [&](int64_t t0, int64_t t1) {
+      expand_k(d, op, ldo, cp, C, pp, CP, R, &g, tiles.data(), t0, t1, ks.data());
     });
   });
 }
 
-at::Tensor lora_dropout_ga_cpu(const at::Tensor& gh_in, const at::Tensor& x_in, int64_t seed, int64_t threshold,
-                               double scale) {
-  check_common(gh_in, "gh");
-  check_common(x_in, "x");
-  TORCH_CHECK(gh_in.scalar_type() == x_in.scalar_type(), "lora_dropout_ga: gh and x dtypes differ");
-  TORCH_CHECK(gh_in.size(0) == x_in.size(0), "lora_dropout_ga: gh is ", gh_in.sizes(), " but x is ", x_in.sizes());
+at::Tensor lora_reduce_cpu(const at::Tensor& coef_in, const at::Tensor& src_in, int64_t n_adapters,
+                           const c10::optional<at::Tensor>& ids, const c10::optional<at::Tensor>& scales, double alpha,
+                           int64_t seed, int64_t threshold, double dscale) {
+  check_2d(coef_in, "lora_reduce", "coef");
+  check_2d(src_in, "lora_reduce", "src");
+  TORCH_CHECK(coef_in.scalar_type() == src_in.scalar_type(), "lora_reduce: coef and src dtypes differ");
+  TORCH_CHECK(coef_in.size(0) == src_in.size(0), "lora_reduce: coef is ", coef_in.sizes(), " but src is ",
+              src_in.sizes());
+  TORCH_CHECK(n_adapters >= 1, "lora_reduce: n_adapters must be >= 1, got ", n_adapters);
+  const at::Tensor src = unit_col(src_in);
+  const at::Tensor coef = coef_in.contiguous();
+  const int64_t N = src.size(0), C = src.size(1), R = coef.size(1), K = n_adapters;
+  at::Tensor res = at::zeros({K, R, C}, src.options());
+  if (N > 0 && C > 0 && R > 0) {
+    const Groups g = group_rows(ids, N, K);
+    const Drop d = make_drop(seed, threshold, dscale);
+    AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "lora_reduce", [&] {
+      constexpr int64_t L = lora::Vec<scalar_t>::L;
+      // Panel width: the (R, JP) accumulator stays in L1 (16 KiB), and there are enough tasks for
+      // every thread.
+      int64_t jp = std::max<int64_t>(L, (16384 / static_cast<int64_t>(sizeof(scalar_t)) / R) / L * L);
+      const int64_t want = (4 * at::get_num_threads() + K - 1) / K;
+      jp = std::min(jp, std::max<int64_t>(2 * L, round_up((C + want - 1) / want, L)));
+      jp = std::min(jp, round_up(C, L));
+      const int64_t npanel = (C + jp - 1) / jp;
+      const std::vector<scalar_t> ks = adapter_scales<scalar_t>(scales, K, alpha);
+      const scalar_t* cp = coef.data_ptr<scalar_t>();
+      const scalar_t* sp = src.data_ptr<scalar_t>();
+      scalar_t* rp = res.data_ptr<scalar_t>();
+      const int64_t ld = row_stride(src);
+      at::parallel_for(0, K * npanel, 1, [&](int64_t q0, int64_t q1) {
+        reduce_k(d, cp, sp, ld, C, R, jp, npanel, &g, q0, q1, ks.data(), rp);
+      });
+    });
+  }
+  return ids.has_value() ? res : res.squeeze(0);
+}
+
+at::Tensor lora_dropout_apply_cpu(const at::Tensor& x_in, int64_t seed, int64_t threshold, double dscale) {
+  check_2d(x_in, "lora_dropout_apply", "x");
   const at::Tensor x = unit_col(x_in);
-  const at::Tensor gh = gh_in.contiguous();
-  const int64_t N = x.size(0), K = x.size(1), R = gh.size(1);
-  at::Tensor out = at::zeros({R, K}, x.options());
-  if (N == 0 || K == 0 || R == 0) return out;
-  const Drop d = make_drop(seed, threshold);
-  constexpr int64_t JB = kGaBlock;
-  const int64_t nblocks = (K + JB - 1) / JB;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lora_dropout_ga", [&] {
+  const int64_t N = x.size(0), C = x.size(1);
+  const Drop d = make_drop(seed, threshold, dscale);
+  if (!d.active) return x.contiguous().clone();
+  at::Tensor u = at::empty({N, C}, x.options());
+  if (N == 0 || C == 0) return u;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lora_dropout_apply", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* gp = gh.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    const int64_t ldx = x.size(0) > 1 ? x.stride(0) : K;
-    const scalar_t s = static_cast<scalar_t>(scale);
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<scalar_t> acc(R * JB);
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t j0 = b * JB;
-        ga_cols(d, xp, ldx, gp, op, N, K, R, s, j0, std::min(JB, K - j0), acc.data());
-      }
-    });
+    scalar_t* up = u.data_ptr<scalar_t>();
+    const int64_t ld = row_stride(x);
+    at::parallel_for(0, N, grain_rows(C), [&](int64_t i0, int64_t i1) { apply_k(d, xp, ld, C, i0, i1, up); });
   });
-  return out;
+  return u;
+}
+
+// Single-adapter forms (the first cpp backend's names).
+at::Tensor lora_dropout_xa_cpu(const at::Tensor& x, const at::Tensor& a, int64_t seed, int64_t threshold,
+                               double scale) {
+  return lora_shrink_cpu(x, a, c10::nullopt, c10::nullopt, 1.0, seed, threshold, scale);
+}
+
+void lora_dropout_dx_cpu(at::Tensor dx, const at::Tensor& gh, const at::Tensor& a, int64_t seed, int64_t threshold,
+                         double scale) {
+  lora_expand_cpu(dx, gh, a, c10::nullopt, c10::nullopt, 1.0, seed, threshold, scale);
+}
+
+at::Tensor lora_dropout_ga_cpu(const at::Tensor& gh, const at::Tensor& x, int64_t seed, int64_t threshold,
+                               double scale) {
+  return lora_reduce_cpu(gh, x, 1, c10::nullopt, c10::nullopt, 1.0, seed, threshold, scale);
 }
 
 }  // namespace vfm_cpu
@@ -278,4 +411,8 @@ TORCH_LIBRARY_IMPL(vfm_C, CPU, m) {
   m.impl("lora_dropout_xa", &vfm_cpu::lora_dropout_xa_cpu);
   m.impl("lora_dropout_dx_", &vfm_cpu::lora_dropout_dx_cpu);
   m.impl("lora_dropout_ga", &vfm_cpu::lora_dropout_ga_cpu);
+  m.impl("lora_shrink", &vfm_cpu::lora_shrink_cpu);
+  m.impl("lora_expand_", &vfm_cpu::lora_expand_cpu);
+  m.impl("lora_reduce", &vfm_cpu::lora_reduce_cpu);
+  m.impl("lora_dropout_apply", &vfm_cpu::lora_dropout_apply_cpu);
 }

@@ -30,6 +30,7 @@ from vfm import _registry
 from vfm.ops.knowledge_ce import _is_eager_tensor  # noqa: F401  (re-exported for the API)
 from vfm.ops.lora_cpp import LORA_CPP
 from vfm.ops.lora_cpp import check_cpp as check_lora_cpp
+from vfm.ops.lora_cpp_variants import ADALORA_CPP, DORA_CPP, LORA_MULTI_CPP
 from vfm.ops.lora_reference import ADALORA_TORCH, DORA_TORCH, LORA_MULTI_TORCH, LORA_TORCH
 from vfm.ops.lora_triton import ADALORA_TRITON, DORA_TRITON, LORA_MULTI_TRITON, LORA_TRITON, check_triton
 
@@ -42,7 +43,8 @@ def _check_torch(device: torch.device) -> Optional[str]:
 
 for _name, _kernels in ((LORA, LORA_TORCH), (DORA, DORA_TORCH), (ADALORA, ADALORA_TORCH), (MULTI, LORA_MULTI_TORCH)):
     _registry.register(_name, "torch", _kernels, _check_torch)
-_registry.register(LORA, "cpp", LORA_CPP, check_lora_cpp)
+for _name, _kernels in ((LORA, LORA_CPP), (DORA, DORA_CPP), (ADALORA, ADALORA_CPP), (MULTI, LORA_MULTI_CPP)):
+    _registry.register(_name, "cpp", _kernels, check_lora_cpp)
 from vfm.ops.lora_cuda import LORA_CUDA, LORA_MULTI_CUDA, check_cuda as check_lora_cuda  # noqa: E402
 _registry.register(LORA, "cuda", LORA_CUDA, check_lora_cuda)
 _registry.register(MULTI, "cuda", LORA_MULTI_CUDA, check_lora_cuda)

@@ -1,0 +1,192 @@
+// Register-tiled CPU kernels of the low-rank adapter ops (contract: vfm/ops/lora_reference.py),
+// shared by csrc/cpu/lora_dropout.cpp.  Every kernel works on rows grouped by adapter (one
+// adapter for lora_linear, K for lora_linear_multi) and regenerates the dropout keep-mask from
+// (seed, element offset) where it touches x, never storing it:
+//
+// * shrink:  out[i, :R]  = alpha * s_k * D?(src_i) M_k^T        (xa = D(x) A^T, gxa = s g B)
+// * expand:  out[i, :C] += D?(alpha * s_k * coef_i M_k)          (y += s xa B^T, dx += D(gxa A))
+// * reduce:  res[k]      = alpha * s_k * sum_{i in k} coef_i^T D?(src_i)   (grad A, grad B)
+//
+// with M_k (R, C), k = the row's adapter.  The dense loops are GEMM micro-kernels on GCC vector
+// types of 64 bytes (2 AVX2 / 1 AVX-512 register), MR rows (or 4 rows for reduce) at a time so
+// that each load of M feeds several FMAs; accumulation in the input dtype, as BLAS does.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#define VFM_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace vfm_cpu {
+namespace lora {
+
+VFM_ALWAYS_INLINE uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// Dropout of one call: keep iff hash(seed, offset) >= thr; kept values are multiplied by scale.
+struct Drop {
+  uint32_t k0 = 0, k1 = 0, thr = 0;
+  bool active = false;  // threshold > 0 (p > 0)
+  double scale = 1.0;
+};
+
+VFM_ALWAYS_INLINE uint32_t hash_at(const Drop& d, uint64_t off) {
+  return fmix32(fmix32(static_cast<uint32_t>(off) ^ d.k0) ^ d.k1 ^ (static_cast<uint32_t>(off >> 32) * 0x9E3779B9u));
+}
+
+// u[j] = keep(base + j) ? v[j] * s : 0 for j in [0, n).
+template <typename T>
+VFM_ALWAYS_INLINE void drop_row(const Drop& d, uint64_t base, const T* v, T s, int64_t n, T* u) {
+  const uint64_t end = base + static_cast<uint64_t>(n);
+  if (n == 0) return;
+  if ((base >> 32) == ((end - 1) >> 32)) {  // one high word: a loop on 32-bit lanes
+    const uint32_t hi_mix = d.k1 ^ (static_cast<uint32_t>(base >> 32) * 0x9E3779B9u);
+    const uint32_t lo0 = static_cast<uint32_t>(base), k0 = d.k0, thr = d.thr;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t h = fmix32(fmix32((lo0 + static_cast<uint32_t>(j)) ^ k0) ^ hi_mix);
+      u[j] = h >= thr ? v[j] * s : T(0);
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) u[j] = hash_at(d, base + static_cast<uint64_t>(j)) >= d.thr ? v[j] * s : T(0);
+  }
+}
+
+// o[j] += keep(base + j) ? t[j] * s : 0 for j in [0, n).
+template <typename T>
+VFM_ALWAYS_INLINE void drop_add_row(const Drop& d, uint64_t base, const T* t, T s, int64_t n, T* o) {
+  const uint64_t end = base + static_cast<uint64_t>(n);
+  if (n == 0) return;
+  if ((base >> 32) == ((end - 1) >> 32)) {
+    const uint32_t hi_mix = d.k1 ^ (static_cast<uint32_t>(base >> 32) * 0x9E3779B9u);
+    const uint32_t lo0 = static_cast<uint32_t>(base), k0 = d.k0, thr = d.thr;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t h = fmix32(fmix32((lo0 + static_cast<uint32_t>(j)) ^ k0) ^ hi_mix);
+      o[j] += h >= thr ? t[j] * s : T(0);
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) o[j] += hash_at(d, base + static_cast<uint64_t>(j)) >= d.thr ? t[j] * s : T(0);
+  }
+}
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(64)));
+  static constexpr int L = 16;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(64)));
+  static constexpr int L = 8;
+};
+
+template <typename V, typename T>
+VFM_ALWAYS_INLINE V vload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+VFM_ALWAYS_INLINE void vstore(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+constexpr int kMR = 6;      // rows per shrink / expand tile
+constexpr int kRG = 4;      // rows per reduce step
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Shrink one tile of nrows <= kMR rows (u[m]: the rows, already dropped; entries m >= nrows
+// repeat a valid row).  mt: M^T packed (C, RP) with RP a multiple of L (zero padded).
+// o[m][r] = s * sum_j u[m][j] * mt[j][r] for r < R.
+template <typename T>
+VFM_ALWAYS_INLINE void shrink_tile(const T* const* u, int nrows, const T* mt, int64_t C, int64_t RP, int64_t R, T s,
+                                   T* const* o) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  for (int64_t c0 = 0; c0 < RP; c0 += L) {
+    V acc[kMR];
+#pragma GCC unroll 8
+    for (int m = 0; m < kMR; ++m) acc[m] = V{};
+    const T* mp = mt + c0;
+    for (int64_t j = 0; j < C; ++j) {
+      const V p = vload<V>(mp + j * RP);
+#pragma GCC unroll 8
+      for (int m = 0; m < kMR; ++m) acc[m] += u[m][j] * p;
+    }
+    const int64_t n = std::min<int64_t>(L, R - c0);
+    for (int m = 0; m < nrows; ++m) {
+      T tmp[L];
+      vstore(tmp, acc[m]);
+      for (int64_t q = 0; q < n; ++q) o[m][c0 + q] = s * tmp[q];
+    }
+  }
+}
+
+// Expand one tile: for m < nrows, out[m][:C] += D(sum_r coef[m * ldc + r] * mp[r][:]) (row m's dropout
+// offsets start at base[m]); mp: M packed (R, CP), CP a multiple of L (zero padded); coef
+// already holds every scale factor.
+template <typename T>
+VFM_ALWAYS_INLINE void expand_tile(const T* coef, int64_t ldc, int nrows, const T* mp, int64_t R, int64_t C, int64_t CP,
+                                   const Drop& d, const uint64_t* base, T* const* out) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  const T ds = static_cast<T>(d.scale);
+  for (int64_t c0 = 0; c0 < CP; c0 += L) {
+    V acc[kMR];
+#pragma GCC unroll 8
+    for (int m = 0; m < kMR; ++m) acc[m] = V{};
+    for (int64_t r = 0; r < R; ++r) {
+      const V p = vload<V>(mp + r * CP + c0);
+#pragma GCC unroll 8
+      for (int m = 0; m < kMR; ++m) acc[m] += coef[m * ldc + r] * p;
+    }
+    const int64_t n = std::min<int64_t>(L, C - c0);
+    for (int m = 0; m < nrows; ++m) {
+      T tmp[L];
+      vstore(tmp, acc[m]);
+      T* o = out[m] + c0;
+      if (d.active) {
+        drop_add_row<T>(d, base[m] + static_cast<uint64_t>(c0), tmp, ds, n, o);
+      } else {
+#pragma omp simd
+        for (int64_t q = 0; q < n; ++q) o[q] += tmp[q];
+      }
+    }
+  }
+}
+
+// Reduce step: acc[r][:WP] += sum_g c[g * ldc + r] * u[g][:WP] for 4 rows (u rows zero padded to WP,
+// a multiple of L; unused rows have c = 0 and u = 0).
+template <typename T>
+VFM_ALWAYS_INLINE void reduce_step(const T* c, int64_t ldc, const T* const* u, int64_t R, int64_t WP, T* acc) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  for (int64_t r = 0; r < R; ++r) {
+    const T c0 = c[r], c1 = c[ldc + r], c2 = c[2 * ldc + r], c3 = c[3 * ldc + r];
+    T* a = acc + r * WP;
+    for (int64_t v = 0; v < WP; v += L) {
+      V s = vload<V>(a + v);
+      s += c0 * vload<V>(u[0] + v) + c1 * vload<V>(u[1] + v);
+      s += c2 * vload<V>(u[2] + v) + c3 * vload<V>(u[3] + v);
+      vstore(a + v, s);
+    }
+  }
+}
+
+}  // namespace lora
+}  // namespace vfm_cpu
