@@ -189,7 +189,7 @@ def kce_prologue(
     block = max(128, min(4096, triton.next_power_of_2(n_rows)))
     _kce_prologue_kernel[(1,)](
         target, soft_mask if soft_mask is not None else dummy, weight if weight is not None else dummy,
-        group_ids if group_ids is not None else dummy, unconstrained if unconstrained is not None else dummy,
+        group_ids if group_ids is not None else dummy, unconstrained if n_groups else dummy,
         items_ptr, scales, scales.stride(0), gout if gout is not None else dummy, err,
         n_rows, vocab, n_groups, ignore_index, items_value, *(float(c) for c in coefs),
         HAS_SOFT=soft_mask is not None, HAS_WEIGHT=weight is not None, MEAN=bool(mean), ITEMS=items_mode,

@@ -148,14 +148,23 @@ def device_path(monkeypatch):
 
 def _run(flag, monkeypatch, z0, target, upstream, reduction, **opts):
     monkeypatch.setenv("VFM_KCE_DEVICE_PATH", flag)
+    opts = {k: _dev(o) for k, o in opts.items()}
     with vfm.use_backend("triton"):
-        z = z0.detach().clone().requires_grad_()
-        loss = kce(z, target, reduction=reduction, **opts)
+        z = z0.to(DEV).detach().clone().requires_grad_()
+        loss = kce(z, target.to(DEV), reduction=reduction, **opts)
         if reduction == "none":
             loss.backward(torch.full_like(loss, upstream))
         else:
-            loss.backward(torch.tensor(upstream))
-    return loss.detach(), z.grad
+            loss.backward(torch.tensor(upstream, device=DEV))
+    return loss.detach().cpu(), z.grad.cpu()
+
+
+def _dev(o):
+    if isinstance(o, torch.Tensor):
+        return o.to(DEV)
+    if isinstance(o, tuple):
+        return tuple(_dev(x) for x in o)
+    return o
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -205,16 +214,21 @@ def test_device_path_dense_mask_inplace_and_errors(device_path):
     allowed = torch.rand(n, v, generator=g) < 0.5
     allowed[:, target] = True
     allowed[0] = True
-    z = z0.clone().requires_grad_()
+    z = z0.clone().to(DEV).requires_grad_()
     y = z * 1.0
-    (3.0 * kce(y, target, allowed=allowed, penalty_weight=0.2, inplace_backward=True)).backward()
+    (3.0 * kce(y, target.to(DEV), allowed=allowed.to(DEV), penalty_weight=0.2, inplace_backward=True)).backward()
     z2 = z0.clone().requires_grad_()
     zf = z2
     lse = torch.logsumexp(zf, -1)
     lse_a = torch.logsumexp(zf.masked_fill(~allowed, -math.inf), -1)
     pen = torch.where(allowed.all(-1), torch.zeros_like(lse), lse - lse_a)
     (3.0 * (F.cross_entropy(zf, target) + 0.2 * pen.mean())).backward()
-    torch.testing.assert_close(z.grad, z2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z.grad.cpu(), z2.grad, rtol=1e-5, atol=1e-6)
+    no_groups = (torch.zeros(0, v, dtype=torch.bool), torch.full((n,), -1))  # G = 0: every row unconstrained
+    torch.testing.assert_close(kce(z0.to(DEV), target.to(DEV), allowed=_dev(no_groups), penalty_weight=1.0).cpu(),
+                               F.cross_entropy(z0, target))
+    if DEV == "cuda":
+        return  # range errors are device-side assertions there
     bad = target.clone()
     bad[1] = v
     with pytest.raises(ValueError, match=r"target holds values outside \[0, 40\).*\[40\]"):
@@ -223,20 +237,23 @@ def test_device_path_dense_mask_inplace_and_errors(device_path):
         kce(z0, target, allowed=(allowed[:2], torch.tensor([0, 1, 5, 0, -1, 1])))
 
 
-def test_device_path_retain_graph_and_launch_counts(device_path):
-    from triton.runtime.interpreter import InterpretedFunction
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    x = torch.randn(4, 6, requires_grad=True)
-    t = torch.tensor([0, 1, 2, 3])
+def test_device_path_retain_graph(device_path):
+    x = torch.randn(4, 6, device=DEV, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3], device=DEV)
     loss = kce(x * 1, t, reduction="none")  # per-row upstream: out of place, a second backward works
     g1 = torch.autograd.grad(loss, x, torch.ones(4), retain_graph=True)[0]
     g2 = torch.autograd.grad(loss, x, 2 * torch.ones(4))[0]
     torch.testing.assert_close(g2, 2 * g1)
     loss = kce(x * 1, t)
-    loss.backward(torch.tensor(2.0), retain_graph=True)  # scaled in place: the buffer is handed over
+    loss.backward(torch.tensor(2.0, device=DEV), retain_graph=True)  # scaled in place: the buffer is handed over
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="counts the interpreter's launches")
+def test_device_path_launch_counts(device_path):
+    from triton.runtime.interpreter import InterpretedFunction
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     kernels, ops = [], []
 

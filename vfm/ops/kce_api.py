@@ -77,7 +77,8 @@ def _check_target_range(target: Tensor, valid: Tensor, vocab: int, ignore_index:
     CPU tensors raise ValueError listing the offending values.  On other devices reading the
     values would synchronise the host with the device on every call (stalling a training step),
     so the check runs asynchronously (``torch._assert_async``), as torch's own cross-entropy
-    does there, and a violation fails with the same message at the next synchronisation.
+    does there, and a violation fails with the same message at the next synchronisation.  (CUDA
+    calls normally take the device path instead: the prologue kernel checks the range there.)
     """
     if _compiling() or target.numel() == 0:
         return
