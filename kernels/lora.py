@@ -25,9 +25,9 @@ Dropout (the contract of :mod:`vfm.ops.lora_reference`): for element (i, j) of a
 offset = i * C + j in int64 (the logical row-major offset, whatever the row stride), hashed with two
 rounds of MurmurHash3's fmix32 on uint32 words (multiplication wraps modulo 2^32, shifts are
 logical); kept iff hash >= floor(p * 2^32); a kept value is multiplied by 1 / (1 - p) in fp32 and
-rounded to the adapter dtype.  Row offsets are int64 (row * stride), so tensors past 2^31 elements
-are addressed correctly; block masks cover ragged N, C and r (r is padded to BLOCK_R >= 16 so
-``tl.dot`` has legal shapes).
+rounded to the adapter dtype.  Memory offsets are int64 (row * stride, col * stride: grad_y may be a
+transposed view), so tensors past 2^31 elements are addressed correctly; block masks cover ragged
+N, C and r (r is padded to BLOCK_R >= 16 so ``tl.dot`` has legal shapes).
 
 fp32 operands use ``input_precision="ieee"`` (torch's fp32 matmul does not use TF32 by default);
 fp16 / bf16 operands use the tensor cores with fp32 accumulation.  Under the Triton interpreter
@@ -141,7 +141,7 @@ def _shrink_kernel(
         cols = c0 + cc
         cmask = cols < n_cols
         xm = valid[:, None] & cmask[None, :]
-        v = tl.load(x_rows + cols[None, :] * stride_xc, mask=xm, other=0.0).to(adt)
+        v = tl.load(x_rows + cols[None, :].to(tl.int64) * stride_xc, mask=xm, other=0.0).to(adt)
         if DROPOUT:
             v = _dropout(v, rows[:, None] * n_cols + cols[None, :], k0, k1, thr, inv, adt)
         at = tl.load(a_base + cols[:, None] * stride_ac, mask=cmask[:, None] & (rr[None, :] < rank), other=0.0)
@@ -190,13 +190,14 @@ def _expand_kernel(
         acc = acc * tl.load(lmul + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     m2 = valid[:, None] & cmask[None, :]
     if HAS_Z:
-        z = tl.load(Z + rows[:, None] * stride_zm + cols[None, :] * stride_zn, mask=m2, other=0.0).to(tl.float32)
+        z_ptr = Z + rows[:, None] * stride_zm + cols[None, :].to(tl.int64) * stride_zn
+        z = tl.load(z_ptr, mask=m2, other=0.0).to(tl.float32)
         if HAS_ZMUL:
             z = z * tl.load(zmul + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         acc = acc + z
     if DROPOUT:
         acc = _dropout(acc, rows[:, None] * n_out + cols[None, :], k0, k1, thr, inv, tl.float32)
-    y_ptr = Y + rows[:, None] * stride_ym + cols[None, :] * stride_yn
+    y_ptr = Y + rows[:, None] * stride_ym + cols[None, :].to(tl.int64) * stride_yn
     y = tl.load(y_ptr, mask=m2, other=0.0).to(tl.float32)
     if HAS_YMUL:
         y = y * tl.load(ymul + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -243,7 +244,7 @@ def _reduce_kernel(
             rows = pos.to(tl.int64)
         gt = tl.load(G + rows[None, :] * stride_gm + rr[:, None] * stride_gr,
                      mask=rmask[:, None] & valid[None, :], other=0.0)
-        v = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xc,
+        v = tl.load(X + rows[:, None] * stride_xm + cols[None, :].to(tl.int64) * stride_xc,
                     mask=valid[:, None] & cmask[None, :], other=0.0).to(adt)
         if DROPOUT:
             v = _dropout(v, rows[:, None] * n_cols + cols[None, :], k0, k1, thr, inv, adt)
@@ -265,7 +266,7 @@ def _dropout_apply_kernel(X, stride_xm, stride_xc, U, n_rows, n_cols, k0, k1, th
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m2 = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     adt = U.dtype.element_ty
-    v = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xc, mask=m2, other=0.0).to(adt)
+    v = tl.load(X + rows[:, None] * stride_xm + cols[None, :].to(tl.int64) * stride_xc, mask=m2, other=0.0).to(adt)
     offs = rows[:, None] * n_cols + cols[None, :]
     tl.store(U + offs, _dropout(v, offs, k0, k1, thr, inv, adt), mask=m2)
 

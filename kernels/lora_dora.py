@@ -47,8 +47,8 @@ def _weight_norm_kernel(W, stride_wo, stride_wi, A, stride_ar, stride_ai, B, str
                     other=0.0)
         ba = _dot(b, a, tl.zeros((BLOCK_O, BLOCK_C), dtype=tl.float32), IEEE).to(adt)
         low = (ba.to(tl.float32) * scale).to(adt)
-        w = tl.load(W + rows[:, None] * stride_wo + cols[None, :] * stride_wi, mask=omask[:, None] & cmask[None, :],
-                    other=0.0).to(adt)
+        w_ptr = W + rows[:, None] * stride_wo + cols[None, :].to(tl.int64) * stride_wi
+        w = tl.load(w_ptr, mask=omask[:, None] & cmask[None, :], other=0.0).to(adt)
         v = (w.to(tl.float32) + low.to(tl.float32)).to(adt).to(tl.float32)
         sq += v * v
     tl.store(Out + rows, tl.sqrt(tl.sum(sq, axis=1)).to(Out.dtype.element_ty), mask=omask)
@@ -74,8 +74,9 @@ def _magnitude_grad_kernel(G, stride_gm, stride_gn, H, stride_hm, stride_hn, XA,
                  other=0.0)
     acc = _dot(xa, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE) * scale
     m2 = valid[:, None] & cmask[None, :]
-    h = tl.load(H + rows[:, None] * stride_hm + cols[None, :] * stride_hn, mask=m2, other=0.0).to(tl.float32)
-    g = tl.load(G + rows[:, None] * stride_gm + cols[None, :] * stride_gn, mask=m2, other=0.0).to(adt)
+    h_ptr = H + rows[:, None] * stride_hm + cols[None, :].to(tl.int64) * stride_hn
+    h = tl.load(h_ptr, mask=m2, other=0.0).to(tl.float32)
+    g = tl.load(G + rows[:, None] * stride_gm + cols[None, :].to(tl.int64) * stride_gn, mask=m2, other=0.0).to(adt)
     s = tl.sum(g.to(tl.float32) * (h + acc), axis=0)
     tl.store(P + pid_m.to(tl.int64) * n_out + cols, s, mask=cmask)
 
