@@ -253,6 +253,23 @@ def test_causal_logits_to_keep():
         model(input_ids=x, labels=x, logits_to_keep=keep)
 
 
+def test_causal_class_weights_and_own_ignore_index():
+    reference = causal("phi")
+    class_weight = torch.rand(V, generator=torch.Generator().manual_seed(3)) + 0.5
+    model = apply_vfm(copy.deepcopy(reference), weight=class_weight, ignore_index=-1)
+    x = ids()
+    labels = x.clone()
+    labels[:, :4] = -1
+    out = model(input_ids=x, labels=labels)
+    target = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -1)], 1)
+    logits = reference(input_ids=x).logits.double()
+    expected = F.cross_entropy(logits.reshape(-1, V), target.reshape(-1), weight=class_weight.double(), ignore_index=-1)
+    torch.testing.assert_close(out.loss, expected.float(), **TIGHT)
+    out.loss.backward()
+    expected.backward()
+    assert_same_grads(model, reference)
+
+
 def test_causal_knowledge_options_equal_hand_formula():
     """KD (full teacher, logits frame), mass penalty (allowed, label frame), z-loss, label smoothing."""
     reference = causal("gemma2")
