@@ -54,8 +54,8 @@ FAMILIES = {
     "gemma": lambda **kw: GemmaForCausalLM(GemmaConfig(**{**COMMON, "head_dim": 8, **kw})),
     "gemma2": lambda **kw: Gemma2ForCausalLM(Gemma2Config(**{**COMMON, "head_dim": 8, "final_logit_softcapping": 2.0,
                                                              "query_pre_attn_scalar": 8, "sliding_window": 8, **kw})),
-    "gemma3": lambda **kw: Gemma3ForCausalLM(Gemma3TextConfig(**{**COMMON, "head_dim": 8, "final_logit_softcapping": 2.5,
-                                                                 "query_pre_attn_scalar": 8, "sliding_window": 8, **kw})),
+    "gemma3": lambda **kw: Gemma3ForCausalLM(Gemma3TextConfig(**{
+        **COMMON, "head_dim": 8, "final_logit_softcapping": 2.5, "query_pre_attn_scalar": 8, "sliding_window": 8, **kw})),
     "phi": lambda **kw: PhiForCausalLM(PhiConfig(**{**COMMON, **kw})),  # an LM head with a bias
     "phi3": lambda **kw: Phi3ForCausalLM(Phi3Config(**{**COMMON, "pad_token_id": 0, **kw})),
     "olmo2": lambda **kw: Olmo2ForCausalLM(Olmo2Config(**{**COMMON, "pad_token_id": 0, **kw})),
@@ -163,8 +163,12 @@ def test_causal_default_equals_transformers(family, monkeypatch):
 
     monkeypatch.setattr(vfm.functional, "fused_linear_knowledge_cross_entropy", spy)
     vocab_outputs = []
-    hook = torch.nn.modules.module.register_module_forward_hook(
-        lambda m, i, o: vocab_outputs.append(type(m).__name__) if isinstance(o, torch.Tensor) and o.shape[-1] == V else None)
+
+    def record(module, inputs, output):
+        if isinstance(output, torch.Tensor) and output.shape[-1] == V:
+            vocab_outputs.append(type(module).__name__)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
     try:
         with guard:
             out = model(input_ids=x, labels=labels)
@@ -459,7 +463,8 @@ def test_peft_lora_accelerated_model(caplog):
 def test_peft_lora_classifier_with_teacher():
     from peft import LoraConfig, get_peft_model
 
-    reference = get_peft_model(bert("sequence"), LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]))
+    config = LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])
+    reference = get_peft_model(bert("sequence"), config)
     with torch.no_grad():
         for name, p in reference.named_parameters():
             if "lora_B" in name:
