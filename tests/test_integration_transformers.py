@@ -55,7 +55,8 @@ FAMILIES = {
     "gemma2": lambda **kw: Gemma2ForCausalLM(Gemma2Config(**{**COMMON, "head_dim": 8, "final_logit_softcapping": 2.0,
                                                              "query_pre_attn_scalar": 8, "sliding_window": 8, **kw})),
     "gemma3": lambda **kw: Gemma3ForCausalLM(Gemma3TextConfig(**{
-        **COMMON, "head_dim": 8, "final_logit_softcapping": 2.5, "query_pre_attn_scalar": 8, "sliding_window": 8, **kw})),
+        **COMMON, "head_dim": 8, "final_logit_softcapping": 2.5, "query_pre_attn_scalar": 8, "sliding_window": 8,
+        **kw})),
     "phi": lambda **kw: PhiForCausalLM(PhiConfig(**{**COMMON, **kw})),  # an LM head with a bias
     "phi3": lambda **kw: Phi3ForCausalLM(Phi3Config(**{**COMMON, "pad_token_id": 0, **kw})),
     "olmo2": lambda **kw: Olmo2ForCausalLM(Olmo2Config(**{**COMMON, "pad_token_id": 0, **kw})),
