@@ -19,7 +19,7 @@ from kce_cases import CASES, make_inputs
 pytestmark = pytest.mark.gpu
 OP = "knowledge_cross_entropy"
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-4, 2e-3), torch.bfloat16: (2e-4, 1.6e-2),
-       torch.float64: (1e-10, 1e-10)}
+       torch.float64: (1e-6, 1e-6)}  # fp64: the kernels take fp32 per-row scales, the reference fp64 ones
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 VOCABS = (5, 4099, 70000, 128256)
 

@@ -28,6 +28,8 @@
 //   scale skips its term (never multiplies it), so NaN in an uncounted row cannot leak.
 // * The Python layer validates every index; if an out-of-range target, top-k index or group id
 //   reaches the kernel anyway, that row's loss, parts and gradient are NaN (never clipped).
+// * With -DVFM_CUDA_EMULATION (tests/cuda_emulation/emu.h, host compiler only) the same kernel
+//   runs on the CPU, its threads as cooperative fibers, so CPU tests check its logic.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -81,9 +83,13 @@ struct Elem<__nv_bfloat16> {
 // exp and log in the accumulation type: ex2.approx for float (-inf -> 0, NaN -> NaN), libm for
 // double.
 __device__ __forceinline__ float ex(float x) {
+#if defined(__CUDA_ARCH__)
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
   return y;
+#else  // the CPU emulation of the kernels (tests/cuda_emulation)
+  return exp2f(x * 1.4426950408889634f);
+#endif
 }
 __device__ __forceinline__ double ex(double x) { return exp(x); }
 __device__ __forceinline__ float lg(float x) { return __logf(x); }
@@ -288,7 +294,11 @@ __global__ void __launch_bounds__(512) kce_kernel(const KceParams P) {
   using A = typename E::A;
   __shared__ Red<A> red;
   __shared__ A bcast[2];
+#if defined(VFM_CUDA_EMULATION)
+  unsigned char* dyn = vfm_emu::dynamic_shared_memory();
+#else
   extern __shared__ __align__(16) unsigned char dyn[];
+#endif
   const int64_t k = P.k;
   int32_t* sidx = reinterpret_cast<int32_t*>(dyn);
   A* su = reinterpret_cast<A*>(dyn + ((k * 4 + 15) / 16) * 16);  // top-k lp / T, then q
@@ -383,7 +393,7 @@ __global__ void __launch_bounds__(512) kce_kernel(const KceParams P) {
   const bool eps_on = ce_on && P.eps != 0.0;
   const bool has_cap = P.cap > 0.0;
   const A cap = static_cast<A>(P.cap), inv_cap = has_cap ? static_cast<A>(1.0 / P.cap) : A(0);
-  const bool post_inf = isinf(P.rule_c);
+  const bool post_inf = P.rule_c == static_cast<double>(INFINITY);  // rule_strength >= 0
   const A rule_c = post_inf ? A(0) : static_cast<A>(P.rule_c);
   const A ninf = -static_cast<A>(INFINITY);
   const S* t = need_t ? trow : nullptr;
@@ -587,6 +597,10 @@ int launch(const KceParams& p, cudaStream_t stream) {
   const int threads = V >= 32768 ? 512 : V >= 4096 ? 256 : 128;
   const int64_t k = p.topk_idx != nullptr ? p.k : 0;
   const size_t smem = static_cast<size_t>(((k * 4 + 15) / 16) * 16 + 2 * k * static_cast<int64_t>(sizeof(A)));
+#if defined(VFM_CUDA_EMULATION)
+  (void)stream;
+  return vfm_emu::launch(p.n_rows, 1, vfm_emu::block_threads(threads), smem, [&] { kce_kernel<S>(p); });
+#else
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kce_kernel<S>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
@@ -594,6 +608,7 @@ int launch(const KceParams& p, cudaStream_t stream) {
   }
   kce_kernel<S><<<static_cast<unsigned>(p.n_rows), threads, smem, stream>>>(p);
   return static_cast<int>(cudaGetLastError());
+#endif
 }
 
 }  // namespace

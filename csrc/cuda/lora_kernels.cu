@@ -29,7 +29,7 @@
 namespace vfm_cuda {
 namespace {
 
-enum : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
+enum : int { kLoraF32 = 0, kLoraF64 = 1, kLoraF16 = 2, kLoraBF16 = 3 };
 
 template <typename S>
 struct Ty;
@@ -191,15 +191,15 @@ template <typename F>
 int dispatch_pair(int xd, int wd, F&& f) {
   if (xd == wd) {
     switch (wd) {
-      case kF32: return f(Tag<float>{}, Tag<float>{});
-      case kF64: return f(Tag<double>{}, Tag<double>{});
-      case kF16: return f(Tag<__half>{}, Tag<__half>{});
-      case kBF16: return f(Tag<__nv_bfloat16>{}, Tag<__nv_bfloat16>{});
+      case kLoraF32: return f(Tag<float>{}, Tag<float>{});
+      case kLoraF64: return f(Tag<double>{}, Tag<double>{});
+      case kLoraF16: return f(Tag<__half>{}, Tag<__half>{});
+      case kLoraBF16: return f(Tag<__nv_bfloat16>{}, Tag<__nv_bfloat16>{});
       default: break;
     }
-  } else if (wd == kF32 && xd == kF16) {
+  } else if (wd == kLoraF32 && xd == kLoraF16) {
     return f(Tag<__half>{}, Tag<float>{});
-  } else if (wd == kF32 && xd == kBF16) {
+  } else if (wd == kLoraF32 && xd == kLoraBF16) {
     return f(Tag<__nv_bfloat16>{}, Tag<float>{});
   }
   return static_cast<int>(cudaErrorInvalidValue);
@@ -208,8 +208,8 @@ int dispatch_pair(int xd, int wd, F&& f) {
 }  // namespace
 
 bool lora_pair_supported(int xd, int wd) {
-  if (xd == wd) return xd >= kF32 && xd <= kBF16;
-  return wd == kF32 && (xd == kF16 || xd == kBF16);
+  if (xd == wd) return xd >= kLoraF32 && xd <= kLoraBF16;
+  return wd == kLoraF32 && (xd == kLoraF16 || xd == kLoraBF16);
 }
 
 int lora_shrink_launch(const void* src, int64_t src_rs, int src_dtype, const void* mats, int64_t sK, int64_t sR,
@@ -221,10 +221,17 @@ int lora_shrink_launch(const void* src, int64_t src_rs, int src_dtype, const voi
   return dispatch_pair(src_dtype, adapter_dtype, [&](auto xt, auto wt) {
     using X = typename decltype(xt)::type;
     using W = typename decltype(wt)::type;
+#if defined(VFM_CUDA_EMULATION)
+    return vfm_emu::launch(N, 1, kShrinkThreads, 0, [&] {
+      shrink_kernel<X, W>(static_cast<const X*>(src), src_rs, static_cast<const W*>(mats), sK, sR, sC, ids, K,
+                          scales, alpha, R, C, drop, static_cast<W*>(out));
+    });
+#else
     shrink_kernel<X, W><<<static_cast<unsigned>(N), kShrinkThreads, 0, s>>>(
         static_cast<const X*>(src), src_rs, static_cast<const W*>(mats), sK, sR, sC, ids, K, scales, alpha, R, C,
         drop, static_cast<W*>(out));
     return static_cast<int>(cudaGetLastError());
+#endif
   });
 }
 
@@ -240,10 +247,17 @@ int lora_expand_launch(void* out, int64_t out_rs, int out_dtype, const void* coe
   return dispatch_pair(out_dtype, adapter_dtype, [&](auto yt, auto wt) {
     using Y = typename decltype(yt)::type;
     using W = typename decltype(wt)::type;
+#if defined(VFM_CUDA_EMULATION)
+    return vfm_emu::launch(N, col_blocks, kExpandThreads, 0, [&] {
+      expand_kernel<Y, W>(static_cast<Y*>(out), out_rs, static_cast<const W*>(coef), static_cast<const W*>(mats), sK,
+                          sR, sC, ids, K, scales, alpha, R, C, drop);
+    });
+#else
     expand_kernel<Y, W><<<grid, kExpandThreads, 0, s>>>(static_cast<Y*>(out), out_rs, static_cast<const W*>(coef),
                                                         static_cast<const W*>(mats), sK, sR, sC, ids, K, scales,
                                                         alpha, R, C, drop);
     return static_cast<int>(cudaGetLastError());
+#endif
   });
 }
 
@@ -258,9 +272,15 @@ int lora_dropout_launch(const void* src, int64_t src_rs, int src_dtype, int adap
   return dispatch_pair(src_dtype, adapter_dtype, [&](auto xt, auto wt) {
     using X = typename decltype(xt)::type;
     using W = typename decltype(wt)::type;
+#if defined(VFM_CUDA_EMULATION)
+    return vfm_emu::launch(blocks < 4 ? blocks : 4, 1, threads, 0, [&] {
+      dropout_kernel<X, W>(static_cast<const X*>(src), src_rs, N, C, drop, static_cast<W*>(out));
+    });
+#else
     dropout_kernel<X, W><<<blocks, threads, 0, s>>>(static_cast<const X*>(src), src_rs, N, C, drop,
                                                     static_cast<W*>(out));
     return static_cast<int>(cudaGetLastError());
+#endif
   });
 }
 
