@@ -14,6 +14,9 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import seed as hyp_seed
+from hypothesis import strategies as st
 
 import vfm
 from vfm import _registry
@@ -207,6 +210,35 @@ def test_segments_cover_each_adapters_rows_once():
     for k in range(5):
         assert sorted(seen[k]) == [i for i, v in enumerate(ids.tolist()) if v == k]
     assert segs.tile_info.shape[0] == 7 + 5  # the bound cdiv(N, BLOCK_M) + K
+
+
+@hyp_seed(2468)
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(op=st.sampled_from(["lora_linear", "dora_linear", "adalora_linear", "lora_linear_multi"]),
+       n=st.integers(1, 40), d_in=st.integers(1, 20), d_out=st.integers(1, 20), r=st.integers(1, 5),
+       p=st.sampled_from([0.0, 0.5]), drop_seed=st.integers(0, 2 ** 63 - 2))
+def test_property_tiny_shapes(op, n, d_in, d_out, r, p, drop_seed):
+    """Degenerate sizes (1 row, 1 column, rank 1, N not a multiple of the row tile) on every op."""
+    x, w, b, a, bb, gy = _base((n,), d_in, d_out, r, seed=n + 31 * d_in)
+    g = _gen(d_out)
+    kwargs = dict(dropout_p=p, seed=drop_seed)
+    if op == "lora_linear":
+        fn, make = lora_linear, lambda: (_leaf(x, True), _leaf(w, True), _leaf(b, True), _leaf(a, True),
+                                         _leaf(bb, True), 1.3)
+    elif op == "dora_linear":
+        mag = torch.rand(d_out, generator=g) + 0.5
+        fn, make = dora_linear, lambda: (_leaf(x, True), _leaf(w, True), _leaf(b, True), _leaf(a, True),
+                                         _leaf(bb, True), _leaf(mag, True), 1.3)
+    elif op == "adalora_linear":
+        e = torch.randn(r, generator=g)
+        fn, make = adalora_linear, lambda: (_leaf(x, True), _leaf(w, True), _leaf(b, True), _leaf(a, True),
+                                            _leaf(e, True), _leaf(bb, True), 4.0, 2.0)
+    else:
+        a_s, b_s = torch.randn(3, r, d_in, generator=g), torch.randn(3, d_out, r, generator=g)
+        ids = torch.randint(-1, 3, (n,), generator=g).to(DEV)
+        fn, make = lora_linear_multi, lambda: (_leaf(x, True), _leaf(w, True), _leaf(b, True), _leaf(a_s, True),
+                                               _leaf(b_s, True), [0.5, 1.0, 2.0], ids)
+    _compare(op, fn, make, kwargs, gy.to(DEV))
 
 
 # ----------------------------------------------------------------------- dropout mask --
