@@ -15,9 +15,10 @@ backward call:
   ``.item()`` / ``bool(t)`` / ``int(t)``, ``nonzero``, ``unique``, ...).
 
 Times (best of the repeats, microseconds) are Python wall time with every Triton kernel replaced by a
-no-op (the prologue's stub writes its error word = 0), so they measure the host work only (argument checks, small tensor ops on tiny CPU tensors,
-Triton's launcher Python is *not* included): ``prep`` is the argument normalisation alone,
-``fwd+bwd`` the whole call.  Timing a real kernel under the interpreter would be meaningless.
+no-op (the prologue's stub writes its error word = 0), so they measure the host work only
+(argument checks, small tensor ops on tiny CPU tensors; Triton's launcher Python is *not*
+included): ``prep`` is the argument normalisation alone, ``fwd+bwd`` the whole call.  Timing a
+real kernel under the interpreter would be meaningless.
 
 ``VFM_KCE_DEVICE_PATH=1`` (set here unless ``--cpu-path``) makes the CPU tensors take the code path
 CUDA tensors take (the device prologue and backward-scale kernels); older checkouts ignore it.

@@ -38,7 +38,7 @@ def expected_scales(target, soft, weight, items, reduction, coefs, ignore_index=
         if items is not None:
             d0 = d1 = float(items)
         else:
-            w_y = weight.double()[target.clamp(0, weight.shape[0] - 1)] if weight is not None else torch.ones_like(valid)
+            w_y = torch.ones_like(valid) if weight is None else weight.double()[target.clamp(0, weight.shape[0] - 1)]
             d0 = float((w_y * valid).sum())
             d1 = float(m1.sum())
         b0 = valid * (1.0 / d0 if d0 > 0 else 0.0)
