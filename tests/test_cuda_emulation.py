@@ -279,3 +279,23 @@ def test_multi_adapter_kernels_through_the_cuda_glue(monkeypatch, harness, p, ba
         s = v.abs().max().item() or 1.0
         torch.testing.assert_close(u.float() / s, v.float() / s, **tol, msg=lambda m: f"gradient {i}: {m}")
     assert harness.emu_divergent_barriers() == 0
+
+
+def test_single_adapter_dropout_path_through_the_cuda_glue(monkeypatch, harness):
+    """lora_linear's cuda forward/backward with dropout: shrink (one adapter), expand with the mask, dropout."""
+    from vfm.ops.lora_reference import lora_backward_torch, lora_forward_torch
+
+    ops = _EmulatedLoraOps(harness)
+    monkeypatch.setattr(lora_cuda, "_kernels", lambda: ops)
+    g = torch.Generator().manual_seed(9)
+    n, fin, fout, r = 9, 300, 17, 5
+    x, w, b = torch.randn(n, fin, generator=g), torch.randn(fout, fin, generator=g) * 0.1, torch.randn(fout, generator=g)
+    a, bb = torch.randn(r, fin, generator=g) * 0.1, torch.randn(fout, r, generator=g) * 0.1
+    seed, gy = torch.tensor(31337), torch.randn(n, fout, generator=g)
+    y, xa = lora_cuda.lora_forward_cuda(x, w, b, a, bb, 0.8, 0.4, seed)
+    y0, xa0 = lora_forward_torch(x, w, b, a, bb, 0.8, 0.4, seed)
+    torch.testing.assert_close(xa, xa0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-5)
+    for u, v in zip(lora_cuda.lora_backward_cuda(gy, x, w, a, bb, xa, 0.8, 0.4, seed, (True,) * 5),
+                    lora_backward_torch(gy, x, w, a, bb, xa0, 0.8, 0.4, seed, (True,) * 5)):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
