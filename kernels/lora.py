@@ -162,8 +162,11 @@ def _expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SEGMENTED: tl.constexpr,
     DROPOUT: tl.constexpr, HAS_Z: tl.constexpr, HAS_YMUL: tl.constexpr, HAS_ZMUL: tl.constexpr,
     HAS_LMUL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ALPHAS: tl.constexpr, IEEE: tl.constexpr,
+    LOAD_Y: tl.constexpr,
 ):
     """One (row tile, output tile): Y = Y*ymul + bias + D(Z*zmul + alpha*alphas[k]*lmul*(XA @ B_k^T)).
+
+    LOAD_Y False: Y's old content is not read (taken as 0): Y is only written.
 
     All in fp32, rounded once to Y's dtype.  Per-column vectors (ymul, zmul, lmul, bias) are
     indexed by the output column; D uses the offsets of Y's logical (N, n_out) layout.  Each row
@@ -198,7 +201,10 @@ def _expand_kernel(
     if DROPOUT:
         acc = _dropout(acc, rows[:, None] * n_out + cols[None, :], k0, k1, thr, inv, tl.float32)
     y_ptr = Y + rows[:, None] * stride_ym + cols[None, :].to(tl.int64) * stride_yn
-    y = tl.load(y_ptr, mask=m2, other=0.0).to(tl.float32)
+    if LOAD_Y:
+        y = tl.load(y_ptr, mask=m2, other=0.0).to(tl.float32)
+    else:
+        y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_YMUL:
         y = y * tl.load(ymul + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -350,7 +356,7 @@ def shrink(x: Tensor, a: Tensor, out: Tensor, *, a_strides=None, alpha: float = 
 def expand(y: Tensor, xa: Tensor, b: Tensor, *, b_strides=None, alpha: float = 1.0, alphas: Optional[Tensor] = None,
            lmul: Optional[Tensor] = None, ymul: Optional[Tensor] = None, z: Optional[Tensor] = None,
            zmul: Optional[Tensor] = None, bias: Optional[Tensor] = None, drop: DropoutArgs = _NO_DROPOUT,
-           segments=None) -> Tensor:
+           segments=None, load_y: bool = True) -> Tensor:
     """In place: y = y * ymul + bias + D(z * zmul + alpha * alphas[k] * lmul * (xa @ B_k^T)).
 
     Args:
@@ -361,6 +367,8 @@ def expand(y: Tensor, xa: Tensor, b: Tensor, *, b_strides=None, alpha: float = 1
         lmul / ymul / zmul / bias: optional (n_out,) per-column vectors; z: optional (N, n_out).
         drop: dropout on the sum z * zmul + low-rank term, at y's logical offsets.
         segments: as :func:`shrink`.
+        load_y: False to ignore y's content (y is only written: the rows of the tiles, every row
+            without segments).
 
     Returns:
         y.
@@ -379,7 +387,8 @@ def expand(y: Tensor, xa: Tensor, b: Tensor, *, b_strides=None, alpha: float = 1
         ymul, zmul, lmul, bias, alphas, tile_info, order, n_rows, n_out, rank, float(alpha), *drop.tuple(),
         BLOCK_M=BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_R=_block_r(rank), SEGMENTED=seg, DROPOUT=drop.active,
         HAS_Z=z is not None, HAS_YMUL=ymul is not None, HAS_ZMUL=zmul is not None, HAS_LMUL=lmul is not None,
-        HAS_BIAS=bias is not None, HAS_ALPHAS=alphas is not None, IEEE=_ieee(xa.dtype), num_warps=_WARPS,
+        HAS_BIAS=bias is not None, HAS_ALPHAS=alphas is not None, IEEE=_ieee(xa.dtype), LOAD_Y=load_y,
+        num_warps=_WARPS,
     )
     return y
 

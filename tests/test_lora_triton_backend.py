@@ -84,6 +84,15 @@ def test_lora_matches_torch(p, n_shape, bias, train_w):
     _compare("lora_linear", lora_linear, make, dict(dropout_p=p, seed=1234), gy.to(DEV))
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_lora_base_output_first_order(p, monkeypatch):
+    """VFM_LORA_BASE_ACCUMULATES=0: base GEMM first, low-rank term added after (the default is the reverse)."""
+    monkeypatch.setenv("VFM_LORA_BASE_ACCUMULATES", "0")
+    x, w, b, a, bb, gy = _base((21,), 30, 19, 4, seed=14)
+    make = lambda: (_leaf(x, True), _leaf(w, True), _leaf(b, True), _leaf(a, True), _leaf(bb, True), 0.9)  # noqa
+    _compare("lora_linear", lora_linear, make, dict(dropout_p=p, seed=8), gy.to(DEV))
+
+
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_lora_bf16_base_fp32_adapter(p):
     """Mixed dtypes: the kernels cast x / grad_y on load (no cast copies) and add in fp32 (expand kernel)."""
@@ -347,7 +356,7 @@ build(L._expand_kernel, Y=bf, stride_ym="i32", stride_yn="i32", XA=bf, stride_xa
       stride_bk="i32", stride_bn="i32", stride_br="i32", Z=bf, stride_zm="i32", stride_zn="i32", ymul=bf, zmul=bf,
       lmul=bf, bias=bf, alphas=f32, tile_info=i32, order=i32, n_rows="i32", n_out="i32", rank="i32", BLOCK_N=128,
       SEGMENTED=True, DROPOUT=True, HAS_Z=True, HAS_YMUL=True, HAS_ZMUL=True, HAS_LMUL=True, HAS_BIAS=True,
-      HAS_ALPHAS=True, **common)
+      HAS_ALPHAS=True, LOAD_Y=False, **common)
 build(L._reduce_kernel, G=bf, stride_gm="i32", stride_gr="i32", X=f32, stride_xm="i64", stride_xc="i32", P=f32,
       stride_ps="i32", stride_pk="i32", stride_pr="i32", stride_pc="i32", seg_first=i32, seg_end=i32, order=i32,
       alphas=f32, n_rows="i32", n_cols="i32", rank="i32", n_split="i32", BLOCK_C=128, SEGMENTED=True,
@@ -359,6 +368,7 @@ print("compiled")
 '''
 
 
+@pytest.mark.skipif(DEV != "cpu", reason="on a GPU the other tests compile the kernels for the real device")
 def test_kernels_compile_for_sm90_with_the_real_compiler():
     """The interpreter skips Triton's type checks and tl.dot shape rules: compile (ptxas included) for an
     H100/H200 on this CPU-only machine, in a process without TRITON_INTERPRET."""

@@ -7,12 +7,14 @@ The dense base products stay in cuBLAS (``F.linear`` / ``torch.mm``, any weight 
 low-rank branch runs in the kernels of :mod:`vfm.kernels.lora`, which never add a full-size pass:
 
 * forward: xa = D(x) A^T by the *shrink* kernel (x read once, dropout mask regenerated from the
-  hash, x cast to the adapter dtype on load), then the expand ``y += scale * xa B^T`` in y's storage
-  (``addmm_`` when y and the adapter share a dtype, else the *expand* kernel in fp32);
-* backward: grad_x = grad_y W (cuBLAS) with the dropout-masked ``gxa A`` added by the *expand*
-  kernel; grad_A = gxa^T D(x) by the *reduce* kernel (fp32 accumulation, D(x) never materialised);
-  grad_B = grad_y^T xa (cuBLAS, or the reduce kernel when grad_y must be cast); grad of the bias
-  and of W (only when asked) by torch.
+  hash, x cast to the adapter dtype on load); then, with one dtype, y = b + scale * xa B^T (a small
+  cuBLAS GEMM) into which the base GEMM accumulates in place (``addmm_``: cuBLAS reads it as C), or
+  (``VFM_LORA_BASE_ACCUMULATES=0``) the base output first and ``y.addmm_(xa, B^T)``; with an
+  adapter dtype different from x's, the *expand* kernel adds the fp32 low-rank term into y;
+* backward: grad_x = grad_y W (cuBLAS) plus the dropout-masked ``gxa A`` (written by the *expand*
+  kernel, then accumulated into by the cuBLAS GEMM; or added after it); grad_A = gxa^T D(x) by the
+  *reduce* kernel (fp32 accumulation, D(x) never materialised); grad_B = grad_y^T xa (cuBLAS, or
+  the reduce kernel when grad_y must be cast); grad of the bias and of W (only when asked) by torch.
 
 Without dropout and with one dtype everywhere every product is a cuBLAS call with no extra copy.
 ``lora_linear_multi`` groups the rows by adapter once per call (:mod:`vfm.kernels.lora_multi`) and
@@ -35,6 +37,7 @@ bf16 only).  Triton is imported on first use, never when vfm is imported.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -106,11 +109,34 @@ def _grad_low(grad_y: Tensor, b: Tensor, scale) -> Tensor:
     return _k().shrink(grad_y, b, out, a_strides=_transposed(b), alpha=scale)
 
 
+def _base_accumulates() -> bool:
+    """Whether the base GEMM accumulates into the low-rank term (``VFM_LORA_BASE_ACCUMULATES``, default 1).
+
+    1: the small low-rank product is written first and the base GEMM adds into it (cuBLAS reads it
+    as C in its epilogue), saving one read of the (N, out) / (N, in) result; 0: the base GEMM first,
+    then the low-rank term added into its output (one read and one write more).  Both round the
+    same two terms once each; the switch is for benchmarking on a GPU.
+    """
+    return os.environ.get("VFM_LORA_BASE_ACCUMULATES", "1").strip() != "0"
+
+
 def _add_low_input_grad(gx: Tensor, gxa: Tensor, a: Tensor, drop) -> Tensor:
     """gx += D(gxa A) in gx's storage (one accumulating GEMM without dropout or cast)."""
     if not drop.active and gx.dtype == gxa.dtype:
         return gx.addmm_(gxa, a)
     return _k().expand(gx, gxa, a, b_strides=_transposed(a), drop=drop)
+
+
+def _input_grad(grad_y: Tensor, weight: Tensor, gxa: Tensor, a: Tensor, drop) -> Tensor:
+    """grad_y W + D(gxa A) in the base dtype."""
+    if grad_y.dtype != gxa.dtype or not _base_accumulates():
+        return _add_low_input_grad(torch.mm(grad_y, weight), gxa, a, drop)
+    if drop.active:  # D(gxa A) written (not read) by the expand kernel, then the base GEMM adds into it
+        low = grad_y.new_empty((grad_y.shape[0], a.shape[1]))
+        _k().expand(low, gxa, a, b_strides=_transposed(a), drop=drop, load_y=False)
+    else:
+        low = torch.mm(gxa, a)
+    return low.addmm_(grad_y, weight)
 
 
 def _grad_a(gxa: Tensor, x: Tensor, drop) -> Tensor:
@@ -132,6 +158,13 @@ def lora_forward_triton(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
         return lora_forward_torch(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
     drop = _k().dropout_args(dropout_p, seed)
     xa = _shrink_or_mm(x, lora_a, drop)
+    if x.dtype == lora_b.dtype and _base_accumulates():
+        if bias is not None:
+            y = torch.addmm(bias, xa, lora_b.t(), alpha=scale)
+        else:
+            y = x.new_empty((x.shape[0], weight.shape[0]))
+            y.addmm_(xa, lora_b.t(), beta=0.0, alpha=scale)  # beta 0: y's uninitialised content is ignored
+        return y.addmm_(x, weight.t()), xa
     y = F.linear(x, weight, bias)
     if y.dtype == lora_b.dtype:
         y.addmm_(xa, lora_b.t(), alpha=scale)
@@ -146,7 +179,7 @@ def lora_backward_triton(grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p
     need_x, need_w, need_bias, need_a, need_b = needs
     drop = _k().dropout_args(dropout_p, seed)
     gxa = _grad_low(grad_y, lora_b, scale) if (need_x or need_a) else None
-    gx = _add_low_input_grad(torch.mm(grad_y, weight), gxa, lora_a, drop) if need_x else None
+    gx = _input_grad(grad_y, weight, gxa, lora_a, drop) if need_x else None
     gw = torch.mm(grad_y.t(), x) if need_w else None
     gbias = grad_y.sum(0) if need_bias else None
     ga = _grad_a(gxa, x, drop) if need_a else None
