@@ -83,6 +83,14 @@ def test_gpu_lora(dtype, p, n, d_in, d_out):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1])
+def test_gpu_lora_base_output_first(p, monkeypatch):
+    monkeypatch.setenv("VFM_LORA_BASE_ACCUMULATES", "0")
+    x, w, b, a, bb, gy = _factors(8192, 4096, 4096, 16, seed=4)
+    _check("lora_linear", lora_linear, [x, w, b, a, bb], [True, False, True, True, True], [2.0],
+           dict(dropout_p=p, seed=11), gy, torch.bfloat16, torch.bfloat16, 2)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
 def test_gpu_lora_bf16_base_fp32_adapter_and_fp32(p):
     x, w, b, a, bb, gy = _factors(4099, 1024, 1536, 16, seed=3)
     _check("lora_linear", lora_linear, [x, w, b, a, bb], [True, True, True, True, True], [2.0],
