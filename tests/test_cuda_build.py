@@ -159,7 +159,8 @@ def test_kernel_dropout_hash_matches_reference(tmp_path):
     subprocess.run(["g++", "-std=c++17", "-O1", "-I", os.path.join(ROOT, "csrc"), str(src), "-o", str(exe)],
                    check=True, capture_output=True)
     g = torch.Generator().manual_seed(7)
-    seeds = [0, 1, 2**32 - 1, 2**32, 2**63 - 1, -1, -(2**40) + 3] + torch.randint(-2**62, 2**62, (5,), generator=g).tolist()
+    seeds = [0, 1, 2**32 - 1, 2**32, 2**63 - 1, -1, -(2**40) + 3]
+    seeds += torch.randint(-2**62, 2**62, (5,), generator=g).tolist()
     offsets = [0, 1, 2**32 - 1, 2**32, 2**32 + 5, 3 * 2**33 + 11] + torch.randint(0, 2**40, (8,), generator=g).tolist()
     pairs = [(s, o) for s in seeds for o in offsets]
     stdin = "".join(f"{s & ((1 << 64) - 1)} {o}\n" for s, o in pairs)

@@ -289,7 +289,8 @@ def test_single_adapter_dropout_path_through_the_cuda_glue(monkeypatch, harness)
     monkeypatch.setattr(lora_cuda, "_kernels", lambda: ops)
     g = torch.Generator().manual_seed(9)
     n, fin, fout, r = 9, 300, 17, 5
-    x, w, b = torch.randn(n, fin, generator=g), torch.randn(fout, fin, generator=g) * 0.1, torch.randn(fout, generator=g)
+    x, w = torch.randn(n, fin, generator=g), torch.randn(fout, fin, generator=g) * 0.1
+    b = torch.randn(fout, generator=g)
     a, bb = torch.randn(r, fin, generator=g) * 0.1, torch.randn(fout, r, generator=g) * 0.1
     seed, gy = torch.tensor(31337), torch.randn(n, fout, generator=g)
     y, xa = lora_cuda.lora_forward_cuda(x, w, b, a, bb, 0.8, 0.4, seed)
