@@ -300,3 +300,22 @@ def test_single_adapter_dropout_path_through_the_cuda_glue(monkeypatch, harness)
     for u, v in zip(lora_cuda.lora_backward_cuda(gy, x, w, a, bb, xa, 0.8, 0.4, seed, (True,) * 5),
                     lora_backward_torch(gy, x, w, a, bb, xa0, 0.8, 0.4, seed, (True,) * 5)):
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+
+
+def test_kce_kernel_marks_rows_with_bad_indices_nan(harness):
+    """Indices the Python layer would reject, given to the kernel directly: NaN rows, never clipped."""
+    from vfm.ops.kce_reference import KCEConfig, PEN_MASS, pack_allowed_bits
+
+    run = _emulated_kce(harness, 32)
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(2))
+    target = torch.tensor([3, 50, -100, 7])  # row 1: target == V
+    group_ids = torch.tensor([0, -1, -1, 5], dtype=torch.int32)  # row 3: no group 5
+    bits = pack_allowed_bits(torch.rand(1, 50, generator=torch.Generator().manual_seed(3)) < 0.5)
+    scales = torch.ones(4, 4)
+    scales[0, 2] = 0  # the ignored row counts for CE nowhere
+    grad = torch.empty_like(logits)
+    row_loss, parts = run(logits, target, None, None, None, None, bits, group_ids, scales, grad,
+                          KCEConfig(pen_mode=PEN_MASS))
+    assert torch.isnan(row_loss[[1, 3]]).all() and torch.isnan(grad[[1, 3]]).all()
+    assert torch.isfinite(row_loss[[0, 2]]).all() and torch.isfinite(grad[[0, 2]]).all()
+    assert torch.all(grad[2] == 0) and row_loss[2] == 0
