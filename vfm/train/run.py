@@ -289,7 +289,8 @@ def train(config: Union[str, Config], *, quiet: bool = False, name: str = "") ->
     total_steps = cfg.training.max_steps if cfg.training.max_steps > 0 else \
         math.ceil(len(train_ds) / per_step) * math.ceil(cfg.training.epochs)
     peft_cfg = cfg.peft
-    callbacks: List[Any] = [vt.MetricsCSVCallback(os.path.join(out, "metrics.csv")), vt.EpochPrinter(name)]
+    printer = vt.EpochPrinter(name)
+    callbacks: List[Any] = [vt.MetricsCSVCallback(os.path.join(out, "metrics.csv")), printer]
     if peft_cfg.method != "none":
         model, accel = vm.apply_peft(model, peft_cfg.method, peft_cfg.options, accelerate=peft_cfg.accelerate,
                                      total_steps=total_steps)
@@ -330,8 +331,9 @@ def train(config: Union[str, Config], *, quiet: bool = False, name: str = "") ->
     if resume:
         say(f"resuming from {resume}")
     say(f"training: {len(train_ds)} rows ({len(splits['train'])} labelled + {len(splits['pool'])} unlabelled), "
-        f"loss {', '.join(f'{k}={v}' for k, v in loss_options.items() if v not in (None, 0.0))}")
+        f"loss {', '.join(f'{k}={v}' for k, v in _active_loss_options(loss_options).items())}")
     trainer.train(resume_from_checkpoint=resume)
+    printer.final = True
     eval_metrics = trainer.evaluate() if eval_ds is not None else {}
     test_report = None
     if test_ds is not None:
@@ -357,3 +359,13 @@ def _save_final(model, tok, final_dir: str, method: str) -> None:
         model = model.merge_and_unload()
     model.save_pretrained(final_dir)
     tok.save_pretrained(final_dir)
+
+
+def _active_loss_options(opts: Dict[str, Any]) -> Dict[str, Any]:
+    """The loss options that matter (KD options only with kd_weight > 0, penalty ones with penalty_weight > 0)."""
+    skip = set()
+    if not opts.get("kd_weight"):
+        skip |= {"kd_weight", "kd", "temperature"}
+    if not opts.get("penalty_weight"):
+        skip |= {"penalty_weight", "penalty", "rule_strength"}
+    return {k: v for k, v in opts.items() if k not in skip and v is not None and v != 0.0}

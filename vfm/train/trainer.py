@@ -226,12 +226,15 @@ class EpochPrinter(TrainerCallback):
     def __init__(self, name: str = "", keys: Sequence[str] = ("eval_loss", "eval_accuracy", "eval_macro_f1")):
         self.name = name
         self.keys = keys
+        self.final = False  # set after training: the next evaluation is the best model's
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if state.is_world_process_zero and metrics:
             train_loss = next((r["loss"] for r in reversed(state.log_history) if "loss" in r), None)
             parts = [f"epoch {state.epoch:.0f}" if state.epoch is not None else "eval"]
-            if train_loss is not None:
+            if self.final:
+                parts = [f"best checkpoint ({os.path.basename(state.best_model_checkpoint or '') or 'last'})"]
+            elif train_loss is not None:
                 parts.append(f"train_loss {train_loss:.4f}")
             parts += [f"{k[5:]} {metrics[k]:.4f}" for k in self.keys if k in metrics]
             print(f"  [{self.name}] " + "  ".join(parts) if self.name else "  " + "  ".join(parts), flush=True)
