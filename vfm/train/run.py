@@ -97,7 +97,7 @@ def prepare_data(cfg: Config, labels: Sequence[str], say) -> Tuple[Dict[str, lis
         for key in splits:
             if splits[key]:
                 splits[key], rep = vd.clean(splits[key])
-                say(f"  clean {key}: {rep.summary()}")
+                say(f"  [{key}] {rep.summary()}")
                 notes.append(str(rep))
     if cfg.data.deduplicate:
         # train and pool together (a pool row repeating a labelled one is removed), then eval/test
@@ -107,7 +107,7 @@ def prepare_data(cfg: Config, labels: Sequence[str], say) -> Tuple[Dict[str, lis
         for ex in splits["pool"]:
             ex.meta["_vfm_split"] = "pool"
         merged, rep = vd.deduplicate(splits["train"] + splits["pool"], threshold=cfg.data.near_duplicate_threshold)
-        say(f"  deduplicate train+pool: {rep.summary()}")
+        say(f"  [train+pool] {rep.summary()}")
         notes.append(str(rep))
         splits["train"] = [ex for ex in merged if ex.meta.get("_vfm_split") == "train"]
         splits["pool"] = [ex for ex in merged if ex.meta.get("_vfm_split") == "pool"]
@@ -137,7 +137,7 @@ def prepare_data(cfg: Config, labels: Sequence[str], say) -> Tuple[Dict[str, lis
     if cfg.data.augment > 0:
         splits["train"], rep = vd.augment(splits["train"], n_per_example=cfg.data.augment, lexicon=cfg.data.lexicon,
                                           seed=cfg.training.seed)
-        say(f"  augment train: {rep.summary()}")
+        say(f"  [train] {rep.summary()}")
         notes.append(str(rep))
     say("  rows: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     return splits, notes
