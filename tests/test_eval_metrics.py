@@ -111,3 +111,35 @@ def test_vfm_eval_command(tmp_path, capsys):
     gold = [r["gold"] for r in rows]
     pred = [r["predicted"] for r in rows]
     assert metrics["accuracy"] == pytest.approx(sum(g == p for g, p in zip(gold, pred)) / 4)
+
+
+def test_vfm_eval_tagging_entity_scores(tmp_path):
+    from transformers import BertConfig, BertForTokenClassification
+
+    from test_train_utils import WORDS, tiny_tokenizer
+    from vfm.evaluate import evaluate_model
+
+    tags = ["O", "B-ITEM", "I-ITEM"]
+    folder = str(tmp_path / "tagger")
+    tok = tiny_tokenizer(folder)
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = BertForTokenClassification(BertConfig(
+        vocab_size=5 + len(set(WORDS)), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=64, num_labels=3, id2label=dict(enumerate(tags)),
+        label2id={t: i for i, t in enumerate(tags)}))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    sents = [(["refund", "my", "card"], ["O", "O", "B-ITEM"]), (["track", "parcel", "delivery"], ["O", "B-ITEM", "I-ITEM"])]
+    (tmp_path / "t.conll").write_text("\n\n".join("\n".join(f"{w} {t}" for w, t in zip(*s)) for s in sents) + "\n")
+    res = evaluate_model(folder, str(tmp_path / "t.conll"), str(tmp_path / "out"), quiet=True, progress=False)
+    # by hand: every word is one token of the tiny vocabulary, at position i + 1 after [CLS]
+    model.eval()
+    pred = []
+    with torch.no_grad():
+        for words, _ in sents:
+            ids = [tok.cls_token_id] + tok.convert_tokens_to_ids(words) + [tok.sep_token_id]
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+            pred.append([tags[int(i)] for i in logits[1:-1].argmax(-1)])
+    assert res["entity"] == entity_report([s[1] for s in sents], pred)
+    assert (tmp_path / "out" / "metrics.json").exists() and (tmp_path / "out" / "report.txt").exists()
