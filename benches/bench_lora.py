@@ -4,6 +4,8 @@ Overhead = time / time of the frozen base linear alone - 1, vfm against PEFT, at
 (BENCH_TARGETS.md).  Run: ``python -m pytest benches/bench_lora.py --benchmark-columns=median``.
 CPU: 1024 x 1024, N = 2048, r = 16, fp32.  GPU: 4096 x 4096 and 4096 x 14336, N = 8192, bf16.
 The input requires grad (as inside a model) and the upstream gradient is dense.
+``python benches/bench_lora.py [rounds]`` instead runs every provider once per round, interleaved,
+and prints median overheads: on a shared, noisy machine that compares them under the same load.
 """
 
 import pytest
@@ -72,3 +74,42 @@ def test_lora_layer(benchmark, provider, dropout, shape):
     g = torch.randn(N_ROWS, d_out, device=DEVICE, dtype=DTYPE)
     benchmark.pedantic(_step(model, x, g), rounds=10 if DEVICE == "cuda" else 7, warmup_rounds=2)
     benchmark.extra_info.update(n_rows=N_ROWS, d_in=d_in, d_out=d_out, r=RANK, dtype=str(DTYPE))
+
+
+def interleaved(rounds: int = 15, shape=None, threads=None) -> dict:
+    """Overheads measured in interleaved rounds (base, PEFT and vfm steps one after another).
+
+    On a shared, noisy machine separate pytest-benchmark tests run minutes apart under different
+    loads; running one step of every provider per round and taking medians compares them under
+    the same conditions.  Returns {(provider, dropout): (median seconds, overhead over base)}.
+    """
+    import statistics
+    import time
+
+    if threads:
+        torch.set_num_threads(threads)
+    d_in, d_out = shape or SHAPES[0]
+    cases = [("base linear", 0.0)] + [(p, d) for p in ("peft", "vfm") for d in (0.0, 0.1)]
+    steps = {}
+    for provider, dropout in cases:
+        model = _model(provider, d_in, d_out, dropout)
+        x = torch.randn(N_ROWS, d_in, device=DEVICE, dtype=DTYPE, requires_grad=True)
+        g = torch.randn(N_ROWS, d_out, device=DEVICE, dtype=DTYPE)
+        steps[(provider, dropout)] = _step(model, x, g)
+        for _ in range(2):
+            steps[(provider, dropout)]()
+    times = {case: [] for case in cases}
+    for _ in range(rounds):
+        for case, run in steps.items():
+            start = time.perf_counter()
+            run()
+            times[case].append(time.perf_counter() - start)
+    base = statistics.median(times[cases[0]])
+    return {case: (statistics.median(ts), statistics.median(ts) / base - 1.0) for case, ts in times.items()}
+
+
+if __name__ == "__main__":  # python benches/bench_lora.py [rounds]: the interleaved overheads
+    import sys
+
+    for (provider, dropout), (sec, over) in interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 15).items():
+        print(f"{provider:12s} dropout {dropout:.1f}: median {sec * 1e3:8.1f} ms  overhead {over:+.1%}")

@@ -222,7 +222,8 @@ def test_multi_cpp_every_row_without_adapter_and_unused_adapters():
 
 
 def test_grouped_kernels_against_plain_loops():
-    """vfm_C::lora_shrink / lora_expand_ / lora_reduce with ids, scales and dropout, against per-row torch loops."""
+    """vfm_C::lora_shrink / lora_expand_ / lora_reduce / lora_dx_ga_ with ids, scales and dropout, against
+    per-row torch loops (the mask from the reference's dropout_keep_mask)."""
     g = torch.Generator().manual_seed(5)
     n, c, r, k, p = 19, 45, 18, 3, 0.25
     x = torch.randn(n, c, generator=g, dtype=torch.float64)
@@ -238,6 +239,8 @@ def test_grouped_kernels_against_plain_loops():
     expanded = acc.clone()
     ops.lora_expand_(expanded, coef, mats, ids, sc, 0.5, 31, thr, ds)
     red = ops.lora_reduce(coef, x, k, ids, sc, 0.5, 31, thr, ds)
+    fused_dx = acc.clone()
+    fused_ga = ops.lora_dx_ga_(fused_dx, coef, mats, x, ids, 31, thr, ds)
     for i in range(n):
         a = int(ids[i])
         if a < 0:
@@ -247,9 +250,14 @@ def test_grouped_kernels_against_plain_loops():
         torch.testing.assert_close(out[i], s * (u[i] @ mats[a].t()))
         term = s * (coef[i] @ mats[a])
         torch.testing.assert_close(expanded[i], acc[i] + torch.where(u[i] != 0, term * ds, torch.zeros_like(term)))
+        term = coef[i] @ mats[a]
+        torch.testing.assert_close(fused_dx[i], acc[i] + torch.where(u[i] != 0, term * ds, torch.zeros_like(term)))
+    for i in torch.nonzero(ids < 0).flatten().tolist():
+        assert torch.equal(fused_dx[i], acc[i])
     for a in range(k):
         rows = ids == a
         torch.testing.assert_close(red[a], 0.5 * float(sc[a]) * (coef[rows].t() @ u[rows]))
+        torch.testing.assert_close(fused_ga[a], coef[rows].t() @ u[rows])
 
 
 @pytest.mark.parametrize("op", ["dora_linear", "adalora_linear", "lora_linear_multi"])

@@ -9,6 +9,9 @@
 //     out[i] += D?(alpha * scales[k] * coef_i M_k)                              (in place)
 // * lora_reduce(coef (N, R), src (N, C), K, ids?, scales?, alpha, ...) -> (K, R, C) (or (R, C)
 //     without ids): res[k] = alpha * scales[k] * sum_{i: ids[i] = k} coef_i^T D?(src_i)
+// * lora_dx_ga_(dx (N, C), coef (N, R), mats, src (N, C), ids?, seed, threshold, dscale) -> (K, R, C):
+//     the backward pair with dropout fused (each mask element hashed once): dx[i] += D(coef_i M_k)
+//     in place, and returns sum_{i in k} coef_i^T D(src_i)
 // * lora_dropout_apply(x, seed, threshold, dscale) -> D(x) (a new contiguous tensor)
 //
 // D? is the contract's dropout when threshold > 0 (keep iff hash(seed, i * C + j) >= threshold,
@@ -119,8 +122,9 @@ std::vector<T> adapter_scales(const c10::optional<at::Tensor>& scales, int64_t K
 }
 
 // ------------------------------------------------------------------------------ kernels --
+// Always inlined into the per-ISA clones below (a plain call would run a default-ISA copy).
 template <typename T>
-void shrink_range(const Drop& d, const T* src, int64_t ld, int64_t C, const T* mt, int64_t RP, int64_t R,
+VFM_ALWAYS_INLINE void shrink_range(const Drop& d, const T* src, int64_t ld, int64_t C, const T* mt, int64_t RP, int64_t R,
                   const Groups* g, const Tile* tiles, int64_t t0, int64_t t1, const T* ks, T* out) {
   std::vector<T> ubuf(d.active ? kMR * C : 0);
   const T ds = static_cast<T>(d.scale);
@@ -145,7 +149,7 @@ void shrink_range(const Drop& d, const T* src, int64_t ld, int64_t C, const T* m
 }
 
 template <typename T>
-void expand_range(const Drop& d, T* out, int64_t ldo, const T* coef, int64_t C, const T* mp, int64_t CP, int64_t R,
+VFM_ALWAYS_INLINE void expand_range(const Drop& d, T* out, int64_t ldo, const T* coef, int64_t C, const T* mp, int64_t CP, int64_t R,
                   const Groups* g, const Tile* tiles, int64_t t0, int64_t t1, const T* ks) {
   std::vector<T> cbuf(kMR * R);
   for (int64_t t = t0; t < t1; ++t) {
@@ -165,7 +169,7 @@ void expand_range(const Drop& d, T* out, int64_t ldo, const T* coef, int64_t C, 
 
 // Tasks (k, panel): task q covers adapter q / npanel, columns [(q % npanel) * JP, + JP).
 template <typename T>
-void reduce_range(const Drop& d, const T* coef, const T* src, int64_t ld, int64_t C, int64_t R, int64_t JP,
+VFM_ALWAYS_INLINE void reduce_range(const Drop& d, const T* coef, const T* src, int64_t ld, int64_t C, int64_t R, int64_t JP,
                   int64_t npanel, const Groups* g, int64_t q0, int64_t q1, const T* ks, T* res) {
   std::vector<T> acc(R * JP), ubuf(kRG * JP), cbuf(kRG * R);
   const T ds = static_cast<T>(d.scale);
@@ -202,6 +206,97 @@ void reduce_range(const Drop& d, const T* coef, const T* src, int64_t ld, int64_
   }
 }
 
+// Fused backward with dropout (tasks as reduce_range): dx[i] += D(coef_i A_k) and
+// res[k] = sum_{i in k} coef_i^T D(x_i), hashing each mask element once.  ap: A packed per
+// adapter (K, R, CP), CP = round_up(C, L), zero padded.
+template <typename T>
+VFM_ALWAYS_INLINE void dx_ga_range(const Drop& d, T* dx, int64_t ldd, const T* coef, const T* ap, int64_t CP,
+                                   const T* src, int64_t ld, int64_t C, int64_t R, int64_t JP, int64_t npanel,
+                                   const Groups* g, int64_t q0, int64_t q1, T* res) {
+  using V = typename lora::Vec<T>::type;
+  constexpr int W = lora::Vec<T>::W, L = lora::Vec<T>::L;
+  std::vector<T> acc(R * JP), ubuf(kRG * JP), kbuf(kRG * JP), cbuf(kRG * R);
+  const T ds = static_cast<T>(d.scale);
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t k = q / npanel, c0 = (q % npanel) * JP;
+    const int64_t w = std::min<int64_t>(JP, C - c0), WP = round_up(w, L);
+    const T* a = ap + k * R * CP + c0;
+    std::fill(acc.begin(), acc.begin() + R * WP, T(0));
+    const T* u[kRG];
+    int64_t rows[kRG];
+    for (int m = 0; m < kRG; ++m) u[m] = ubuf.data() + m * WP;
+    for (int64_t t = g->start[k]; t < g->start[k + 1]; t += kRG) {
+      const int64_t n = std::min<int64_t>(kRG, g->start[k + 1] - t);
+      for (int m = 0; m < kRG; ++m) {
+        T* um = ubuf.data() + m * WP;
+        T* km = kbuf.data() + m * WP;
+        if (m < n) {
+          const int64_t i = g->row(t + m);
+          rows[m] = i;
+          const T* x = src + i * ld + c0;
+          const uint64_t base = static_cast<uint64_t>(i) * static_cast<uint64_t>(C) + c0;
+          const uint64_t end = base + static_cast<uint64_t>(w);
+          if ((base >> 32) == ((end - 1) >> 32)) {
+            const uint32_t hi_mix = d.k1 ^ (static_cast<uint32_t>(base >> 32) * 0x9E3779B9u);
+            const uint32_t lo0 = static_cast<uint32_t>(base), k0 = d.k0, thr = d.thr;
+#pragma omp simd
+            for (int64_t j = 0; j < w; ++j) {
+              const uint32_t h = lora::fmix32(lora::fmix32((lo0 + static_cast<uint32_t>(j)) ^ k0) ^ hi_mix);
+              const T v = x[j] * ds;
+              um[j] = h >= thr ? v : T(0);
+              km[j] = h >= thr ? T(1) : T(0);
+            }
+          } else {
+            for (int64_t j = 0; j < w; ++j) {
+              const bool keep = lora::hash_at(d, base + static_cast<uint64_t>(j)) >= d.thr;
+              um[j] = keep ? x[j] * ds : T(0);
+              km[j] = keep ? T(1) : T(0);
+            }
+          }
+          std::fill(um + w, um + WP, T(0));
+          std::fill(km + w, km + WP, T(0));
+          std::copy(coef + i * R, coef + i * R + R, cbuf.data() + m * R);
+        } else {
+          rows[m] = -1;
+          std::fill(um, um + WP, T(0));
+          std::fill(km, km + WP, T(0));
+          std::fill(cbuf.data() + m * R, cbuf.data() + m * R + R, T(0));
+        }
+      }
+      lora::reduce_step<T>(cbuf.data(), R, u, R, WP, acc.data());
+      // dx rows += D(coef A) on this panel, L columns at a time (8 accumulator registers).
+      const T *e0 = cbuf.data(), *e1 = e0 + R, *e2 = e1 + R, *e3 = e2 + R;
+      for (int64_t v = 0; v < WP; v += L) {
+        V a0 = {}, b0 = {}, a1 = {}, b1 = {}, a2 = {}, b2 = {}, a3 = {}, b3 = {};
+        for (int64_t r = 0; r < R; ++r) {
+          const V p0 = lora::vload<V>(a + r * CP + v), p1 = lora::vload<V>(a + r * CP + v + W);
+          a0 += e0[r] * p0; b0 += e0[r] * p1;
+          a1 += e1[r] * p0; b1 += e1[r] * p1;
+          a2 += e2[r] * p0; b2 += e2[r] * p1;
+          a3 += e3[r] * p0; b3 += e3[r] * p1;
+        }
+        T tmp[kRG][L];
+        lora::vstore(tmp[0], a0); lora::vstore(tmp[0] + W, b0);
+        lora::vstore(tmp[1], a1); lora::vstore(tmp[1] + W, b1);
+        lora::vstore(tmp[2], a2); lora::vstore(tmp[2] + W, b2);
+        lora::vstore(tmp[3], a3); lora::vstore(tmp[3] + W, b3);
+        const int64_t nv = std::min<int64_t>(L, w - v);
+        for (int m = 0; m < n; ++m) {
+          T* o = dx + rows[m] * ldd + c0 + v;
+          const T* km = kbuf.data() + m * WP + v;
+#pragma omp simd
+          for (int64_t j = 0; j < nv; ++j) {
+            const T add = tmp[m][j] * ds;
+            o[j] += km[j] != T(0) ? add : T(0);
+          }
+        }
+      }
+    }
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = 0; j < w; ++j) res[(k * R + r) * C + c0 + j] = acc[r * WP + j];
+  }
+}
+
 #define VFM_LORA_INSTANTIATE(T, SFX)                                                                               \
   VFM_LORA_CLONES void shrink_##SFX(const Drop& d, const T* src, int64_t ld, int64_t C, const T* mt, int64_t RP,   \
                                     int64_t R, const Groups* g, const Tile* tiles, int64_t t0, int64_t t1,        \
@@ -217,6 +312,11 @@ void reduce_range(const Drop& d, const T* coef, const T* src, int64_t ld, int64_
                                     int64_t JP, int64_t npanel, const Groups* g, int64_t q0, int64_t q1,          \
                                     const T* ks, T* res) {                                                         \
     reduce_range<T>(d, coef, src, ld, C, R, JP, npanel, g, q0, q1, ks, res);                                       \
+  }                                                                                                                \
+  VFM_LORA_CLONES void dx_ga_##SFX(const Drop& d, T* dx, int64_t ldd, const T* coef, const T* ap, int64_t CP,     \
+                                   const T* src, int64_t ld, int64_t C, int64_t R, int64_t JP, int64_t npanel,    \
+                                   const Groups* g, int64_t q0, int64_t q1, T* res) {                            \
+    dx_ga_range<T>(d, dx, ldd, coef, ap, CP, src, ld, C, R, JP, npanel, g, q0, q1, res);                          \
   }                                                                                                                \
   VFM_LORA_CLONES void apply_##SFX(const Drop& d, const T* x, int64_t ld, int64_t C, int64_t i0, int64_t i1,       \
                                    T* u) {                                                                         \
@@ -240,6 +340,11 @@ VFM_LORA_INSTANTIATE(double, f64)
   inline void reduce_k(const Drop& d, const T* c, const T* s, int64_t ld, int64_t C, int64_t R, int64_t JP,        \
                        int64_t np, const Groups* g, int64_t q0, int64_t q1, const T* ks, T* res) {                  \
     reduce_##SFX(d, c, s, ld, C, R, JP, np, g, q0, q1, ks, res);                                                    \
+  }                                                                                                                 \
+  inline void dx_ga_k(const Drop& d, T* dx, int64_t ldd, const T* c, const T* ap, int64_t CP, const T* s,          \
+                      int64_t ld, int64_t C, int64_t R, int64_t JP, int64_t np, const Groups* g, int64_t q0,       \
+                      int64_t q1, T* res) {                                                                         \
+    dx_ga_##SFX(d, dx, ldd, c, ap, CP, s, ld, C, R, JP, np, g, q0, q1, res);                                        \
   }                                                                                                                 \
   inline void apply_k(const Drop& d, const T* x, int64_t ld, int64_t C, int64_t i0, int64_t i1, T* u) {            \
     apply_##SFX(d, x, ld, C, i0, i1, u);                                                                            \
@@ -267,6 +372,17 @@ at::Tensor as_stack(const at::Tensor& mats, const char* op) {
 }
 
 int64_t grain_rows(int64_t work_per_tile) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(work_per_tile, 1)); }
+
+// Panel width of the reduce tasks: the (R, JP) accumulator stays in L1 (16 KiB), and there are
+// enough (adapter, panel) tasks for every thread.
+template <typename T>
+int64_t panel_width(int64_t C, int64_t R, int64_t K) {
+  constexpr int64_t L = lora::Vec<T>::L;
+  int64_t jp = std::max<int64_t>(L, (16384 / static_cast<int64_t>(sizeof(T)) / R) / L * L);
+  const int64_t want = (4 * at::get_num_threads() + K - 1) / K;
+  jp = std::min(jp, std::max<int64_t>(2 * L, round_up((C + want - 1) / want, L)));
+  return std::min(jp, round_up(C, L));
+}
 
 }  // namespace
 
@@ -351,13 +467,7 @@ at::Tensor lora_reduce_cpu(const at::Tensor& coef_in, const at::Tensor& src_in, 
     const Groups g = group_rows(ids, N, K);
     const Drop d = make_drop(seed, threshold, dscale);
     AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "lora_reduce", [&] {
-      constexpr int64_t L = lora::Vec<scalar_t>::L;
-      // Panel width: the (R, JP) accumulator stays in L1 (16 KiB), and there are enough tasks for
-      // every thread.
-      int64_t jp = std::max<int64_t>(L, (16384 / static_cast<int64_t>(sizeof(scalar_t)) / R) / L * L);
-      const int64_t want = (4 * at::get_num_threads() + K - 1) / K;
-      jp = std::min(jp, std::max<int64_t>(2 * L, round_up((C + want - 1) / want, L)));
-      jp = std::min(jp, round_up(C, L));
+      const int64_t jp = panel_width<scalar_t>(C, R, K);
       const int64_t npanel = (C + jp - 1) / jp;
       const std::vector<scalar_t> ks = adapter_scales<scalar_t>(scales, K, alpha);
       const scalar_t* cp = coef.data_ptr<scalar_t>();
@@ -366,6 +476,48 @@ at::Tensor lora_reduce_cpu(const at::Tensor& coef_in, const at::Tensor& src_in, 
       const int64_t ld = row_stride(src);
       at::parallel_for(0, K * npanel, 1, [&](int64_t q0, int64_t q1) {
         reduce_k(d, cp, sp, ld, C, R, jp, npanel, &g, q0, q1, ks.data(), rp);
+      });
+    });
+  }
+  return ids.has_value() ? res : res.squeeze(0);
+}
+
+at::Tensor lora_dx_ga_cpu(at::Tensor dx, const at::Tensor& coef_in, const at::Tensor& mats_in, const at::Tensor& src_in,
+                          const c10::optional<at::Tensor>& ids, int64_t seed, int64_t threshold, double dscale) {
+  check_2d(dx, "lora_dx_ga_", "dx");
+  check_2d(coef_in, "lora_dx_ga_", "coef");
+  check_2d(src_in, "lora_dx_ga_", "src");
+  const at::Tensor m = as_stack(mats_in, "lora_dx_ga_");
+  TORCH_CHECK(dx.scalar_type() == coef_in.scalar_type() && dx.scalar_type() == m.scalar_type() &&
+                  dx.scalar_type() == src_in.scalar_type(),
+              "lora_dx_ga_: dx, coef, mats and src dtypes differ");
+  TORCH_CHECK(dx.size(1) <= 1 || dx.stride(1) == 1, "lora_dx_ga_: dx must have unit column stride");
+  const int64_t N = dx.size(0), C = dx.size(1), K = m.size(0), R = m.size(1);
+  TORCH_CHECK(m.size(2) == C && coef_in.size(0) == N && coef_in.size(1) == R && src_in.size(0) == N &&
+                  src_in.size(1) == C,
+              "lora_dx_ga_: shapes dx ", dx.sizes(), ", coef ", coef_in.sizes(), ", mats ", mats_in.sizes(), ", src ",
+              src_in.sizes(), " do not match");
+  const Drop d = make_drop(seed, threshold, dscale);
+  TORCH_CHECK(d.active, "lora_dx_ga_: needs dropout (threshold > 0); use lora_expand_ and lora_reduce without it");
+  at::Tensor res = at::zeros({K, R, C}, dx.options());
+  if (N > 0 && C > 0 && R > 0) {
+    const Groups g = group_rows(ids, N, K);
+    const at::Tensor src = unit_col(src_in);
+    const at::Tensor coef = coef_in.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(dx.scalar_type(), "lora_dx_ga_", [&] {
+      const int64_t CP = round_up(C, lora::Vec<scalar_t>::L);
+      at::Tensor ap = at::zeros({K, R, CP}, dx.options());
+      ap.narrow(2, 0, C).copy_(m);
+      const int64_t jp = panel_width<scalar_t>(C, R, K);
+      const int64_t npanel = (C + jp - 1) / jp;
+      scalar_t* dp = dx.data_ptr<scalar_t>();
+      const scalar_t* cp = coef.data_ptr<scalar_t>();
+      const scalar_t* pp = ap.data_ptr<scalar_t>();
+      const scalar_t* sp = src.data_ptr<scalar_t>();
+      scalar_t* rp = res.data_ptr<scalar_t>();
+      const int64_t ldd = row_stride(dx), ld = row_stride(src);
+      at::parallel_for(0, K * npanel, 1, [&](int64_t q0, int64_t q1) {
+        dx_ga_k(d, dp, ldd, cp, pp, CP, sp, ld, C, R, jp, npanel, &g, q0, q1, rp);
       });
     });
   }
@@ -415,4 +567,5 @@ TORCH_LIBRARY_IMPL(vfm_C, CPU, m) {
   m.impl("lora_expand_", &vfm_cpu::lora_expand_cpu);
   m.impl("lora_reduce", &vfm_cpu::lora_reduce_cpu);
   m.impl("lora_dropout_apply", &vfm_cpu::lora_dropout_apply_cpu);
+  m.impl("lora_dx_ga_", &vfm_cpu::lora_dx_ga_cpu);
 }

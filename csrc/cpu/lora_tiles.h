@@ -8,7 +8,7 @@
 // * reduce:  res[k]      = alpha * s_k * sum_{i in k} coef_i^T D?(src_i)   (grad A, grad B)
 //
 // with M_k (R, C), k = the row's adapter.  The dense loops are GEMM micro-kernels on GCC vector
-// types of 64 bytes (2 AVX2 / 1 AVX-512 register), MR rows (or 4 rows for reduce) at a time so
+// types of 32 bytes, two per chunk, MR rows (or 4 rows for reduce) at a time so
 // that each load of M feeds several FMAs; accumulation in the input dtype, as BLAS does.
 #pragma once
 
@@ -81,16 +81,20 @@ VFM_ALWAYS_INLINE void drop_add_row(const Drop& d, uint64_t base, const T* t, T 
   }
 }
 
+// 32-byte vectors (one AVX2 / AVX-512VL register; GCC lowers wider generic vectors badly on
+// AVX2).  A "chunk" is two of them: L = 16 floats or 8 doubles.
 template <typename T>
 struct Vec;
 template <>
 struct Vec<float> {
-  typedef float type __attribute__((vector_size(64)));
+  typedef float type __attribute__((vector_size(32)));
+  static constexpr int W = 8;
   static constexpr int L = 16;
 };
 template <>
 struct Vec<double> {
-  typedef double type __attribute__((vector_size(64)));
+  typedef double type __attribute__((vector_size(32)));
+  static constexpr int W = 4;
   static constexpr int L = 8;
 };
 
@@ -117,72 +121,108 @@ template <typename T>
 VFM_ALWAYS_INLINE void shrink_tile(const T* const* u, int nrows, const T* mt, int64_t C, int64_t RP, int64_t R, T s,
                                    T* const* o) {
   using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::L;
+  constexpr int L = Vec<T>::L, W = Vec<T>::W;
+  const T *u0 = u[0], *u1 = u[1], *u2 = u[2], *u3 = u[3], *u4 = u[4], *u5 = u[5];
   for (int64_t c0 = 0; c0 < RP; c0 += L) {
-    V acc[kMR];
-#pragma GCC unroll 8
-    for (int m = 0; m < kMR; ++m) acc[m] = V{};
+    V a0 = {}, b0 = {}, a1 = {}, b1 = {}, a2 = {}, b2 = {}, a3 = {}, b3 = {}, a4 = {}, b4 = {}, a5 = {}, b5 = {};
     const T* mp = mt + c0;
     for (int64_t j = 0; j < C; ++j) {
-      const V p = vload<V>(mp + j * RP);
-#pragma GCC unroll 8
-      for (int m = 0; m < kMR; ++m) acc[m] += u[m][j] * p;
+      const V p = vload<V>(mp + j * RP), q = vload<V>(mp + j * RP + W);
+      T x;
+      x = u0[j]; a0 += x * p; b0 += x * q;
+      x = u1[j]; a1 += x * p; b1 += x * q;
+      x = u2[j]; a2 += x * p; b2 += x * q;
+      x = u3[j]; a3 += x * p; b3 += x * q;
+      x = u4[j]; a4 += x * p; b4 += x * q;
+      x = u5[j]; a5 += x * p; b5 += x * q;
     }
+    T tmp[kMR][L];
+    vstore(tmp[0], a0); vstore(tmp[0] + W, b0);
+    vstore(tmp[1], a1); vstore(tmp[1] + W, b1);
+    vstore(tmp[2], a2); vstore(tmp[2] + W, b2);
+    vstore(tmp[3], a3); vstore(tmp[3] + W, b3);
+    vstore(tmp[4], a4); vstore(tmp[4] + W, b4);
+    vstore(tmp[5], a5); vstore(tmp[5] + W, b5);
     const int64_t n = std::min<int64_t>(L, R - c0);
-    for (int m = 0; m < nrows; ++m) {
-      T tmp[L];
-      vstore(tmp, acc[m]);
-      for (int64_t q = 0; q < n; ++q) o[m][c0 + q] = s * tmp[q];
-    }
+    for (int m = 0; m < nrows; ++m)
+      for (int64_t q = 0; q < n; ++q) o[m][c0 + q] = s * tmp[m][q];
   }
 }
 
-// Expand one tile: for m < nrows, out[m][:C] += D(sum_r coef[m * ldc + r] * mp[r][:]) (row m's dropout
-// offsets start at base[m]); mp: M packed (R, CP), CP a multiple of L (zero padded); coef
-// already holds every scale factor.
+// Expand one tile: for m < nrows, out[m][:C] += D(sum_r coef[m * ldc + r] * mp[r][:]) (row m's
+// dropout offsets start at base[m]); mp: M packed (R, CP), CP a multiple of L (zero padded);
+// coef already holds every scale factor (rows m >= nrows: any finite values).
 template <typename T>
 VFM_ALWAYS_INLINE void expand_tile(const T* coef, int64_t ldc, int nrows, const T* mp, int64_t R, int64_t C, int64_t CP,
                                    const Drop& d, const uint64_t* base, T* const* out) {
   using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::L;
+  constexpr int L = Vec<T>::L, W = Vec<T>::W;
   const T ds = static_cast<T>(d.scale);
+  const T *c0p = coef, *c1p = coef + ldc, *c2p = coef + 2 * ldc, *c3p = coef + 3 * ldc, *c4p = coef + 4 * ldc,
+          *c5p = coef + 5 * ldc;
   for (int64_t c0 = 0; c0 < CP; c0 += L) {
-    V acc[kMR];
-#pragma GCC unroll 8
-    for (int m = 0; m < kMR; ++m) acc[m] = V{};
+    V a0 = {}, b0 = {}, a1 = {}, b1 = {}, a2 = {}, b2 = {}, a3 = {}, b3 = {}, a4 = {}, b4 = {}, a5 = {}, b5 = {};
     for (int64_t r = 0; r < R; ++r) {
-      const V p = vload<V>(mp + r * CP + c0);
-#pragma GCC unroll 8
-      for (int m = 0; m < kMR; ++m) acc[m] += coef[m * ldc + r] * p;
+      const V p = vload<V>(mp + r * CP + c0), q = vload<V>(mp + r * CP + c0 + W);
+      T x;
+      x = c0p[r]; a0 += x * p; b0 += x * q;
+      x = c1p[r]; a1 += x * p; b1 += x * q;
+      x = c2p[r]; a2 += x * p; b2 += x * q;
+      x = c3p[r]; a3 += x * p; b3 += x * q;
+      x = c4p[r]; a4 += x * p; b4 += x * q;
+      x = c5p[r]; a5 += x * p; b5 += x * q;
     }
+    T tmp[kMR][L];
+    vstore(tmp[0], a0); vstore(tmp[0] + W, b0);
+    vstore(tmp[1], a1); vstore(tmp[1] + W, b1);
+    vstore(tmp[2], a2); vstore(tmp[2] + W, b2);
+    vstore(tmp[3], a3); vstore(tmp[3] + W, b3);
+    vstore(tmp[4], a4); vstore(tmp[4] + W, b4);
+    vstore(tmp[5], a5); vstore(tmp[5] + W, b5);
     const int64_t n = std::min<int64_t>(L, C - c0);
     for (int m = 0; m < nrows; ++m) {
-      T tmp[L];
-      vstore(tmp, acc[m]);
       T* o = out[m] + c0;
       if (d.active) {
-        drop_add_row<T>(d, base[m] + static_cast<uint64_t>(c0), tmp, ds, n, o);
+        drop_add_row<T>(d, base[m] + static_cast<uint64_t>(c0), tmp[m], ds, n, o);
       } else {
 #pragma omp simd
-        for (int64_t q = 0; q < n; ++q) o[q] += tmp[q];
+        for (int64_t q = 0; q < n; ++q) o[q] += tmp[m][q];
       }
     }
   }
 }
 
-// Reduce step: acc[r][:WP] += sum_g c[g * ldc + r] * u[g][:WP] for 4 rows (u rows zero padded to WP,
-// a multiple of L; unused rows have c = 0 and u = 0).
+// Reduce step: acc[r][:WP] += sum_g c[g * ldc + r] * u[g][:WP] for 4 rows (u rows zero padded
+// to WP, a multiple of L; unused rows have c = 0 and u = 0).
 template <typename T>
 VFM_ALWAYS_INLINE void reduce_step(const T* c, int64_t ldc, const T* const* u, int64_t R, int64_t WP, T* acc) {
   using V = typename Vec<T>::type;
-  constexpr int L = Vec<T>::L;
-  for (int64_t r = 0; r < R; ++r) {
-    const T c0 = c[r], c1 = c[ldc + r], c2 = c[2 * ldc + r], c3 = c[3 * ldc + r];
+  constexpr int W = Vec<T>::W;
+  const T *u0 = u[0], *u1 = u[1], *u2 = u[2], *u3 = u[3];
+  int64_t r = 0;
+  for (; r + 2 <= R; r += 2) {  // two ranks per pass: each load of u feeds four FMAs
+    const T x0 = c[r], x1 = c[ldc + r], x2 = c[2 * ldc + r], x3 = c[3 * ldc + r];
+    const T y0 = c[r + 1], y1 = c[ldc + r + 1], y2 = c[2 * ldc + r + 1], y3 = c[3 * ldc + r + 1];
     T* a = acc + r * WP;
-    for (int64_t v = 0; v < WP; v += L) {
+    T* b = a + WP;
+    for (int64_t v = 0; v < WP; v += W) {
+      const V p0 = vload<V>(u0 + v), p1 = vload<V>(u1 + v), p2 = vload<V>(u2 + v), p3 = vload<V>(u3 + v);
+      V s = vload<V>(a + v), t = vload<V>(b + v);
+      s += x0 * p0 + x1 * p1;
+      t += y0 * p0 + y1 * p1;
+      s += x2 * p2 + x3 * p3;
+      t += y2 * p2 + y3 * p3;
+      vstore(a + v, s);
+      vstore(b + v, t);
+    }
+  }
+  for (; r < R; ++r) {
+    const T x0 = c[r], x1 = c[ldc + r], x2 = c[2 * ldc + r], x3 = c[3 * ldc + r];
+    T* a = acc + r * WP;
+    for (int64_t v = 0; v < WP; v += W) {
       V s = vload<V>(a + v);
-      s += c0 * vload<V>(u[0] + v) + c1 * vload<V>(u[1] + v);
-      s += c2 * vload<V>(u[2] + v) + c3 * vload<V>(u[3] + v);
+      s += x0 * vload<V>(u0 + v) + x1 * vload<V>(u1 + v);
+      s += x2 * vload<V>(u2 + v) + x3 * vload<V>(u3 + v);
       vstore(a + v, s);
     }
   }

@@ -7,13 +7,12 @@ rank-r products that touch the dropout mask run in the register-tiled C++ kernel
 ``csrc/cpu/lora_dropout.cpp`` (``vfm_C::lora_shrink`` / ``lora_expand_`` / ``lora_reduce``), which
 regenerate the mask from (seed, offset) while they stream over x and never store it:
 
-* forward: xa = D(x) A^T (shrink); y = x W^T + b, then y += scale * xa B^T in place;
-* backward: gxa = scale * grad_y B; grad_x = grad_y W (BLAS) += D(gxa A) (expand, in place);
-  grad_A = gxa^T D(x) (reduce); grad_B = scale * grad_y^T xa.
+* forward: xa = D(x) A^T (shrink); y = x W^T + b, then y += scale * xa B^T in place (BLAS);
+* backward: gxa = scale * grad_y B (shrink); grad_x = grad_y W (BLAS), then one fused pass
+  (``lora_dx_ga_``) adds D(gxa A) into it and computes grad_A = gxa^T D(x), hashing each mask
+  element once; grad_B = scale * (xa^T grad_y)^T.
 
-Without dropout, when x has at least as many rows as in_features, the adapter is folded into the
-weight: W' = W + scale * B A (one (out, r) x (r, in) product), y = x W'^T + b and grad_x = grad_y
-W', so the base GEMMs absorb the low-rank terms (the same sums, rounded in another order).  x and
+Without dropout the rank-r products of backward are BLAS calls accumulating in place.  x and
 an adapter in different dtypes, and grad_y in another dtype than x, take the reference path; x in
 any dtype other than float32 / float64 is refused at backend selection (vfm.ops.lora_ops), so the
 automatic choice picks ``torch`` for it and a forced ``cpp`` raises.  The extension is optional:
@@ -31,7 +30,7 @@ from torch import Tensor
 
 from vfm.ops.lora_reference import LowRankKernels, dropout_threshold, lora_backward_torch, lora_forward_torch
 
-_OPS = ("lora_shrink", "lora_expand_", "lora_reduce", "lora_dropout_apply")
+_OPS = ("lora_shrink", "lora_expand_", "lora_reduce", "lora_dx_ga_", "lora_dropout_apply")
 KERNEL_DTYPES = (torch.float32, torch.float64)
 _STATUS: Optional[Tuple[bool, str]] = None
 
@@ -77,41 +76,50 @@ def drop_args(dropout_p: float, seed: Tensor) -> Tuple[int, int, float]:
     return int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - float(dropout_p))
 
 
-def fold_adapter(x: Tensor, dropout_p: float) -> bool:
-    """Fold B A into the weight when there is no dropout and W' is no larger than the output."""
-    return dropout_p <= 0.0 and x.shape[0] >= x.shape[1]
-
-
 def lora_forward_cpp(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed) -> Tuple[Tensor, Tensor]:
     if not native(x, lora_a):
         return lora_forward_torch(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
-    ops = torch.ops.vfm_C
-    xa = ops.lora_shrink(x, lora_a, None, None, 1.0, *drop_args(dropout_p, seed))
-    if fold_adapter(x, dropout_p):
-        return F.linear(x, torch.addmm(weight, lora_b, lora_a, alpha=scale), bias), xa
+    xa = torch.ops.vfm_C.lora_shrink(x, lora_a, None, None, 1.0, *drop_args(dropout_p, seed))
     y = F.linear(x, weight, bias)
     y.addmm_(xa, lora_b.t(), alpha=scale)
     return y, xa
+
+
+def low_rank_backward(grad_y, x, weight, lora_a, lora_b, xa, factor, dropout_p, seed, need_x, need_a, need_b):
+    """(grad_x, grad of the effective A, grad_B) of y = x W^T + factor * (D(x) A^T) B^T.
+
+    gxa = factor * grad_y B (C++ shrink); with dropout, one fused C++ pass adds D(gxa A) to
+    grad_y W and computes gxa^T D(x) (each mask element hashed once); without it, BLAS.
+    grad_B = factor * (xa^T grad_y)^T.
+    """
+    ops = torch.ops.vfm_C
+    gxa = ops.lora_shrink(grad_y, lora_b.t(), None, None, factor, 0, 0, 1.0) if (need_x or need_a) else None
+    gx = ga = None
+    if dropout_p > 0.0 and need_x and need_a:
+        gx = torch.mm(grad_y, weight)
+        ga = ops.lora_dx_ga_(gx, gxa, lora_a, x, None, *drop_args(dropout_p, seed))
+    else:
+        drop = drop_args(dropout_p, seed)
+        if need_x:
+            gx = torch.mm(grad_y, weight)
+            if dropout_p > 0.0:
+                ops.lora_expand_(gx, gxa, lora_a, None, None, 1.0, *drop)
+            else:
+                gx.addmm_(gxa, lora_a)
+        if need_a:
+            ga = ops.lora_reduce(gxa, x, 1, None, None, 1.0, *drop) if dropout_p > 0.0 else torch.mm(gxa.t(), x)
+    gb = torch.mm(xa.t(), grad_y).mul_(factor).t().contiguous() if need_b else None
+    return gx, ga, gb
 
 
 def lora_backward_cpp(grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p, seed, needs):
     if not native(x, lora_a, grad_y):
         return lora_backward_torch(grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p, seed, needs)
     need_x, need_w, need_bias, need_a, need_b = needs
-    ops = torch.ops.vfm_C
-    drop = drop_args(dropout_p, seed)
-    gxa = torch.mm(grad_y, lora_b).mul_(scale) if (need_x or need_a) else None
-    gx = None
-    if need_x:
-        if fold_adapter(x, dropout_p):
-            gx = torch.mm(grad_y, torch.addmm(weight, lora_b, lora_a, alpha=scale))
-        else:
-            gx = torch.mm(grad_y, weight)
-            ops.lora_expand_(gx, gxa, lora_a, None, None, 1.0, *drop)
+    gx, ga, gb = low_rank_backward(grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p, seed, need_x, need_a,
+                                   need_b)
     gw = torch.mm(grad_y.t(), x) if need_w else None
     gbias = grad_y.sum(0) if need_bias else None
-    ga = ops.lora_reduce(gxa, x, 1, None, None, 1.0, *drop) if need_a else None
-    gb = torch.mm(grad_y.t(), xa).mul_(scale) if need_b else None
     return gx, gw, gbias, ga, gb
 
 

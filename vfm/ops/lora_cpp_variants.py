@@ -7,7 +7,8 @@ through BLAS and everything that touches the dropout mask, or groups rows by ada
 C++ kernels of ``csrc/cpu/lora_dropout.cpp`` (mask regenerated from (seed, offset), never stored):
 
 * ``adalora_linear``: lora_linear's kernels with A_eff = A * E and the factor
-  scale / (ranknum + 1e-5); grad_E = rowsum(grad_A_eff * A), grad_A = grad_A_eff * E.
+  scale / (ranknum + 1e-5); grad_E = rowsum(grad_A_eff * A), grad_A = grad_A_eff * E (every rank
+  computed, as the reference does).
 * ``dora_linear``: with W' = W + scale * B A (whose row norms PEFT's DoRA needs anyway) and
   g = magnitude / ||W'||, the forward is ``y = x (g W')^T + b`` without dropout and
   ``y = x W^T + b + D(x) (g W' - W)^T`` with it (the same sum as PEFT's extra base pass), so
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vfm.ops.lora_cpp import drop_args, fold_adapter, native
+from vfm.ops.lora_cpp import drop_args, low_rank_backward, native
 from vfm.ops.lora_reference import (
     ADALORA_EPS,
     LowRankKernels,
@@ -63,8 +64,6 @@ def adalora_forward_cpp(x, weight, bias, lora_a, lora_e, lora_b, scale, ranknum,
     factor = _adalora_factor(ranknum, scale)
     a_eff = lora_a * lora_e[:, None]
     xa = torch.ops.vfm_C.lora_shrink(x, a_eff, None, None, 1.0, *drop_args(dropout_p, seed))
-    if fold_adapter(x, dropout_p):
-        return F.linear(x, torch.addmm(weight, lora_b, a_eff, alpha=factor), bias), xa
     y = F.linear(x, weight, bias)
     y.addmm_(xa, lora_b.t(), alpha=factor)
     return y, xa
@@ -75,26 +74,14 @@ def adalora_backward_cpp(grad_y, x, weight, lora_a, lora_e, lora_b, ranknum, xa,
         return adalora_backward_torch(grad_y, x, weight, lora_a, lora_e, lora_b, ranknum, xa, scale, dropout_p,
                                       seed, needs)
     need_x, need_w, need_bias, need_a, need_e, need_b = needs
-    ops = torch.ops.vfm_C
-    drop = drop_args(dropout_p, seed)
     factor = _adalora_factor(ranknum, scale, backward=True)
     a_eff = lora_a * lora_e[:, None]
-    gxa = torch.mm(grad_y, lora_b).mul_(factor) if (need_x or need_a or need_e) else None
-    gx = None
-    if need_x:
-        if fold_adapter(x, dropout_p):
-            gx = torch.mm(grad_y, torch.addmm(weight, lora_b, a_eff, alpha=factor))
-        else:
-            gx = torch.mm(grad_y, weight)
-            ops.lora_expand_(gx, gxa, a_eff, None, None, 1.0, *drop)
+    gx, g_aeff, gb = low_rank_backward(grad_y, x, weight, a_eff, lora_b, xa, factor, dropout_p, seed, need_x,
+                                       need_a or need_e, need_b)
     gw = torch.mm(grad_y.t(), x) if need_w else None
     gbias = grad_y.sum(0) if need_bias else None
-    ga = ge = None
-    if need_a or need_e:
-        g_aeff = ops.lora_reduce(gxa, x, 1, None, None, 1.0, *drop)
-        ga = g_aeff * lora_e[:, None] if need_a else None
-        ge = (g_aeff * lora_a).sum(1) if need_e else None
-    gb = torch.mm(grad_y.t(), xa).mul_(factor) if need_b else None
+    ga = g_aeff * lora_e[:, None] if need_a else None
+    ge = (g_aeff * lora_a).sum(1) if need_e else None
     return gx, gw, gbias, ga, ge, gb
 
 
@@ -175,13 +162,18 @@ def lora_multi_backward_cpp(grad_y, x, weight, a_stack, b_stack, scalings, adapt
     gxa = None
     if need_x or need_a:  # gxa_i = s_k grad_y_i B_k (zero rows for id -1)
         gxa = ops.lora_shrink(grad_y, b_stack.transpose(1, 2), adapter_ids, scalings, 1.0, 0, 0, 1.0)
-    gx = None
+    gx = ga = None
     if need_x:
         gx = torch.mm(grad_y, weight)
-        ops.lora_expand_(gx, gxa, a_stack, adapter_ids, None, 1.0, *drop)
+    if need_x and need_a and dropout_p > 0.0:  # one pass, each mask element hashed once
+        ga = ops.lora_dx_ga_(gx, gxa, a_stack, x, adapter_ids, *drop)
+    else:
+        if need_x:
+            ops.lora_expand_(gx, gxa, a_stack, adapter_ids, None, 1.0, *drop)
+        if need_a:
+            ga = ops.lora_reduce(gxa, x, n_adapters, adapter_ids, None, 1.0, *drop)
     gw = torch.mm(grad_y.t(), x) if need_w else None
     gbias = grad_y.sum(0) if need_bias else None
-    ga = ops.lora_reduce(gxa, x, n_adapters, adapter_ids, None, 1.0, *drop) if need_a else None
     gb = None
     if need_b:
         gb = ops.lora_reduce(xa, grad_y, n_adapters, adapter_ids, scalings, 1.0, 0, 0, 1.0).transpose(1, 2)
