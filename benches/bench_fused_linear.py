@@ -225,6 +225,7 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--cases", default=None, help="comma-separated subset of " + ",".join(CASES))
     parser.add_argument("--providers", default=None, help="comma-separated subset")
     parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2 GPU, 1 CPU)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
@@ -250,7 +251,8 @@ def main(argv: Optional[list] = None) -> int:
             step = provs[name](case, inp)
             if step is None:
                 continue
-            ms = time_step(step, args.device, warmup=2 if gpu else 1, repeat=repeat)
+            warmup = args.warmup if args.warmup is not None else (2 if gpu else 1)
+            ms = time_step(step, args.device, warmup=warmup, repeat=repeat)
             mem = float("nan")
             if not args.no_memory:
                 mem = gpu_peak_gib(step) if gpu else cpu_peak_gb(name, case, n, h, v)
