@@ -365,3 +365,24 @@ def test_build_info():
     assert isinstance(info["openmp"], bool) and info["omp_max_threads"] >= 1
     assert isinstance(info["with_cuda"], bool) and isinstance(info["cuda_archs"], str)
     assert hasattr(torch.ops.vfm_C, "kce_forward")
+
+
+@pytest.mark.parametrize("terms", [dict(penalty_weight=1.0, ce_weight=0.0), dict(penalty_weight=0.5),
+                                   dict(ce_weight=0.0, z_loss=1.0), dict()])
+def test_plus_inf_logit_gives_inf_like_the_reference(terms):
+    """A +inf logit on a disallowed label: lse = +inf, so CE, the z-loss and the mass penalty are +inf
+    in the reference (torch.logsumexp); the C++ kernel gave NaN (inf - inf in its online sums)."""
+    import vfm
+    from vfm.functional import knowledge_cross_entropy
+
+    z = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
+    z[1, 2] = float("inf")
+    target = torch.tensor([0, 1, 3])
+    allowed = torch.zeros(3, 7, dtype=torch.bool)
+    allowed[:, :2] = True
+    out = {}
+    for backend in ("torch", "cpp"):
+        with vfm.use_backend(backend):
+            out[backend] = knowledge_cross_entropy(z, target, allowed=allowed, reduction="none", **terms)
+    assert math.isinf(out["torch"][1]) and out["torch"][1] > 0  # the independent reference's answer
+    torch.testing.assert_close(out["cpp"], out["torch"])

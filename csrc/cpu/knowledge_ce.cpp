@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -609,7 +610,13 @@ VFM_INLINE void kce_row(const Params& P, int64_t i, Scratch& scratch) {
   }
 
   const double lse_t = need_lse_t ? acc_t.lse() : 0.0;
-  const double lse = (run_p || fuse_t2) ? acc_p.lse() : lse_t;  // at T = 1 (or when unused): lse_t
+  double lse = (run_p || fuse_t2) ? acc_p.lse() : lse_t;  // at T = 1 (or when unused): lse_t
+  // A +inf logit: logsumexp is +inf, as torch.logsumexp gives (the online sums hold
+  // exp(inf - inf) = NaN).  CE, the z-loss and the mass penalty then give +inf as the reference
+  // does, not NaN.  (A row holding NaN as well as +inf gives +inf here where torch gives NaN.)
+  if (need_lse && ((run_p || fuse_t2) ? acc_p.m : acc_t.m) == std::numeric_limits<double>::infinity()) {
+    lse = std::numeric_limits<double>::infinity();
+  }
   const double lse_q = kd_full ? acc_q.lse() : 0.0;
   const double lse_a = mass_on ? acc_a.lse() : 0.0;
   const double lse_r = post_on ? acc_r.lse() : 0.0;
