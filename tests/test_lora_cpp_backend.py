@@ -1,9 +1,12 @@
-"""The cpp backend of lora_linear (vfm/ops/lora_cpp.py + csrc/cpu/lora_dropout.cpp) against the torch one.
+"""The cpp backends of the low-rank ops against the torch reference.
 
-Both backends run through the public ``vfm.ops.lora_api.lora_linear`` (forced with
-``vfm.use_backend``) on the same inputs and seed; the registry's call counter proves which ran.
-The C++ kernels regenerate the contract's dropout mask, so outputs agree to rounding (a single
-flipped mask element would be far outside rtol 1e-5).
+lora_linear, dora_linear, adalora_linear and lora_linear_multi (vfm/ops/lora_cpp.py,
+vfm/ops/lora_cpp_variants.py, csrc/cpu/lora_dropout.cpp) run through the public functions
+(forced with ``vfm.use_backend``) on the same inputs and seed; the registry's call counter proves
+which ran, forward and backward.  The C++ kernels regenerate the contract's dropout mask, so
+outputs agree to rounding (a single flipped mask element would be far outside the tolerances).
+The grouped kernels themselves are also checked against per-row torch loops built on the
+reference's dropout_keep_mask.
 """
 
 from __future__ import annotations
@@ -263,3 +266,17 @@ def test_grouped_kernels_against_plain_loops():
 @pytest.mark.parametrize("op", ["dora_linear", "adalora_linear", "lora_linear_multi"])
 def test_registry_prefers_cpp_for_every_low_rank_op(op):
     assert vfm.available_backends(op, "cpu")[0] == "cpp"
+
+
+def test_mixed_adapter_dtype_auto_runs_reference_and_forced_cpp_raises():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 8, generator=g)
+    w = torch.randn(6, 8, generator=g)
+    a = torch.randn(2, 8, generator=g, dtype=torch.float64)
+    b = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    with vfm.use_backend("cpp"):
+        with pytest.raises(vfm.BackendUnavailableError, match="float64"):
+            lora_linear(x, w, None, a, b, 2.0)
+    with vfm.use_backend("torch"):
+        y_ref = lora_linear(x, w, None, a, b, 2.0)
+    torch.testing.assert_close(lora_linear(x, w, None, a, b, 2.0), y_ref)

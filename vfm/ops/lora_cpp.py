@@ -13,7 +13,8 @@ regenerate the mask from (seed, offset) while they stream over x and never store
   element once; grad_B = scale * (xa^T grad_y)^T.
 
 Without dropout the rank-r products of backward are BLAS calls accumulating in place.  x and
-an adapter in different dtypes, and grad_y in another dtype than x, take the reference path; x in
+an adapter in different dtypes, and grad_y in another dtype than x, take the reference path when the
+backend was chosen automatically and raise when ``cpp`` was forced (see :func:`native`); x in
 any dtype other than float32 / float64 is refused at backend selection (vfm.ops.lora_ops), so the
 automatic choice picks ``torch`` for it and a forced ``cpp`` raises.  The extension is optional:
 importing this module never fails, and :func:`cpp_available` says whether the backend can run and,
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vfm import _registry
 from vfm.ops.lora_reference import LowRankKernels, dropout_threshold, lora_backward_torch, lora_forward_torch
 
 _OPS = ("lora_shrink", "lora_expand_", "lora_reduce", "lora_dx_ga_", "lora_dropout_apply")
@@ -64,9 +66,20 @@ def check_cpp(device: torch.device) -> Optional[str]:
 
 
 def native(x: Tensor, adapter: Tensor, grad_y: Optional[Tensor] = None) -> bool:
-    """True when the C++ kernels take this call: x, the adapter (and grad_y) of one float32/64 dtype."""
-    return (x.dtype in KERNEL_DTYPES and adapter.dtype == x.dtype and x.dim() == 2
-            and (grad_y is None or grad_y.dtype == x.dtype))
+    """True when the C++ kernels take this call: x, the adapter (and grad_y) of one float32/64 dtype.
+
+    When they do not (an adapter in another dtype than x), the automatic choice runs the
+    reference code instead; a forced ``cpp`` backend never falls back silently, so then this raises
+    :class:`~vfm.BackendUnavailableError` naming the dtypes.
+    """
+    ok = (x.dtype in KERNEL_DTYPES and adapter.dtype == x.dtype and x.dim() == 2
+          and (grad_y is None or grad_y.dtype == x.dtype))
+    if not ok and _registry.forced_backend() == "cpp":
+        extra = "" if grad_y is None else f", grad_y {grad_y.dtype}"
+        raise _registry.BackendUnavailableError(
+            f"backend 'cpp' was forced but its low-rank kernels take x and the adapters in one dtype, float32 or "
+            f"float64 (got x {x.dtype}, adapter {adapter.dtype}{extra}); use the torch backend")
+    return ok
 
 
 def drop_args(dropout_p: float, seed: Tensor) -> Tuple[int, int, float]:
