@@ -319,6 +319,6 @@ def test_accelerated_model_compiles_without_graph_breaks():
     reference, fast, _ = pair("dora")
     compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
     ids = batch()
-    before = _registry.CALLS[("dora_linear", "torch")]
+    before = sum(n for (o, _b), n in _registry.CALLS.items() if o == "dora_linear")
     assert_same_step(reference, fast, ids, train=True, runner=compiled)
-    assert _registry.CALLS[("dora_linear", "torch")] > before
+    assert sum(n for (o, _b), n in _registry.CALLS.items() if o == "dora_linear") > before
