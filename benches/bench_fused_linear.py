@@ -38,15 +38,17 @@ CE_W, KD_W, BETA = 0.5, 0.5, 0.5
 
 def make_inputs(case: str, n: int, h: int, v: int, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
     """hidden (N, H), weight (V, H), target (N,) with 10% ignored; a teacher head for ``distill``."""
-    g = torch.Generator().manual_seed(seed)
-    inp = dict(hidden=torch.randn(n, h, generator=g).to(device, dtype),
-               weight=(torch.randn(v, h, generator=g) / h ** 0.5).to(device, dtype))
-    target = torch.randint(0, v, (n,), generator=g)
-    target[torch.rand(n, generator=g) < 0.1] = -100
-    inp["target"] = target.to(device)
+    g = torch.Generator(device=device).manual_seed(seed)  # drawn on the device: fast for GPU shapes
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    inp = dict(hidden=randn(n, h), weight=randn(v, h, scale=h ** -0.5))
+    target = torch.randint(0, v, (n,), generator=g, device=device)
+    target[torch.rand(n, generator=g, device=device) < 0.1] = -100
+    inp["target"] = target
     if case == "distill":
-        inp["t_hidden"] = torch.randn(n, h, generator=g).to(device, dtype)
-        inp["t_weight"] = (torch.randn(v, h, generator=g) / h ** 0.5).to(device, dtype)
+        inp["t_hidden"], inp["t_weight"] = randn(n, h), randn(v, h, scale=h ** -0.5)
     return inp
 
 
