@@ -94,7 +94,9 @@ def fused_linear_knowledge_cross_entropy(
         grad_accum_dtype: ``torch.float32`` (default) accumulates a half-precision weight (and
             bias) gradient in fp32 and rounds once; ``None`` or the weight's own dtype accumulates
             in that dtype (less memory, rounding at every block). fp32/fp64 weights always
-            accumulate in their own dtype.
+            accumulate in their own dtype. The fp32 accumulator of a half-precision weight costs
+            one extra (V/2, H) fp32 tensor: its other half lives in the returned gradient's own
+            storage (see :mod:`vfm.ops.flce_blockwise`).
         **options: every keyword option of :func:`vfm.functional.knowledge_cross_entropy`, with
             its class weights renamed ``class_weight`` (V,) (``weight`` is the output layer here):
             ``ignore_index``, ``reduction``, ``label_smoothing``, ``z_loss``, ``softcap``,
