@@ -59,14 +59,16 @@ def demo_config(out_dir: str, *, variant: str, quick: bool, data: Dict[str, str]
         "rules": data["rules.yaml"],
         "data": {"train": data["train.csv"], "eval": data["dev.csv"], "test": data["test.csv"],
                  "max_length": 40},
+        # LoRA on the top 3 of MiniLM's 6 layers: backward stops there, a third less work per step on CPU
         "peft": {"method": "lora", "options": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
-                                               "target_modules": ["query", "key", "value", "dense"]}},
+                                               "target_modules": ["query", "key", "value", "dense"],
+                                               "layers_to_transform": [3, 4, 5], "layers_pattern": "layer"}},
         # the baseline sees 30 rows per epoch, the vfm run 30 + 97: the baseline gets more epochs and
         # patience so that both have a similar budget of optimizer steps
         "training": {"output_dir": os.path.join(out_dir, variant),
-                     "epochs": 1.0 if quick else (8.0 if full else 24.0),
+                     "epochs": 1.0 if quick else (12.0 if full else 30.0),
                      "batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 0, "seed": 13,
-                     "early_stopping_patience": 3 if full else 8, "metric": "macro_f1", "save_total_limit": 1,
+                     "early_stopping_patience": 4 if full else 8, "metric": "macro_f1", "save_total_limit": 1,
                      "logging_steps": 5, "resume": False, "progress": False},
         "loss": {"ce_weight": 1.0},
     }
