@@ -57,6 +57,35 @@ def doctor() -> int:
     return 0
 
 
+def check_rules(rules_path: str, data_path: Optional[str], text_field: str = "text",
+                label_field: str = "label") -> int:
+    """``vfm rules``: parse a rule file (errors name the rule and line) and, given data, print the
+    per-rule coverage and conflicts with the gold labels."""
+    from vfm.knowledge import load_rules
+
+    try:
+        rules = load_rules(rules_path)
+    except (OSError, ValueError) as exc:
+        print(f"vfm rules: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{rules_path}: {rules.task}, {len(rules.labels)} labels, {len(rules.rules)} text rules, "
+          f"{len(rules.token_rules)} token rules, {len(rules.gazetteers)} gazetteers")
+    if data_path is None:
+        return 0
+    from vfm.data import load_examples
+
+    examples, load_report = load_examples(data_path, text_field=text_field, label_field=label_field)
+    print(load_report)
+    if rules.task == "tagging":
+        inputs = [ex.tokens or [] for ex in examples]
+        gold = [ex.tags for ex in examples] if all(ex.tags is not None for ex in examples) else None
+    else:
+        inputs = [ex.text for ex in examples]
+        gold = [ex.label for ex in examples]
+    print(rules.report(inputs, gold))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``vfm`` command."""
     parser = argparse.ArgumentParser(prog="vfm", description="vfm: vertical-domain adaptation engine")
@@ -76,8 +105,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_demo = sub.add_parser("demo", help="few-shot intent classification on built-in data (MiniLM, rules, teacher)")
     p_demo.add_argument("--out", default="vfm-demo", help="output folder (default: ./vfm-demo)")
     p_demo.add_argument("--quick", action="store_true", help="tiny subset, one epoch: every stage, fast (CI)")
+    p_rules = sub.add_parser("rules", help="check a rule file: parse it, and report coverage/conflicts on data")
+    p_rules.add_argument("rules", help="the YAML rule file")
+    p_rules.add_argument("--data", default=None, help="optional .csv/.jsonl/.conll file to report coverage on")
+    p_rules.add_argument("--text-field", default="text")
+    p_rules.add_argument("--label-field", default="label")
     args, rest = parser.parse_known_args(argv)
-    if args.command in ("train", "eval", "demo") and rest:
+    if args.command in ("train", "eval", "demo", "rules") and rest:
         parser.error(f"{args.command}: unrecognized arguments {rest}")
     if args.command == "train":
         from vfm.train.run import train
@@ -96,6 +130,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         run_demo(args.out, quick=args.quick)
         return 0
+    if args.command == "rules":
+        return check_rules(args.rules, args.data, args.text_field, args.label_field)
     if args.command == "doctor":
         if rest:
             parser.error(f"doctor takes no arguments, got {rest}")
