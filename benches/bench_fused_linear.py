@@ -32,6 +32,9 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from vfm.bench import _rss_status as _rss  # noqa: E402  (shared harness helpers)
+from vfm.bench import gpu_peak_gib  # noqa: E402
+
 CASES = ("ce", "distill")
 CE_W, KD_W, BETA = 0.5, 0.5, 0.5
 
@@ -170,27 +173,6 @@ def time_step(step: Callable, device: str, warmup: int, repeat: int) -> float:
         times.append((time.perf_counter() - t0) * 1e3)
         del out
     return statistics.median(times)
-
-
-def gpu_peak_gib(step: Callable) -> float:
-    """Peak CUDA memory allocated during one step beyond what was allocated before, in GiB."""
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return peak / 2 ** 30
-
-
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def child_peak_gb(provider: str, case: str, n: int, h: int, v: int) -> float:
