@@ -124,7 +124,8 @@ class TrainingSection:
     max_grad_norm: float = 1.0
     seed: int = 42
     early_stopping_patience: Optional[int] = 3
-    metric: str = "macro_f1"
+    metric: Optional[str] = None  # default: "macro_f1" (classification), "f1" (tagging: entity micro F1)
+    constrained_decoding: bool = True  # tagging: Viterbi under the BIO transitions when scoring
     save_total_limit: Optional[int] = 2
     logging_steps: int = 5
     resume: Any = "auto"
@@ -138,7 +139,7 @@ class Config:
     """The whole ``vfm train`` configuration."""
 
     model: str = ""
-    task: str = "classification"
+    task: Optional[str] = None  # "classification" or "tagging"; default: the rules file's task, else classification
     labels: Optional[List[str]] = None
     rules: Optional[str] = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -256,9 +257,10 @@ def _validate(cfg: Config) -> Config:
     src = cfg.source
     if not cfg.model:
         raise ValueError(f"{src}: 'model' (the student's directory) is required")
-    if cfg.task not in ("classification",):
-        raise ValueError(f"{src}: task {cfg.task!r} is not supported by vfm train (only 'classification'; "
-                         "BIO tagging is scored by vfm eval's entity metrics)")
+    if cfg.task not in (None, "classification", "tagging"):
+        raise ValueError(f"{src}: task must be 'classification' or 'tagging', got {cfg.task!r}")
+    if cfg.task == "tagging":
+        check_tagging(cfg)
     if not cfg.data.train:
         raise ValueError(f"{src}: data.train is required")
     if cfg.rules is None and not cfg.labels:
@@ -283,6 +285,20 @@ def _validate(cfg: Config) -> Config:
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ValueError(f"{src}: data.eval_fraction must be in (0, 1), got {cfg.data.eval_fraction}")
     return cfg
+
+
+def check_tagging(cfg: Config) -> None:
+    """Options that ``task: tagging`` does not support raise a ValueError naming them."""
+    src = cfg.source
+    if cfg.teacher is not None and cfg.teacher.kind != "model":
+        raise ValueError(f"{src}: task tagging supports teacher.kind 'model' (a local token-classification "
+                         f"model directory) only, got {cfg.teacher.kind!r} (no zero-shot tagging teacher)")
+    if cfg.teacher is not None and cfg.teacher.cache:
+        raise ValueError(f"{src}: teacher.cache is not supported for task tagging (the per-word top-k is "
+                         "recomputed each run)")
+    if cfg.data.augment:
+        raise ValueError(f"{src}: data.augment={cfg.data.augment} is a text-classification step; task tagging "
+                         "needs data.augment 0")
 
 
 def config_from_dict(data: Dict[str, Any], *, source: str = "<dict>", base_dir: Optional[str] = None) -> Config:

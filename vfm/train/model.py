@@ -22,22 +22,30 @@ _LAYER_LIST_NAMES = ("layer", "layers", "h", "block", "blocks")
 _EMBEDDING_NAMES = ("embeddings", "embed_tokens", "wte", "wpe", "word_embeddings", "embed_positions")
 
 
-def load_student(model_dir: str, labels: Sequence[str]):
-    """Load a sequence classifier over ``labels`` from a local directory (nothing is downloaded).
+def load_student(model_dir: str, labels: Sequence[str], task: str = "classification"):
+    """Load a sequence classifier (or token classifier) over ``labels`` from a local directory
+    (nothing is downloaded).
 
     Args:
         model_dir: a Transformers directory (an encoder checkpoint or a classifier).
-        labels: the label names (index = class id).
+        labels: the label names (index = class id); the BIO tags for ``task="tagging"``.
+        task: "classification" (``AutoModelForSequenceClassification``) or "tagging"
+            (``AutoModelForTokenClassification``).
 
     Returns:
-        The model (``AutoModelForSequenceClassification``).
+        The model.
     """
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
+    if task not in ("classification", "tagging"):
+        raise ValueError(f"task must be 'classification' or 'tagging', got {task!r}")
     labels = list(labels)
-    return AutoModelForSequenceClassification.from_pretrained(
+    cls = AutoModelForTokenClassification if task == "tagging" else AutoModelForSequenceClassification
+    # tagging: a token-classification checkpoint with other tags gets a new head (Transformers logs it)
+    extra = {"ignore_mismatched_sizes": True} if task == "tagging" else {}
+    return cls.from_pretrained(
         model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={n: i for i, n in enumerate(labels)}, local_files_only=True)
+        label2id={n: i for i, n in enumerate(labels)}, local_files_only=True, **extra)
 
 
 def _layer_stack(model: nn.Module) -> Tuple[str, nn.ModuleList]:
@@ -79,8 +87,8 @@ def freeze_bottom_layers(model: nn.Module, n: int) -> List[str]:
 
 
 def apply_peft(model: nn.Module, method: str, options: Optional[Dict[str, Any]] = None, *,
-               accelerate: bool = True, total_steps: Optional[int] = None):
-    """Wrap ``model`` with a PEFT adapter for sequence classification.
+               accelerate: bool = True, total_steps: Optional[int] = None, task: str = "classification"):
+    """Wrap ``model`` with a PEFT adapter for sequence classification (or token classification).
 
     Args:
         model: the student.
@@ -89,6 +97,7 @@ def apply_peft(model: nn.Module, method: str, options: Optional[Dict[str, Any]] 
             ``target_modules``, ``num_virtual_tokens``, ...).
         accelerate: run LoRA / AdaLoRA layers on vfm's fused ops (:func:`vfm.peft.accelerate`).
         total_steps: training steps, needed by AdaLoRA's budget schedule (``total_step``).
+        task: "classification" (PEFT task type SEQ_CLS) or "tagging" (TOKEN_CLS).
 
     Returns:
         ``(peft_model, report)`` where report is the :class:`vfm.peft.AccelerateReport` or None
@@ -98,17 +107,18 @@ def apply_peft(model: nn.Module, method: str, options: Optional[Dict[str, Any]] 
 
     opts = dict(options or {})
     method = method.lower()
+    task_type = peft.TaskType.TOKEN_CLS if task == "tagging" else peft.TaskType.SEQ_CLS
     if method == "lora":
-        config = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, **opts)
+        config = peft.LoraConfig(task_type=task_type, **opts)
     elif method == "adalora":
         if "total_step" not in opts:
             if not total_steps:
                 raise ValueError("AdaLoRA needs total_step (the number of training steps)")
             opts["total_step"] = int(total_steps)
-        config = peft.AdaLoraConfig(task_type=peft.TaskType.SEQ_CLS, **opts)
+        config = peft.AdaLoraConfig(task_type=task_type, **opts)
     else:
         try:
-            config = peft.get_peft_config(dict(opts, peft_type=method.upper(), task_type="SEQ_CLS"))
+            config = peft.get_peft_config(dict(opts, peft_type=method.upper(), task_type=task_type.value))
         except (KeyError, ValueError, TypeError) as exc:
             raise ValueError(f"peft.method {method!r} with options {opts}: PEFT refused it ({exc})") from exc
     peft_model = peft.get_peft_model(model, config)

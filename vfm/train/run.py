@@ -166,11 +166,11 @@ def _accuracy(pred: torch.Tensor, gold: Sequence[int]) -> float:
 
 
 # ------------------------------------------------------------------------------ train --
-def _training_args(cfg: Config, has_eval: bool):
+def _training_args(cfg: Config, has_eval: bool, task: str = "classification"):
     from transformers import TrainingArguments
 
     tr = cfg.training
-    metric = tr.metric
+    metric = tr.metric or ("f1" if task == "tagging" else "macro_f1")
     return TrainingArguments(
         output_dir=tr.output_dir, num_train_epochs=tr.epochs, max_steps=tr.max_steps,
         per_device_train_batch_size=tr.batch_size, per_device_eval_batch_size=tr.eval_batch_size,
@@ -214,12 +214,11 @@ def train(config: Union[str, Config], *, quiet: bool = False, name: str = "") ->
     Returns:
         A :class:`TrainResult`.
     """
-    from transformers import AutoTokenizer, EarlyStoppingCallback
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from vfm.evaluate import classification_report, save_classification_outputs, write_json
     from vfm.evaluate import _atomic_bytes
-    from vfm.train import model as vm
     from vfm.train import trainer as vt
 
     cfg = load_config(config) if isinstance(config, str) else config
@@ -232,11 +231,18 @@ def train(config: Union[str, Config], *, quiet: bool = False, name: str = "") ->
         from vfm.knowledge import load_rules
 
         rules = load_rules(cfg.rules)
-        if rules.task != "classification":
-            raise ValueError(f"{cfg.rules}: task {rules.task!r}; vfm train handles classification rule files")
+        if cfg.task is not None and rules.task != cfg.task:
+            raise ValueError(f"{cfg.rules}: task {rules.task!r} but {cfg.source} says task {cfg.task!r}")
         if cfg.labels and list(cfg.labels) != list(rules.labels):
             raise ValueError(f"{cfg.source}: labels {cfg.labels} differ from the rule file's {rules.labels}")
+    task = cfg.task or (rules.task if rules is not None else "classification")
+    if task == "tagging":
+        from vfm.train.config import check_tagging
+
+        check_tagging(cfg)
     labels = list(rules.labels if rules is not None else cfg.labels)
+    if task == "tagging":
+        return _train_tagging(cfg, rules, labels, say, quiet=quiet, name=name)
     l2i = {n: i for i, n in enumerate(labels)}
     splits, notes = prepare_data(cfg, labels, say)
     if _is_main():
@@ -283,8 +289,43 @@ def train(config: Union[str, Config], *, quiet: bool = False, name: str = "") ->
     eval_ds = rows(n_fit, n_fit + n_eval, splits["eval"]) if n_eval else None
     test_ds = rows(n_fit + n_eval, len(all_rows), splits["test"]) if splits["test"] else None
 
+    trainer, printer = _fit(cfg, tok, labels, train_ds, eval_ds, vt.KnowledgeCollator(tok),
+                            vt.classification_metrics(labels), group_masks, "classification", rules is not None,
+                            f"{len(train_ds)} rows ({len(splits['train'])} labelled + {len(splits['pool'])} "
+                            "unlabelled)", say, name)
+    printer.final = True
+    eval_metrics = trainer.evaluate() if eval_ds is not None else {}
+    test_report = None
+    if test_ds is not None:
+        pred = trainer.predict(test_ds)
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        test_report = classification_report(pred.label_ids, logits.argmax(-1), labels)
+        if _is_main():
+            save_classification_outputs(test_report, out, prefix="test_")
+    final_dir = os.path.join(out, "final")
+    if trainer.is_world_process_zero():
+        write_json(os.path.join(out, "eval_metrics.json"), eval_metrics)
+        _save_final(trainer.model, tok, final_dir, cfg.peft.method)
+    return TrainResult(out, final_dir, trainer.state.best_model_checkpoint, eval_metrics, test_report, teacher_acc,
+                       labels, {k: len(v) for k, v in splits.items()})
+
+
+def _fit(cfg: Config, tok, labels: List[str], train_ds, eval_ds, collator, compute_metrics, group_masks, task: str,
+         has_rules: bool, rows_text: str, say, name: str):
+    """Student, PEFT, callbacks and the Trainer; trains (resuming when asked).
+
+    Returns:
+        ``(trainer, printer)`` after ``trainer.train()``.
+    """
+    from transformers import EarlyStoppingCallback
+
+    from vfm.train import model as vm
+    from vfm.train import trainer as vt
+
+    use_teacher = cfg.teacher is not None
+    out = cfg.training.output_dir
     torch.manual_seed(cfg.training.seed)  # the new head's initialisation is part of the run
-    model = vm.load_student(cfg.model, labels)
+    model = vm.load_student(cfg.model, labels, task)
     per_step = cfg.training.batch_size * cfg.training.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", 1))
     total_steps = cfg.training.max_steps if cfg.training.max_steps > 0 else \
         math.ceil(len(train_ds) / per_step) * math.ceil(cfg.training.epochs)
@@ -293,7 +334,7 @@ def train(config: Union[str, Config], *, quiet: bool = False, name: str = "") ->
     callbacks: List[Any] = [vt.MetricsCSVCallback(os.path.join(out, "metrics.csv")), printer]
     if peft_cfg.method != "none":
         model, accel = vm.apply_peft(model, peft_cfg.method, peft_cfg.options, accelerate=peft_cfg.accelerate,
-                                     total_steps=total_steps)
+                                     total_steps=total_steps, task=task)
         say(str(accel) if accel is not None else f"PEFT {peft_cfg.method}: run by PEFT itself")
         if peft_cfg.method == "adalora":
             from vfm.adalora import AdaLoraScheduleCallback
@@ -317,11 +358,11 @@ def train(config: Union[str, Config], *, quiet: bool = False, name: str = "") ->
     loss = cfg.loss
     loss_options = dict(ce_weight=loss.ce_weight, kd_weight=loss.kd_weight if use_teacher else 0.0, kd=loss.kd,
                         temperature=loss.temperature,
-                        penalty_weight=loss.penalty_weight if rules is not None else 0.0, penalty=loss.penalty,
+                        penalty_weight=loss.penalty_weight if has_rules else 0.0, penalty=loss.penalty,
                         rule_strength=loss.rule_strength, label_smoothing=loss.label_smoothing, z_loss=loss.z_loss)
     trainer = vt.KnowledgeTrainer(
-        model=model, args=_training_args(cfg, eval_ds is not None), train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=vt.KnowledgeCollator(tok), compute_metrics=vt.classification_metrics(labels),
+        model=model, args=_training_args(cfg, eval_ds is not None, task), train_dataset=train_ds, eval_dataset=eval_ds,
+        data_collator=collator, compute_metrics=compute_metrics,
         callbacks=callbacks, loss_options=loss_options, group_masks=group_masks)
     if not cfg.training.progress:  # no tqdm bars: the per-epoch lines replace the Trainer's log dicts
         from transformers.trainer_callback import PrinterCallback
@@ -330,23 +371,63 @@ def train(config: Union[str, Config], *, quiet: bool = False, name: str = "") ->
     resume = _resume_point(cfg)
     if resume:
         say(f"resuming from {resume}")
-    say(f"training: {len(train_ds)} rows ({len(splits['train'])} labelled + {len(splits['pool'])} unlabelled), "
+    say(f"training: {rows_text}, "
         f"loss {', '.join(f'{k}={v}' for k, v in _active_loss_options(loss_options).items())}")
     trainer.train(resume_from_checkpoint=resume)
+    return trainer, printer
+
+
+def _train_tagging(cfg: Config, rules, labels: List[str], say, *, quiet: bool, name: str) -> TrainResult:
+    """The ``task: tagging`` run (see :mod:`vfm.train.tagging`): CoNLL data, token rules, a
+    token-classification teacher, entity-level F1 each epoch, ``test_metrics.json`` with a test file."""
+    from transformers import AutoTokenizer
+
+    from vfm.evaluate import _atomic_bytes, entity_report, write_json
+    from vfm.train import tagging as tg
+
+    out = cfg.training.output_dir
+    if not all(lab == "O" or lab[:2] in ("B-", "I-") for lab in labels):
+        raise ValueError(f"{cfg.source}: task tagging needs BIO tags (O, B-X, I-X), got labels {labels}")
+    splits, notes = tg.prepare_tagging_data(cfg, labels, say)
+    if _is_main():
+        _atomic_bytes(os.path.join(out, "data_report.txt"), ("\n\n".join(notes) + "\n").encode("utf-8"))
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    sets, group_masks, rule_text = tg.build_tagging_datasets(cfg, rules, labels, tok, splits, say, _is_main())
+    if rule_text is not None and _is_main():
+        _atomic_bytes(os.path.join(out, "rule_report.txt"), (rule_text + "\n").encode("utf-8"))
+    n_words = sum(len(ex.tokens) for ex in splits["train"])
+    pool_words = sum(len(ex.tokens) for ex in splits["pool"])
+    constrained = cfg.training.constrained_decoding
+    trainer, printer = _fit(
+        cfg, tok, labels, sets["train"], sets["eval"], tg.TaggingCollator(tok), tg.tagging_metrics(labels, constrained),
+        group_masks, "tagging", rules is not None,
+        f"{len(sets['train'])} sentences ({len(splits['train'])} tagged, {n_words} words + {len(splits['pool'])} "
+        f"unlabelled, {pool_words} words)", say, name)
+    printer.keys = ("eval_loss", "eval_token_accuracy", "eval_f1")
     printer.final = True
-    eval_metrics = trainer.evaluate() if eval_ds is not None else {}
-    test_report = None
-    if test_ds is not None:
-        pred = trainer.predict(test_ds)
+    eval_metrics = trainer.evaluate() if sets["eval"] is not None else {}
+    test_scores = None
+    if sets["test"] is not None:
+        pred = trainer.predict(sets["test"])
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-        test_report = classification_report(pred.label_ids, logits.argmax(-1), labels)
+        trans, start = tg.bio_tables(labels) if constrained else (None, None)
+        gold_tags, pred_tags = [], []
+        for b in range(len(pred.label_ids)):
+            keep = torch.as_tensor(pred.label_ids[b]) != IGNORE_INDEX
+            g = torch.as_tensor(pred.label_ids[b])[keep].tolist()
+            p = tg.decode_tags(torch.as_tensor(logits[b])[keep].float(), trans, start) if g else []
+            gold_tags.append([labels[i] for i in g])
+            pred_tags.append([labels[i] for i in p])
+        test_scores = entity_report(gold_tags, pred_tags)
         if _is_main():
-            save_classification_outputs(test_report, out, prefix="test_")
+            write_json(os.path.join(out, "test_metrics.json"),
+                       {"entity": test_scores, "sentences": len(gold_tags), "constrained_decoding": constrained})
+        say("test entity F1 (micro): " + f"{test_scores.get('micro', {}).get('f1', 0.0):.4f}")
     final_dir = os.path.join(out, "final")
     if trainer.is_world_process_zero():
         write_json(os.path.join(out, "eval_metrics.json"), eval_metrics)
-        _save_final(trainer.model, tok, final_dir, peft_cfg.method)
-    return TrainResult(out, final_dir, trainer.state.best_model_checkpoint, eval_metrics, test_report, teacher_acc,
+        _save_final(trainer.model, tok, final_dir, cfg.peft.method)
+    return TrainResult(out, final_dir, trainer.state.best_model_checkpoint, eval_metrics, test_scores, {},
                        labels, {k: len(v) for k, v in splits.items()})
 
 
