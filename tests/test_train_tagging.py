@@ -114,6 +114,25 @@ def test_collator_pads_targets():
     assert batch["teacher_indices"][0, :, 0].tolist() == [-1, 1, 1] + [-1] * 5
 
 
+def test_transition_masks_by_hand():
+    from vfm.train.tagging import bio_tables, with_transitions
+
+    trans, start = bio_tables(TAGS)
+    T, F = True, False
+    full = [T] * 5
+    m1 = torch.tensor([full, full, [T, F, F, F, F]])  # third word: a rule allows only O
+    m2 = torch.tensor([full])
+    m3 = torch.tensor([full, full])
+    m4 = torch.tensor([[F, F, F, F, T]])  # a rule allowing only I-DOSE on a first word
+    out = with_transitions([m1, m2, m3, m4], [[1, 2, 0], [2], None, None], trans, start)
+    assert out[0].tolist() == [[T, T, F, T, F],  # sentence start: no I-
+                               [T, T, T, T, F],  # after B-DRUG: I-DRUG yes, I-DOSE no
+                               [T, F, F, F, F]]  # the rule's O (allowed after I-DRUG)
+    assert out[1].tolist() == [full]  # gold I-DRUG at the start (not BIO): the gold is never excluded
+    assert out[2].tolist() == [[T, T, F, T, F], full]  # pool: only the start constraint
+    assert out[3].tolist() == [[F, F, F, F, T]]  # empty intersection: the rule mask alone
+
+
 # --------------------------------------------------------------------------- loss --
 @pytest.mark.parametrize("penalty", ["mass", "posterior"])
 def test_compute_loss_equals_kce_on_first_subwords(tmp_path, penalty):

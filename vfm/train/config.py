@@ -17,6 +17,13 @@ Example::
     loss: {kd_weight: 0.5, temperature: 2.0, penalty_weight: 0.3}
     peft: {method: lora, options: {r: 8, lora_alpha: 16}}
     training: {output_dir: runs/demo, epochs: 5, learning_rate: 1e-3}
+
+BIO tagging (``task: tagging``, or a rules file with ``task: tagging``): CoNLL / JSONL-tokens data,
+an ``AutoModelForTokenClassification`` student, the token rules and gazetteers (plus the valid
+transitions, ``loss.transitions``) as per-word allowed masks, an untagged pool, an optional
+``teacher: {kind: model}`` token classifier, entity-level F1 (``training.metric`` default ``f1``)
+with constrained Viterbi decoding (``training.constrained_decoding``); see
+:mod:`vfm.train.tagging` and ``examples/ner_train.yaml``.
 """
 
 from __future__ import annotations
@@ -90,6 +97,7 @@ class LossConfig:
     rule_strength: Optional[float] = None
     label_smoothing: float = 0.0
     z_loss: float = 0.0
+    transitions: bool = True  # tagging with a rules file: valid BIO transitions join the allowed masks
 
 
 @dataclass

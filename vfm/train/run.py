@@ -7,6 +7,9 @@ LoRA/AdaLoRA/IA3 merged into the base weights so ``vfm eval`` loads it as a plai
 ``eval_metrics.json`` and, with a test set, ``test_metrics.json``, ``test_report.txt`` and
 ``test_confusion_matrix.png``.  Under torchrun/accelerate every process prepares the same data;
 only process 0 prints and writes reports.
+
+``task: tagging`` (:func:`_train_tagging`, :mod:`vfm.train.tagging`) writes the same files except
+the confusion matrix: ``test_metrics.json`` holds entity-level scores.
 """
 
 from __future__ import annotations
@@ -311,7 +314,7 @@ def train(config: Union[str, Config], *, quiet: bool = False, name: str = "") ->
 
 
 def _fit(cfg: Config, tok, labels: List[str], train_ds, eval_ds, collator, compute_metrics, group_masks, task: str,
-         has_rules: bool, rows_text: str, say, name: str):
+         has_rules: bool, rows_text: str, say, name: str, metric_keys=("eval_loss", "eval_accuracy", "eval_macro_f1")):
     """Student, PEFT, callbacks and the Trainer; trains (resuming when asked).
 
     Returns:
@@ -330,7 +333,7 @@ def _fit(cfg: Config, tok, labels: List[str], train_ds, eval_ds, collator, compu
     total_steps = cfg.training.max_steps if cfg.training.max_steps > 0 else \
         math.ceil(len(train_ds) / per_step) * math.ceil(cfg.training.epochs)
     peft_cfg = cfg.peft
-    printer = vt.EpochPrinter(name)
+    printer = vt.EpochPrinter(name, metric_keys)
     callbacks: List[Any] = [vt.MetricsCSVCallback(os.path.join(out, "metrics.csv")), printer]
     if peft_cfg.method != "none":
         model, accel = vm.apply_peft(model, peft_cfg.method, peft_cfg.options, accelerate=peft_cfg.accelerate,
@@ -402,8 +405,7 @@ def _train_tagging(cfg: Config, rules, labels: List[str], say, *, quiet: bool, n
         cfg, tok, labels, sets["train"], sets["eval"], tg.TaggingCollator(tok), tg.tagging_metrics(labels, constrained),
         group_masks, "tagging", rules is not None,
         f"{len(sets['train'])} sentences ({len(splits['train'])} tagged, {n_words} words + {len(splits['pool'])} "
-        f"unlabelled, {pool_words} words)", say, name)
-    printer.keys = ("eval_loss", "eval_token_accuracy", "eval_f1")
+        f"unlabelled, {pool_words} words)", say, name, ("eval_loss", "eval_token_accuracy", "eval_f1"))
     printer.final = True
     eval_metrics = trainer.evaluate() if sets["eval"] is not None else {}
     test_scores = None

@@ -245,6 +245,44 @@ def model_teacher_words(model_dir: str, sentences: Sequence[Sequence[str]], k: i
     return TeacherTopK(torch.cat(idx_rows), torch.cat(lp_rows), t_labels, {"model": model_dir})
 
 
+def with_transitions(masks: Sequence[Tensor], tags: Sequence[Optional[Sequence[int]]], transitions: Tensor,
+                     start: Tensor) -> List[Tensor]:
+    """Intersect per-word rule masks with the BIO transition constraint.
+
+    A tagged sentence's word t may take the tags allowed after its gold tag t-1 (the first word:
+    no ``I-X``); an untagged (pool) sentence only gets the sentence-start constraint on its first
+    word.  Where the intersection would be empty, or would exclude the word's gold tag (data that
+    is not valid BIO), the word keeps its rule mask alone.
+
+    Args:
+        masks: per sentence bool ``(T_i, L)`` (from ``RuleSet.compile_tokens``).
+        tags: per sentence T_i gold tag ids, or None.
+        transitions, start: from :func:`bio_tables`.
+
+    Returns:
+        Per sentence bool ``(T_i, L)``.
+    """
+    if len(masks) != len(tags):
+        raise ValueError(f"masks has {len(masks)} sentences, tags has {len(tags)}")
+    table = torch.cat([start[None], transitions], dim=0)  # row 0 = sentence start
+    out = []
+    for m, g in zip(masks, tags):
+        rows = torch.ones_like(m)
+        if g is not None:
+            if len(g) != m.shape[0]:
+                raise ValueError(f"tags of {len(g)} words for a mask of {m.shape[0]} words")
+            prev = torch.tensor([-1] + list(g[:-1]), dtype=torch.long)
+            rows = table[prev + 1]
+        elif m.shape[0]:
+            rows[0] = start
+        both = m & rows
+        ok = both.any(dim=1)
+        if g is not None and m.shape[0]:
+            ok &= both[torch.arange(m.shape[0]), torch.tensor(list(g), dtype=torch.long)]
+        out.append(torch.where(ok[:, None], both, m))
+    return out
+
+
 def split_rows(flat: Tensor, lengths: Sequence[int]) -> List[Tensor]:
     """Cut a ``(sum T_i, ...)`` tensor into per-sentence pieces."""
     return list(torch.split(flat, list(lengths), dim=0))
@@ -318,7 +356,15 @@ def build_tagging_datasets(cfg, rules, labels: Sequence[str], tok, splits: Dict[
     groups_per = group_masks = report_text = None
     if rules is not None:
         masks = rules.compile_tokens(sentences)
-        group_masks, flat_ids = masks.grouped()
+        if cfg.loss.transitions:
+            tag_ids = [[l2i[t] for t in ex.tags] if ex.tags is not None else None for _, items in order for ex in items]
+            dense = with_transitions(list(masks), tag_ids, *bio_tables(labels))
+        else:
+            dense = list(masks)
+        from vfm.knowledge.compile import group_rows
+
+        flat = torch.cat(dense) if dense else torch.zeros(0, len(labels), dtype=torch.bool)
+        group_masks, flat_ids = group_rows(flat, ~flat.all(dim=1))
         groups_per = [g.tolist() for g in split_rows(flat_ids, lengths)]
         from vfm.knowledge.tagging import token_report
 
