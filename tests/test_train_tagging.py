@@ -273,11 +273,15 @@ def test_vfm_train_tagging_end_to_end(project, capsys):
     assert test_metrics["sentences"] == 2
     # vfm eval (argmax of each word's first subword) reproduces the run's unconstrained test scores
     assert main(["eval", "--model", str(run / "final"), "--data", str(project / "dev.conll"),
-                 "--out", str(project / "eval")]) == 0
-    again = json.load(open(project / "eval" / "metrics.json"))["entity"]
+                 "--out", str(project / "eval"), "--rules", str(project / "rules.yaml")]) == 0
+    written = json.load(open(project / "eval" / "metrics.json"))
+    again = written["entity"]
     for key in ("micro", "macro"):
         for m in ("precision", "recall", "f1"):
             assert again[key][m] == pytest.approx(test_metrics["entity"][key][m])
+    # with the rules, every gold entity of dev.conll is forced: the drugs are gazetteer entries
+    # (B-DRUG only), "100mg" may only be DOSE and after an O only B-DOSE -> recall 1 whatever the model
+    assert written["model+rules"]["micro"]["recall"] == 1.0 and written["rules_fallback_sentences"] == 0
 
 
 def test_tagging_lora_constrained_without_eval_file(project):

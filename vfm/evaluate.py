@@ -290,7 +290,7 @@ def _predict_classes(model, tok, texts, batch_size, max_length, progress):
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
-def _predict_tags(model, tok, sentences, labels, max_length, progress):
+def _predict_tags(model, tok, sentences, labels, max_length, progress, word_logits=None):
     import torch
     from tqdm.auto import tqdm
 
@@ -299,16 +299,49 @@ def _predict_tags(model, tok, sentences, labels, max_length, progress):
         for tokens in tqdm(sentences, desc="predict", disable=not progress, leave=False):
             enc = tok(list(tokens), is_split_into_words=True, truncation=True, max_length=max_length,
                       return_tensors="pt")
-            ids = model(**enc).logits[0].argmax(-1).tolist()
+            logits = model(**enc).logits[0]
+            ids = logits.argmax(-1).tolist()
             words = enc.word_ids(0)
             tags = ["O"] * len(tokens)  # words cut off by truncation are predicted O (counted as misses)
             seen = set()
+            firsts = []
             for pos, w in enumerate(words):
                 if w is not None and w not in seen:
                     seen.add(w)
                     tags[w] = labels[ids[pos]]
+                    firsts.append(pos)
             preds.append(tags)
+            if word_logits is not None:  # (surviving words, L) logits of each word's first subword
+                word_logits.append(logits[firsts].float())
     return preds
+
+
+def _rules_tags(rules_path: str, labels, examples, word_logits) -> List[List[str]]:
+    """Per sentence, the tags of constrained Viterbi decoding (transitions, start, token-rule masks)
+    over the words' first-subword logits; words lost to truncation are O.  Returns ``(tags, number
+    of sentences whose token rules allowed no valid path and were decoded under the transitions only)``."""
+    import torch
+
+    from vfm.knowledge import load_rules
+    from vfm.knowledge.tagging import viterbi_decode
+
+    rules = load_rules(rules_path)
+    if rules.task != "tagging" or list(rules.labels) != list(labels):
+        raise ValueError(f"{rules_path}: a tagging rule file with the model's tags {labels} is needed "
+                         f"(got task {rules.task!r}, tags {rules.labels})")
+    masks = rules.compile_tokens([ex.tokens for ex in examples])
+    trans, start = rules.transition_mask(), rules.start_mask()
+    out, fallback = [], 0
+    for ex, mask, lg in zip(examples, masks, word_logits):
+        n = lg.shape[0]
+        em = torch.log_softmax(lg.double(), -1)
+        try:
+            path = viterbi_decode(em, trans, start, mask[:n]) if n else []
+        except ValueError:  # the token rules contradict the transitions: decode under the transitions only
+            fallback += 1
+            path = viterbi_decode(em, trans, start)
+        out.append([labels[i] for i in path] + ["O"] * (len(ex.tokens) - n))
+    return out, fallback
 
 
 def evaluate_model(model_dir: str, data_path: str, out_dir: str, *, rules_path: Optional[str] = None,
@@ -320,14 +353,16 @@ def evaluate_model(model_dir: str, data_path: str, out_dir: str, *, rules_path: 
     confusion-matrix PNG and ``predictions.csv``; with ``rules_path``, also the scores when each
     prediction is restricted to the labels its text's rules allow (``rules_*`` files).  Tagging
     files (CoNLL or JSONL tokens/tags): entity-level scores (exact span and type), predicting one
-    tag per word from its first sub-token.
+    tag per word from its first sub-token; with a tagging ``rules_path``, also the scores of
+    constrained Viterbi decoding (valid BIO transitions and the token rules' allowed tags) under
+    ``"model+rules"``.
 
     Args:
         model_dir: a saved model (``vfm train``'s ``final/``, any Transformers classifier, or a
             PEFT adapter folder).
         data_path: the labelled file (read with :func:`vfm.data.load_examples`).
         out_dir: where the reports go.
-        rules_path: optional rule file (classification).
+        rules_path: optional rule file (classification, or tagging for CoNLL data).
 
     Returns:
         The metrics dict that is also written to ``metrics.json``.
@@ -342,16 +377,24 @@ def evaluate_model(model_dir: str, data_path: str, out_dir: str, *, rules_path: 
     os.makedirs(out_dir, exist_ok=True)
     if tagging:
         gold = [ex.tags for ex in examples]
-        pred = _predict_tags(model, tok, [ex.tokens for ex in examples], labels, max_length, progress)
+        word_logits = [] if rules_path else None
+        pred = _predict_tags(model, tok, [ex.tokens for ex in examples], labels, max_length, progress, word_logits)
         scores = entity_report(gold, pred)
-        write_json(os.path.join(out_dir, "metrics.json"), {"entity": scores, "sentences": len(examples)})
+        result_t: Dict[str, object] = {"entity": scores, "sentences": len(examples)}
+        if rules_path:  # constrained Viterbi: valid BIO transitions and the token rules' allowed tags
+            ruled, result_t["rules_fallback_sentences"] = _rules_tags(rules_path, labels, examples, word_logits)
+            result_t["model+rules"] = entity_report(gold, ruled)
+        write_json(os.path.join(out_dir, "metrics.json"), result_t)
         lines = [f"{'entity':<14} precision  recall     f1  support"]
         lines += [f"{k:<14} {v['precision']:9.3f}  {v['recall']:6.3f}  {v['f1']:5.3f}  {v.get('support', '')}"
                   for k, v in scores.items()]
         _atomic_bytes(os.path.join(out_dir, "report.txt"), ("\n".join(lines) + "\n").encode("utf-8"))
+        if rules_path:
+            lines.append("with the rules (constrained Viterbi: BIO transitions + token rules): entity micro F1 "
+                         f"{result_t['model+rules'].get('micro', {}).get('f1', 0.0):.3f}")
         if not quiet:
             print("\n".join(lines))
-        return {"entity": scores}
+        return {k: v for k, v in result_t.items() if k in ("entity", "model+rules")}
     index = {name: i for i, name in enumerate(labels)}
     bad = [ex for ex in examples if ex.label not in index]
     if bad:
