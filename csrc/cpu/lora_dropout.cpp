@@ -371,6 +371,9 @@ at::Tensor as_stack(const at::Tensor& mats, const char* op) {
   return mats.dim() == 2 ? mats.unsqueeze(0) : mats;
 }
 
+// Tasks per OpenMP chunk so that each chunk holds at least ~64K multiply-adds: smaller work runs
+// on the calling thread (at::parallel_for runs inline when the range fits in one grain), which
+// spares the thread wake-up on small shapes (and a scheduler quantum when the cores are busy).
 int64_t grain_rows(int64_t work_per_tile) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(work_per_tile, 1)); }
 
 // Panel width of the reduce tasks: the (R, JP) accumulator stays in L1 (16 KiB), and there are
@@ -474,7 +477,7 @@ at::Tensor lora_reduce_cpu(const at::Tensor& coef_in, const at::Tensor& src_in, 
       const scalar_t* sp = src.data_ptr<scalar_t>();
       scalar_t* rp = res.data_ptr<scalar_t>();
       const int64_t ld = row_stride(src);
-      at::parallel_for(0, K * npanel, 1, [&](int64_t q0, int64_t q1) {
+      at::parallel_for(0, K * npanel, grain_rows((N + K - 1) / K * jp * R), [&](int64_t q0, int64_t q1) {
         reduce_k(d, cp, sp, ld, C, R, jp, npanel, &g, q0, q1, ks.data(), rp);
       });
     });
@@ -516,7 +519,7 @@ at::Tensor lora_dx_ga_cpu(at::Tensor dx, const at::Tensor& coef_in, const at::Te
       const scalar_t* sp = src.data_ptr<scalar_t>();
       scalar_t* rp = res.data_ptr<scalar_t>();
       const int64_t ldd = row_stride(dx), ld = row_stride(src);
-      at::parallel_for(0, K * npanel, 1, [&](int64_t q0, int64_t q1) {
+      at::parallel_for(0, K * npanel, grain_rows(2 * ((N + K - 1) / K) * jp * R), [&](int64_t q0, int64_t q1) {
         dx_ga_k(d, dp, ldd, cp, pp, CP, sp, ld, C, R, jp, npanel, &g, q0, q1, rp);
       });
     });
