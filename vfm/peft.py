@@ -155,33 +155,39 @@ def _active(layer: nn.Module) -> List[str]:
     return [n for n in layer.active_adapters if n in layer.lora_A]
 
 
-def _state_reason(layer: nn.Module) -> Optional[str]:
-    """Why the layer's current state needs PEFT's forward (None when vfm can run it)."""
+def _state_reason(layer: nn.Module, active: Optional[List[str]] = None, base: Optional[nn.Module] = None
+                  ) -> Optional[str]:
+    """Why the layer's current state needs PEFT's forward (None when vfm can run it).
+
+    ``active`` (:func:`_active`) and ``base`` (``layer.get_base_layer()``) may be passed when the
+    caller already has them: the checks run on every forward, so each lookup counts.
+    """
     if layer.disable_adapters:
         return "adapters are disabled"
     if layer.merged:
         return "adapter weights are merged into the base weight"
-    active = _active(layer)
+    active = _active(layer) if active is None else active
     if len(active) != 1:
         return f"{len(active)} active adapters (vfm runs exactly one)"
-    if _hooked(layer.get_base_layer()):
+    if _hooked(layer.get_base_layer() if base is None else base):
         return "the base layer has forward hooks (e.g. accelerate offloading) that vfm would bypass"
     return _adapter_reason(layer, active[0])
 
 
-def _call_reason(layer: nn.Module, x, args, kwargs) -> Optional[str]:
+def _call_reason(layer: nn.Module, x, args, kwargs, active: List[str], base: nn.Module) -> Optional[str]:
+    """Why this call needs PEFT's forward (None when vfm runs it); ``active``/``base`` as _state_reason."""
     if args or any(v is not None for v in kwargs.values()):
         mixed = " (adapter_names: mixed-adapter batch)" if kwargs.get("adapter_names") is not None else ""
         return "extra forward arguments" + mixed
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return "non-floating input"
-    why = _state_reason(layer)
+    why = _state_reason(layer, active, base)
     if why:
         return why
-    weight = layer.get_base_layer().weight
+    weight = base.weight
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         return f"input dtype {x.dtype} differs from the base weight's {weight.dtype}"
-    name = _active(layer)[0]
+    name = active[0]
     adapter_dtype = (layer.lora_A[name] if isinstance(layer, _PeftSVDLinear) else layer.lora_A[name].weight).dtype
     if adapter_dtype != x.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
         return "input dtype casting is disabled and the adapter dtype differs from the input's"
@@ -196,8 +202,7 @@ def _note_fallback(layer: nn.Module, reason: str) -> None:
 
 
 # -------------------------------------------------------------------------- forward --
-def _base_weight(layer: nn.Module):
-    base = layer.get_base_layer()
+def _base_weight(base: nn.Module):
     return (base.weight.t() if _is_conv1d(base) else base.weight), base.bias
 
 
@@ -209,12 +214,13 @@ def _dropout_args(layer: nn.Module, name: str):
 
 
 def _vfm_forward(layer: nn.Module, peft_cls: type, x, args, kwargs):
-    why = _call_reason(layer, x, args, kwargs)
+    active, base = _active(layer), layer.get_base_layer()
+    why = _call_reason(layer, x, args, kwargs, active, base)
     if why is not None:
         _note_fallback(layer, why)
         return peft_cls.forward(layer, x, *args, **kwargs)
-    name = _active(layer)[0]
-    weight, bias = _base_weight(layer)
+    name = active[0]
+    weight, bias = _base_weight(base)
     p, training = _dropout_args(layer, name)
     scaling = layer.scaling[name]
     if isinstance(layer, _PeftSVDLinear):
