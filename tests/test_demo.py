@@ -163,3 +163,22 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
                 next(r["macro_f1"] for r in results if r["task"] == task and r["variant"] == v))
     assert (tmp_path / "airline_sentiment" / "ce-seed0-confusion.png").exists()
     assert (tmp_path / "log.txt").exists()
+
+
+def test_bad_arguments_raise(tmp_path):
+    from vfm.demo import data_path, run_demo
+
+    with pytest.raises(ValueError, match="tasks"):
+        run_demo(str(tmp_path), tasks=["sentiment"])
+    with pytest.raises(ValueError, match="seeds"):
+        run_demo(str(tmp_path), seeds=[1, 1])
+    with pytest.raises(ValueError, match="threads"):
+        run_demo(str(tmp_path), threads=0)
+    with pytest.raises(ValueError, match="no demo file"):
+        data_path("train.csv")
+    with pytest.raises(FileNotFoundError, match="not installed"):
+        D.package_file("vfm_no_such_package_h9", "x.csv")
+    with pytest.raises(FileNotFoundError, match="has no"):
+        D.package_file("vfm", "no", "such.csv")
+    with pytest.raises(ValueError, match="fewer than per_label"):
+        D.few_shot([D.Example(text="a", label="x")], 2, seed=0)

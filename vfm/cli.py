@@ -108,6 +108,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_demo.add_argument("--quick", action="store_true",
                         help="tiny subsets, a few steps, one seed: every stage, fast (CI)")
     p_demo.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: 0 1 2)")
+    p_demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p_rules = sub.add_parser("rules", help="check a rule file: parse it, and report coverage/conflicts on data")
     p_rules.add_argument("rules", help="the YAML rule file")
     p_rules.add_argument("--data", default=None, help="optional .csv/.jsonl/.conll file to report coverage on")
@@ -131,7 +132,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "demo":
         from vfm.demo import run_demo
 
-        run_demo(args.out, quick=args.quick, seeds=args.seeds)
+        run_demo(args.out, quick=args.quick, seeds=args.seeds, threads=args.threads)
         return 0
     if args.command == "rules":
         return check_rules(args.rules, args.data, args.text_field, args.label_field)

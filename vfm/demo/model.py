@@ -261,7 +261,7 @@ def train_student(student: Student, labelled: Callable[[List[int]], Batch], n_la
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
-        running += float(loss)
+        running += loss.detach().item()
         if step % cfg.eval_every == 0 or step == cfg.steps:
             score = dev_score(student)
             log.append({"step": step, "loss": running / cfg.eval_every, "dev": score})

@@ -33,16 +33,17 @@ class Sizes:
     n_test: int = 1500
     n_dev: int = 150
     n_pool: int = 2000
-    ner_train: int = 40
+    ner_train: int = 100
     ner_test: int = 600
     ner_dev: int = 100
     ner_pool: int = 1000
     max_length: int = 64
     subsample: int = 0  # quick: prepare only this many random airline tweets (0 = all)
-    cls_loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=100, batch=16, pool_batch=32,
-                                                                     eval_every=10, patience=4))
-    ner_loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=150, batch=8, pool_batch=16, eval_every=15,
-                                                                     patience=4, lr_head=3e-3, penalty_weight=0.5))
+    cls_loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=120, batch=16, pool_batch=32,
+                                                                     eval_every=10, patience=5))
+    ner_loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=200, batch=8, pool_batch=16, eval_every=20,
+                                                                     patience=4, lr_layers=2e-4, lr_head=5e-3,
+                                                                     penalty_weight=0.5))
 
 
 def quick_sizes() -> Sizes:
