@@ -10,7 +10,8 @@ from torch import Tensor
 from vfm.ops.flce_api import KCE_OPTIONS, fused_linear_knowledge_cross_entropy
 
 _OPTIONS = [o for o in KCE_OPTIONS if o != "weight"] + [
-    "class_weight", "teacher_hidden", "teacher_weight", "teacher_bias", "block_rows", "grad_accum_dtype"]
+    "class_weight", "teacher_hidden", "teacher_weight", "teacher_bias", "block_rows", "grad_accum_dtype",
+    "grad_filter"]
 
 
 class FusedLinearKnowledgeCrossEntropyLoss(torch.nn.Module):

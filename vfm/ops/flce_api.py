@@ -57,6 +57,18 @@ def _check_head(prefix: str, hidden: Tensor, weight: Tensor, bias: Optional[Tens
                             f"expected {hidden.dtype} on {hidden.device}")
 
 
+def _check_grad_filter(value) -> float:
+    """None -> 0.0 (exact); otherwise a float in (0, 1)."""
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"grad_filter must be None or a float in (0, 1), got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not 0.0 < value < 1.0:  # also rejects NaN
+        raise ValueError(f"grad_filter must be None (exact gradients) or a relative tolerance in (0, 1), got {value!r}")
+    return value
+
+
 def fused_linear_knowledge_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -68,6 +80,7 @@ def fused_linear_knowledge_cross_entropy(
     teacher_bias: Optional[Tensor] = None,
     block_rows: Optional[int] = None,
     grad_accum_dtype: Optional[torch.dtype] = torch.float32,
+    grad_filter: Optional[float] = None,
     **options,
 ):
     """Knowledge cross-entropy of ``hidden @ weight.T + bias`` without materialising the logits.
@@ -97,6 +110,12 @@ def fused_linear_knowledge_cross_entropy(
             accumulate in their own dtype. The fp32 accumulator of a half-precision weight costs
             one extra (V/2, H) fp32 tensor: its other half lives in the returned gradient's own
             storage (see :mod:`vfm.ops.flce_blockwise`).
+        grad_filter: None (default) for exact gradients, or an opt-in relative tolerance ``eps``
+            in (0, 1) (e.g. ``2**-12``): gradient entries of at most ``eps`` times the largest
+            entry of their row may be dropped, vocabulary chunks where all of them are skip their
+            two backward GEMMs (:mod:`vfm.ops.flce_filter`). The loss, the bias gradient and every
+            target entry stay exact; the error of the weight and hidden gradients is bounded by
+            ``eps * sum_i m_i |hidden_i|`` and ``eps * m_i * sum_j |weight_j|`` entrywise.
         **options: every keyword option of :func:`vfm.functional.knowledge_cross_entropy`, with
             its class weights renamed ``class_weight`` (V,) (``weight`` is the output layer here):
             ``ignore_index``, ``reduction``, ``label_smoothing``, ``z_loss``, ``softcap``,
@@ -121,11 +140,13 @@ def fused_linear_knowledge_cross_entropy(
     """
     return _dispatch(*prepare_fused_arguments(
         hidden, weight, target, bias, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-        teacher_bias=teacher_bias, block_rows=block_rows, grad_accum_dtype=grad_accum_dtype, **options))
+        teacher_bias=teacher_bias, block_rows=block_rows, grad_accum_dtype=grad_accum_dtype,
+        grad_filter=grad_filter, **options))
 
 
 def prepare_fused_arguments(hidden, weight, target, bias=None, *, teacher_hidden=None, teacher_weight=None,
-                            teacher_bias=None, block_rows=None, grad_accum_dtype=torch.float32, **options):
+                            teacher_bias=None, block_rows=None, grad_accum_dtype=torch.float32, grad_filter=None,
+                            **options):
     """Validate and normalise a call exactly as :func:`fused_linear_knowledge_cross_entropy` does.
 
     Returns:
@@ -138,7 +159,7 @@ def prepare_fused_arguments(hidden, weight, target, bias=None, *, teacher_hidden
     if unknown:
         raise TypeError(f"fused_linear_knowledge_cross_entropy got unknown options {unknown}; known: "
                         f"{KCE_OPTIONS + ['class_weight', 'teacher_hidden', 'teacher_weight', 'teacher_bias']}"
-                        " + ['block_rows', 'grad_accum_dtype']")
+                        " + ['block_rows', 'grad_accum_dtype', 'grad_filter']")
     _check_head("", hidden, weight, bias)
     lead_shape = tuple(hidden.shape[:-1])
     vocab = int(weight.shape[0])
@@ -171,6 +192,7 @@ def prepare_fused_arguments(hidden, weight, target, bias=None, *, teacher_hidden
                          f"got {grad_accum_dtype}")
     if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
         raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
+    grad_filter = _check_grad_filter(grad_filter)
     return_parts = bool(options.pop("return_parts", False))
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type) and hidden.dtype == torch.float32:
@@ -211,7 +233,7 @@ def prepare_fused_arguments(hidden, weight, target, bias=None, *, teacher_hidden
     args = (h2d, weight, bias, tgt, cls_w, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales, th2d,
             teacher_weight.detach() if teacher_weight is not None else None,
             teacher_bias.detach() if teacher_bias is not None else None,
-            *scalars, *need, p.reduce, int(block_rows), accum_fp32)
+            *scalars, *need, p.reduce, int(block_rows), accum_fp32, grad_filter)
     return args, lead_shape, p.reduce, return_parts
 
 

@@ -42,6 +42,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from vfm.ops import flce_filter
 from vfm.ops.kce_reference import KCEConfig
 
 #: Bytes of logits buffers (student + teacher) a block may use when ``block_rows`` is not given.
@@ -124,6 +125,43 @@ class WeightGradAccumulator:
                 acc.addmm_(g_t, hidden_block)
         self.first = False
 
+    def zero_(self) -> "WeightGradAccumulator":
+        """Start from zeros, so that :meth:`add_range` / :meth:`index_add` may touch any rows."""
+        for _, _, acc in self.parts:
+            acc.zero_()
+        self.first = False
+        return self
+
+    def add_range(self, grad_cols: Tensor, hidden_block: Tensor, v0: int, v1: int) -> None:
+        """Add grad_cols.T @ hidden_block to gradient rows [v0, v1) (grad_cols (m, v1 - v0)).
+
+        Only after :meth:`zero_` (rows outside the range are not written).
+        """
+        for p0, p1, acc in self.parts:
+            a, b = max(v0, p0), min(v1, p1)
+            if b <= a:
+                continue
+            g_t = grad_cols[:, a - v0:b - v0].t()
+            dst = acc[a - p0:b - p0]
+            if self.mixed:
+                _mixed_addmm(dst, g_t, hidden_block, False)
+            else:
+                dst.addmm_(g_t, hidden_block)
+
+    def index_add(self, rows: Tensor, values: Tensor, valid: Tensor) -> None:
+        """gradient[rows[i]] += values[i] for the i where valid[i] (values fp32 (n, H)); no host sync.
+
+        Only after :meth:`zero_`.
+        """
+        zero = values.new_zeros(())
+        for p0, p1, acc in self.parts:
+            if p1 == p0:
+                continue
+            inside = valid & (rows >= p0) & (rows < p1)
+            idx = (rows - p0).clamp(0, p1 - p0 - 1)
+            vals = torch.where(inside[:, None], values, zero)
+            acc.index_add_(0, idx, vals.to(acc.dtype))  # a half accumulator rounds each add
+
     def finish(self) -> Tensor:
         """The (V, H) gradient in the weight's dtype (zeros if nothing was added)."""
         if self.first:
@@ -165,6 +203,7 @@ def flce_blockwise(
     need_grad_bias: bool,
     block_rows: int,
     accum_fp32: bool,
+    grad_filter: float = 0.0,
 ) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Loss and gradients of the fused linear knowledge cross-entropy, block by block.
 
@@ -182,6 +221,8 @@ def flce_blockwise(
             (for an upstream gradient of one on the summed loss).
         block_rows: Nb >= 1.
         accum_fp32: fp32 accumulation of a half-precision weight gradient.
+        grad_filter: 0 for the exact gradients, or the relative tolerance ``eps`` in (0, 1) of the
+            opt-in gradient filter (:mod:`vfm.ops.flce_filter`).
 
     Returns:
         (row_loss (N,), parts (5, N), grad_hidden (N, H) or None, grad_weight (V, H) or None,
@@ -196,6 +237,10 @@ def flce_blockwise(
     grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
     gw = WeightGradAccumulator(vocab, weight.shape[1], weight.dtype, dev, accum_fp32) if need_grad_weight else None
     gb = torch.zeros(vocab, dtype=loss_dtype, device=dev) if need_grad_bias else None
+    if grad_filter > 0:
+        flce_filter.reset_stats()
+        if gw is not None:
+            gw.zero_()
     nb = max(1, min(int(block_rows), n_rows))
     buf = torch.empty(nb, vocab, dtype=hidden.dtype, device=dev) if n_rows else None
     tbuf = None
@@ -232,6 +277,13 @@ def flce_blockwise(
         if not need_any:
             continue
         # z now holds G_b = d loss / d z_b.
+        if grad_filter > 0:
+            if gb is not None:
+                gb.add_(z.sum(0, dtype=loss_dtype))
+            flce_filter.filtered_block_grads(
+                z, h_b, weight, target[r0:r1], cfg.ignore_index, grad_filter,
+                grad_hidden[r0:r1] if grad_hidden is not None else None, gw)
+            continue
         if grad_hidden is not None:
             torch.mm(z, weight, out=grad_hidden[r0:r1])
         if gw is not None:

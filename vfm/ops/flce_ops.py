@@ -69,7 +69,7 @@ def _loss_dtype(hidden: Tensor) -> torch.dtype:
 def forward_impl(hidden, weight, bias, target, class_weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids,
                  scales, teacher_hidden, teacher_weight, teacher_bias, ignore_index, label_smoothing, softcap,
                  temperature, kd_mode, jsd_beta, pen_mode, rule_strength, use_ce, use_z, need_grad_hidden,
-                 need_grad_weight, need_grad_bias, reduce, block_rows, accum_fp32):
+                 need_grad_weight, need_grad_bias, reduce, block_rows, accum_fp32, grad_filter=0.0):
     """Run the chosen backend. Returns (loss, parts, grad_hidden, grad_weight, grad_bias) (grads or None).
 
     Gradients are computed only when ``reduce`` is true (see the module docstring).
@@ -84,7 +84,7 @@ def forward_impl(hidden, weight, bias, target, class_weight, teacher, topk_idx, 
     row_loss, parts, gh, gw, gb = impl(
         hidden, weight, bias, target, class_weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales,
         teacher_hidden, teacher_weight, teacher_bias, cfg, need_grad_hidden and reduce, need_grad_weight and reduce,
-        need_grad_bias and reduce and bias is not None, block_rows, accum_fp32)
+        need_grad_bias and reduce and bias is not None, block_rows, accum_fp32, grad_filter)
     out_dtype = _loss_dtype(hidden)
     row_loss, parts = row_loss.to(out_dtype), parts.to(out_dtype)
     return (row_loss.sum() if reduce else row_loss), parts, gh, gw, gb
@@ -122,13 +122,15 @@ def fused_linear_knowledge_cross_entropy_op(
     reduce: bool,
     block_rows: int,
     accum_fp32: bool,
+    grad_filter: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Normalised op; returns (loss, parts, grad_hidden, grad_weight, grad_bias), empty where not computed."""
     loss, parts, gh, gw, gb = forward_impl(
         hidden, weight, bias, target, class_weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales,
         teacher_hidden, teacher_weight, teacher_bias, ignore_index, label_smoothing, softcap, temperature, kd_mode,
         jsd_beta, pen_mode, rule_strength, use_ce, use_z, need_grad_hidden, need_grad_weight, need_grad_bias,
-        reduce, block_rows, accum_fp32)
+        reduce, block_rows, accum_fp32, grad_filter)
+
     def empty():  # one fresh tensor per output: outputs must not alias each other
         return hidden.new_empty(0)
 
@@ -140,7 +142,7 @@ def fused_linear_knowledge_cross_entropy_op(
 def _(hidden, weight, bias, target, class_weight, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales,
       teacher_hidden, teacher_weight, teacher_bias, ignore_index, label_smoothing, softcap, temperature, kd_mode,
       jsd_beta, pen_mode, rule_strength, use_ce, use_z, need_grad_hidden, need_grad_weight, need_grad_bias,
-      reduce, block_rows, accum_fp32):
+      reduce, block_rows, accum_fp32, grad_filter):
     n_rows, out_dtype = hidden.shape[0], _loss_dtype(hidden)
     loss = hidden.new_empty((), dtype=out_dtype) if reduce else hidden.new_empty((n_rows,), dtype=out_dtype)
     parts = hidden.new_empty((5, n_rows), dtype=out_dtype)
@@ -151,7 +153,7 @@ def _(hidden, weight, bias, target, class_weight, teacher, topk_idx, topk_lp, al
 
 
 # ---------------------------------------------------------------------------- autograd --
-_N_INPUTS = 30
+_N_INPUTS = 31
 _DOUBLE_BACKWARD = (
     "fused_linear_knowledge_cross_entropy does not support double backward (create_graph=True): its "
     "gradients are computed by fused kernels, not by differentiable operations"
