@@ -64,12 +64,14 @@ def test_cpp_matches_torch(dtype, p, n_shape, bias, train_w):
         torch.testing.assert_close(g_c[name], g_t[name], **TOL[dtype], msg=lambda m: f"grad {name}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("seed", [0, 7, (1 << 40) + 3])
-def test_cpp_mask_is_the_contract_mask(seed):
-    """xa from the C++ kernel with A = identity rows is D(x) itself: compare with the reference mask."""
+def test_cpp_mask_is_the_contract_mask(seed, dtype):
+    """xa from the C++ kernel with A = identity rows is D(x) itself: compare with the reference mask
+    (float32 takes the 8-lane vector hash, float64 the scalar loop; 41 columns leave a tail)."""
     n, d_in, p = 13, 41, 0.45
-    x = torch.randn(n, d_in, dtype=torch.float64) + 3.0  # never zero, so zeros mean dropped
-    a = torch.eye(d_in, dtype=torch.float64)
+    x = torch.randn(n, d_in, dtype=dtype) + 3.0  # never zero, so zeros mean dropped
+    a = torch.eye(d_in, dtype=dtype)
     xa = torch.ops.vfm_C.lora_dropout_xa(x, a, seed, dropout_threshold(p), 1.0 / (1.0 - p))
     keep = dropout_keep_mask(seed, n, d_in, p)
     assert torch.equal(xa != 0, keep)
@@ -280,3 +282,38 @@ def test_mixed_adapter_dtype_auto_runs_reference_and_forced_cpp_raises():
     with vfm.use_backend("torch"):
         y_ref = lora_linear(x, w, None, a, b, 2.0)
     torch.testing.assert_close(lora_linear(x, w, None, a, b, 2.0), y_ref)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,c,r", [(23, 301, 16), (9, 128, 3), (2, 17, 5)])
+def test_single_adapter_dx_ga_against_plain_torch(threads, dtype, n, c, r):
+    """lora_dx_ga_ without ids (row chunks, one partial sum per chunk, column blocks of 512 bytes)
+    and lora_shrink / lora_expand_ with dropout, against torch products on the reference's mask:
+    row counts that are not multiples of 4, columns with vector tails, several blocks and chunks."""
+    g = torch.Generator().manual_seed(n * c + r)
+    p, seed = 0.3, (1 << 33) + 5
+    x = torch.randn(n, c + 3, generator=g, dtype=dtype)[:, 2:c + 2]  # a row stride
+    mats = torch.randn(r, c, generator=g, dtype=dtype)
+    coef = torch.randn(n, r, generator=g, dtype=dtype)
+    acc = torch.randn(n, c, generator=g, dtype=dtype)
+    keep = dropout_keep_mask(seed, n, c, p)
+    thr, ds = dropout_threshold(p), 1.0 / (1.0 - p)
+    u = torch.where(keep, x * ds, torch.zeros((), dtype=dtype))
+    ops = torch.ops.vfm_C
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dx = acc.clone()
+        ga = ops.lora_dx_ga_(dx, coef, mats, x, None, seed, thr, ds)
+        xa = ops.lora_shrink(x, mats, None, None, 1.0, seed, thr, ds)
+        ex = acc.clone()
+        ops.lora_expand_(ex, coef, mats, None, None, 1.0, seed, thr, ds)
+    finally:
+        torch.set_num_threads(before)
+    tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
+    term = torch.where(keep, (coef @ mats) * ds, torch.zeros((), dtype=dtype))
+    torch.testing.assert_close(dx, acc + term, **tol)
+    torch.testing.assert_close(ex, acc + term, **tol)
+    torch.testing.assert_close(ga, coef.t() @ u, **tol)
+    torch.testing.assert_close(xa, u @ mats.t(), **tol)

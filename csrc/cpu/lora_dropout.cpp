@@ -198,7 +198,7 @@ VFM_ALWAYS_INLINE void reduce_range(const Drop& d, const T* coef, const T* src, 
           std::fill(cbuf.data() + m * R, cbuf.data() + m * R + R, T(0));
         }
       }
-      lora::reduce_step<T>(cbuf.data(), R, u, R, WP, acc.data());
+      lora::reduce_step<T>(cbuf.data(), R, u, R, WP, acc.data(), WP);
     }
     const T s = ks[k];
     for (int64_t r = 0; r < R; ++r)
@@ -263,7 +263,7 @@ VFM_ALWAYS_INLINE void dx_ga_range(const Drop& d, T* dx, int64_t ldd, const T* c
           std::fill(cbuf.data() + m * R, cbuf.data() + m * R + R, T(0));
         }
       }
-      lora::reduce_step<T>(cbuf.data(), R, u, R, WP, acc.data());
+      lora::reduce_step<T>(cbuf.data(), R, u, R, WP, acc.data(), WP);
       // dx rows += D(coef A) on this panel, L columns at a time (8 accumulator registers).
       const T *e0 = cbuf.data(), *e1 = e0 + R, *e2 = e1 + R, *e3 = e2 + R;
       for (int64_t v = 0; v < WP; v += L) {
@@ -297,6 +297,75 @@ VFM_ALWAYS_INLINE void dx_ga_range(const Drop& d, T* dx, int64_t ldd, const T* c
   }
 }
 
+// Fused backward with dropout on the rows [i0, i1) of one adapter, x and dx streamed row-wise:
+// dx[i] += D(coef_i A) and acc (R, CP) += sum_i coef_i^T D(x_i), 4 rows at a time over column
+// blocks of JB (the block's u, mask, A and acc slices stay in L1), each mask element hashed once.
+template <typename T>
+VFM_ALWAYS_INLINE void dx_ga_rows(const Drop& d, T* dx, int64_t ldd, const T* coef, const T* ap, int64_t CP,
+                                  const T* src, int64_t ld, int64_t C, int64_t R, int64_t i0, int64_t i1, T* acc) {
+  using V = typename lora::Vec<T>::type;
+  using IV = typename lora::Vec<T>::itype;
+  using IT = typename lora::Vec<T>::iscalar;
+  constexpr int W = lora::Vec<T>::W, L = lora::Vec<T>::L;
+  constexpr int64_t JB = 512 / sizeof(T);
+  alignas(32) T ubuf[kRG][JB];
+  alignas(32) IT kbuf[kRG][JB];
+  std::vector<T> cbuf(kRG * R);
+  const T ds = static_cast<T>(d.scale);
+  const V dsv = V{} + ds;
+  const T* u[kRG] = {ubuf[0], ubuf[1], ubuf[2], ubuf[3]};
+  for (int64_t i = i0; i < i1; i += kRG) {
+    const int n = static_cast<int>(std::min<int64_t>(kRG, i1 - i));
+    for (int m = 0; m < kRG; ++m)
+      for (int64_t r = 0; r < R; ++r) cbuf[m * R + r] = m < n ? coef[(i + m) * R + r] : T(0);
+    for (int64_t c0 = 0; c0 < C; c0 += JB) {
+      const int64_t w = std::min<int64_t>(JB, C - c0), WP = round_up(w, L);
+      for (int m = 0; m < kRG; ++m) {
+        const int64_t wm = m < n ? w : 0;
+        if (m < n)
+          lora::mask_row<T>(d, static_cast<uint64_t>(i + m) * static_cast<uint64_t>(C) + c0, src + (i + m) * ld + c0,
+                            ds, w, ubuf[m], kbuf[m]);
+        std::fill(ubuf[m] + wm, ubuf[m] + WP, T(0));
+        std::fill(kbuf[m] + wm, kbuf[m] + WP, IT(0));
+      }
+      lora::reduce_step<T>(cbuf.data(), R, u, R, WP, acc + c0, CP);
+      // dx rows += D(coef A) on this block, L columns at a time (8 accumulator registers).
+      const T* a = ap + c0;
+      const T *e0 = cbuf.data(), *e1 = e0 + R, *e2 = e1 + R, *e3 = e2 + R;
+      for (int64_t v = 0; v < WP; v += L) {
+        V a0 = {}, b0 = {}, a1 = {}, b1 = {}, a2 = {}, b2 = {}, a3 = {}, b3 = {};
+        for (int64_t r = 0; r < R; ++r) {
+          const V p0 = lora::vload<V>(a + r * CP + v), p1 = lora::vload<V>(a + r * CP + v + W);
+          a0 += e0[r] * p0; b0 += e0[r] * p1;
+          a1 += e1[r] * p0; b1 += e1[r] * p1;
+          a2 += e2[r] * p0; b2 += e2[r] * p1;
+          a3 += e3[r] * p0; b3 += e3[r] * p1;
+        }
+        const int64_t nv = std::min<int64_t>(L, w - v);
+        auto put = [&](int m, V lo, V hi) {
+          T* o = dx + (i + m) * ldd + c0 + v;
+          const IT* km = kbuf[m] + v;
+          lo *= dsv;
+          hi *= dsv;
+          if (nv == L) {
+            lora::vstore(o, lora::vload<V>(o) + (V)((IV)lo & lora::vload<IV>(km)));
+            lora::vstore(o + W, lora::vload<V>(o + W) + (V)((IV)hi & lora::vload<IV>(km + W)));
+          } else {
+            T tmp[L];
+            lora::vstore(tmp, lo);
+            lora::vstore(tmp + W, hi);
+            for (int64_t j = 0; j < nv; ++j) o[j] += km[j] ? tmp[j] : T(0);
+          }
+        };
+        put(0, a0, b0);
+        if (n > 1) put(1, a1, b1);
+        if (n > 2) put(2, a2, b2);
+        if (n > 3) put(3, a3, b3);
+      }
+    }
+  }
+}
+
 #define VFM_LORA_INSTANTIATE(T, SFX)                                                                               \
   VFM_LORA_CLONES void shrink_##SFX(const Drop& d, const T* src, int64_t ld, int64_t C, const T* mt, int64_t RP,   \
                                     int64_t R, const Groups* g, const Tile* tiles, int64_t t0, int64_t t1,        \
@@ -317,6 +386,11 @@ VFM_ALWAYS_INLINE void dx_ga_range(const Drop& d, T* dx, int64_t ldd, const T* c
                                    const T* src, int64_t ld, int64_t C, int64_t R, int64_t JP, int64_t npanel,    \
                                    const Groups* g, int64_t q0, int64_t q1, T* res) {                            \
     dx_ga_range<T>(d, dx, ldd, coef, ap, CP, src, ld, C, R, JP, npanel, g, q0, q1, res);                          \
+  }                                                                                                                \
+  VFM_LORA_CLONES void dx_ga_rows_##SFX(const Drop& d, T* dx, int64_t ldd, const T* coef, const T* ap, int64_t CP, \
+                                        const T* src, int64_t ld, int64_t C, int64_t R, int64_t i0, int64_t i1,   \
+                                        T* acc) {                                                                  \
+    dx_ga_rows<T>(d, dx, ldd, coef, ap, CP, src, ld, C, R, i0, i1, acc);                                          \
   }                                                                                                                \
   VFM_LORA_CLONES void apply_##SFX(const Drop& d, const T* x, int64_t ld, int64_t C, int64_t i0, int64_t i1,       \
                                    T* u) {                                                                         \
@@ -345,6 +419,10 @@ VFM_LORA_INSTANTIATE(double, f64)
                       int64_t ld, int64_t C, int64_t R, int64_t JP, int64_t np, const Groups* g, int64_t q0,       \
                       int64_t q1, T* res) {                                                                         \
     dx_ga_##SFX(d, dx, ldd, c, ap, CP, s, ld, C, R, JP, np, g, q0, q1, res);                                        \
+  }                                                                                                                 \
+  inline void dx_ga_rows_k(const Drop& d, T* dx, int64_t ldd, const T* c, const T* ap, int64_t CP, const T* s,     \
+                           int64_t ld, int64_t C, int64_t R, int64_t i0, int64_t i1, T* acc) {                      \
+    dx_ga_rows_##SFX(d, dx, ldd, c, ap, CP, s, ld, C, R, i0, i1, acc);                                              \
   }                                                                                                                 \
   inline void apply_k(const Drop& d, const T* x, int64_t ld, int64_t C, int64_t i0, int64_t i1, T* u) {            \
     apply_##SFX(d, x, ld, C, i0, i1, u);                                                                            \
@@ -502,6 +580,33 @@ at::Tensor lora_dx_ga_cpu(at::Tensor dx, const at::Tensor& coef_in, const at::Te
               src_in.sizes(), " do not match");
   const Drop d = make_drop(seed, threshold, dscale);
   TORCH_CHECK(d.active, "lora_dx_ga_: needs dropout (threshold > 0); use lora_expand_ and lora_reduce without it");
+  if (!ids.has_value() && N > 0 && C > 0 && R > 0) {  // one adapter: row chunks, one partial sum each
+    TORCH_CHECK(K == 1, "lora_dx_ga_: without adapter ids there must be one adapter, got K = ", K);
+    const at::Tensor src = unit_col(src_in);
+    const at::Tensor coef = coef_in.contiguous();
+    at::Tensor res;
+    AT_DISPATCH_FLOATING_TYPES(dx.scalar_type(), "lora_dx_ga_", [&] {
+      const int64_t CP = round_up(C, lora::Vec<scalar_t>::L);
+      const at::Tensor ap = CP == C ? m.reshape({R, C}).contiguous() : at::zeros({R, CP}, dx.options());
+      if (CP != C) ap.narrow(1, 0, C).copy_(m.squeeze(0));
+      const int64_t min_rows = std::max<int64_t>(kRG, grain_rows(2 * C * R));
+      const int64_t nchunk = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / min_rows));
+      at::Tensor part = at::zeros({nchunk, R, CP}, dx.options());
+      scalar_t* dp = dx.data_ptr<scalar_t>();
+      const scalar_t* cp = coef.data_ptr<scalar_t>();
+      const scalar_t* pp = ap.data_ptr<scalar_t>();
+      const scalar_t* sp = src.data_ptr<scalar_t>();
+      scalar_t* qp = part.data_ptr<scalar_t>();
+      const int64_t ldd = row_stride(dx), ld = row_stride(src);
+      at::parallel_for(0, nchunk, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c)
+          dx_ga_rows_k(d, dp, ldd, cp, pp, CP, sp, ld, C, R, N * c / nchunk, N * (c + 1) / nchunk, qp + c * R * CP);
+      });
+      res = nchunk == 1 ? part[0] : part.sum(0);
+      if (CP != C) res = res.narrow(1, 0, C).contiguous();
+    });
+    return res;
+  }
   at::Tensor res = at::zeros({K, R, C}, dx.options());
   if (N > 0 && C > 0 && R > 0) {
     const Groups g = group_rows(ids, N, K);

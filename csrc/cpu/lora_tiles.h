@@ -45,6 +45,69 @@ VFM_ALWAYS_INLINE uint32_t hash_at(const Drop& d, uint64_t off) {
   return fmix32(fmix32(static_cast<uint32_t>(off) ^ d.k0) ^ d.k1 ^ (static_cast<uint32_t>(off >> 32) * 0x9E3779B9u));
 }
 
+// 32-byte vectors (one AVX2 / AVX-512VL register; GCC lowers wider generic vectors badly on
+// AVX2).  A "chunk" is two of them: L = 16 floats or 8 doubles.
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+  typedef int32_t iscalar;  // lane masks: all ones (kept) or 0
+  typedef int32_t itype __attribute__((vector_size(32)));
+  static constexpr int W = 8;
+  static constexpr int L = 16;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+  typedef int64_t iscalar;
+  typedef int64_t itype __attribute__((vector_size(32)));
+  static constexpr int W = 4;
+  static constexpr int L = 8;
+};
+
+template <typename V, typename T>
+VFM_ALWAYS_INLINE V vload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+VFM_ALWAYS_INLINE void vstore(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// Eight hash lanes on 32-bit words for the float kernels: whole vectors, a 32-bit lane index
+// (no 64-bit induction variable to narrow) and plain loads of x (no masked loads).
+typedef uint32_t U8 __attribute__((vector_size(32)));
+typedef int32_t I8 __attribute__((vector_size(32)));
+
+VFM_ALWAYS_INLINE U8 fmix32v(U8 h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// All-ones lanes where the offsets with low words lo (lanes) and the high word folded into
+// hi_mix = k1 ^ (hi * 0x9E3779B9) are kept, zero lanes where they are dropped.
+VFM_ALWAYS_INLINE I8 keep8(U8 lo, uint32_t k0, uint32_t hi_mix, uint32_t thr) {
+  const U8 h = fmix32v(fmix32v(lo ^ k0) ^ hi_mix);
+  return h >= thr;
+}
+
+VFM_ALWAYS_INLINE U8 iota8(uint32_t lo0) {
+  const U8 i = {0, 1, 2, 3, 4, 5, 6, 7};
+  return i + lo0;
+}
+
+VFM_ALWAYS_INLINE Vec<float>::type select8(I8 keep, Vec<float>::type x) {
+  return (Vec<float>::type)(keep & (I8)x);
+}
+
 // u[j] = keep(base + j) ? v[j] * s : 0 for j in [0, n).
 template <typename T>
 VFM_ALWAYS_INLINE void drop_row(const Drop& d, uint64_t base, const T* v, T s, int64_t n, T* u) {
@@ -53,8 +116,14 @@ VFM_ALWAYS_INLINE void drop_row(const Drop& d, uint64_t base, const T* v, T s, i
   if ((base >> 32) == ((end - 1) >> 32)) {  // one high word: a loop on 32-bit lanes
     const uint32_t hi_mix = d.k1 ^ (static_cast<uint32_t>(base >> 32) * 0x9E3779B9u);
     const uint32_t lo0 = static_cast<uint32_t>(base), k0 = d.k0, thr = d.thr;
+    int64_t j0 = 0;
+    if constexpr (sizeof(T) == 4) {
+      typedef Vec<float>::type V;
+      U8 lo = iota8(lo0);
+      for (; j0 + 8 <= n; j0 += 8, lo += 8u) vstore(u + j0, select8(keep8(lo, k0, hi_mix, thr), vload<V>(v + j0) * s));
+    }
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = j0; j < n; ++j) {
       const uint32_t h = fmix32(fmix32((lo0 + static_cast<uint32_t>(j)) ^ k0) ^ hi_mix);
       u[j] = h >= thr ? v[j] * s : T(0);
     }
@@ -71,8 +140,15 @@ VFM_ALWAYS_INLINE void drop_add_row(const Drop& d, uint64_t base, const T* t, T 
   if ((base >> 32) == ((end - 1) >> 32)) {
     const uint32_t hi_mix = d.k1 ^ (static_cast<uint32_t>(base >> 32) * 0x9E3779B9u);
     const uint32_t lo0 = static_cast<uint32_t>(base), k0 = d.k0, thr = d.thr;
+    int64_t j0 = 0;
+    if constexpr (sizeof(T) == 4) {
+      typedef Vec<float>::type V;
+      U8 lo = iota8(lo0);
+      for (; j0 + 8 <= n; j0 += 8, lo += 8u)
+        vstore(o + j0, vload<V>(o + j0) + select8(keep8(lo, k0, hi_mix, thr), vload<V>(t + j0) * s));
+    }
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = j0; j < n; ++j) {
       const uint32_t h = fmix32(fmix32((lo0 + static_cast<uint32_t>(j)) ^ k0) ^ hi_mix);
       o[j] += h >= thr ? t[j] * s : T(0);
     }
@@ -81,33 +157,40 @@ VFM_ALWAYS_INLINE void drop_add_row(const Drop& d, uint64_t base, const T* t, T 
   }
 }
 
-// 32-byte vectors (one AVX2 / AVX-512VL register; GCC lowers wider generic vectors badly on
-// AVX2).  A "chunk" is two of them: L = 16 floats or 8 doubles.
+// Row w of the fused backward: u[j] = keep(base + j) ? v[j] * s : 0 and km[j] = keep ? all ones : 0
+// for j in [0, n) (each mask element hashed once, used for both products).
 template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(32)));
-  static constexpr int W = 8;
-  static constexpr int L = 16;
-};
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(32)));
-  static constexpr int W = 4;
-  static constexpr int L = 8;
-};
-
-template <typename V, typename T>
-VFM_ALWAYS_INLINE V vload(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-VFM_ALWAYS_INLINE void vstore(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
+VFM_ALWAYS_INLINE void mask_row(const Drop& d, uint64_t base, const T* v, T s, int64_t n, T* u,
+                                typename Vec<T>::iscalar* km) {
+  using IT = typename Vec<T>::iscalar;
+  const uint64_t end = base + static_cast<uint64_t>(n);
+  if (n == 0) return;
+  if ((base >> 32) == ((end - 1) >> 32)) {
+    const uint32_t hi_mix = d.k1 ^ (static_cast<uint32_t>(base >> 32) * 0x9E3779B9u);
+    const uint32_t lo0 = static_cast<uint32_t>(base), k0 = d.k0, thr = d.thr;
+    int64_t j0 = 0;
+    if constexpr (sizeof(T) == 4) {
+      typedef Vec<float>::type V;
+      U8 lo = iota8(lo0);
+      for (; j0 + 8 <= n; j0 += 8, lo += 8u) {
+        const I8 keep = keep8(lo, k0, hi_mix, thr);
+        vstore(km + j0, keep);
+        vstore(u + j0, select8(keep, vload<V>(v + j0) * s));
+      }
+    }
+#pragma omp simd
+    for (int64_t j = j0; j < n; ++j) {
+      const uint32_t h = fmix32(fmix32((lo0 + static_cast<uint32_t>(j)) ^ k0) ^ hi_mix);
+      u[j] = h >= thr ? v[j] * s : T(0);
+      km[j] = h >= thr ? IT(-1) : IT(0);
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const bool keep = hash_at(d, base + static_cast<uint64_t>(j)) >= d.thr;
+      u[j] = keep ? v[j] * s : T(0);
+      km[j] = keep ? IT(-1) : IT(0);
+    }
+  }
 }
 
 constexpr int kMR = 6;      // rows per shrink / expand tile
@@ -192,10 +275,11 @@ VFM_ALWAYS_INLINE void expand_tile(const T* coef, int64_t ldc, int nrows, const 
   }
 }
 
-// Reduce step: acc[r][:WP] += sum_g c[g * ldc + r] * u[g][:WP] for 4 rows (u rows zero padded
-// to WP, a multiple of L; unused rows have c = 0 and u = 0).
+// Reduce step: acc[r * lda + :WP] += sum_g c[g * ldc + r] * u[g][:WP] for 4 rows (u rows zero
+// padded to WP, a multiple of L; unused rows have c = 0 and u = 0).
 template <typename T>
-VFM_ALWAYS_INLINE void reduce_step(const T* c, int64_t ldc, const T* const* u, int64_t R, int64_t WP, T* acc) {
+VFM_ALWAYS_INLINE void reduce_step(const T* c, int64_t ldc, const T* const* u, int64_t R, int64_t WP, T* acc,
+                                   int64_t lda) {
   using V = typename Vec<T>::type;
   constexpr int W = Vec<T>::W;
   const T *u0 = u[0], *u1 = u[1], *u2 = u[2], *u3 = u[3];
@@ -203,8 +287,8 @@ VFM_ALWAYS_INLINE void reduce_step(const T* c, int64_t ldc, const T* const* u, i
   for (; r + 2 <= R; r += 2) {  // two ranks per pass: each load of u feeds four FMAs
     const T x0 = c[r], x1 = c[ldc + r], x2 = c[2 * ldc + r], x3 = c[3 * ldc + r];
     const T y0 = c[r + 1], y1 = c[ldc + r + 1], y2 = c[2 * ldc + r + 1], y3 = c[3 * ldc + r + 1];
-    T* a = acc + r * WP;
-    T* b = a + WP;
+    T* a = acc + r * lda;
+    T* b = a + lda;
     for (int64_t v = 0; v < WP; v += W) {
       const V p0 = vload<V>(u0 + v), p1 = vload<V>(u1 + v), p2 = vload<V>(u2 + v), p3 = vload<V>(u3 + v);
       V s = vload<V>(a + v), t = vload<V>(b + v);
@@ -218,7 +302,7 @@ VFM_ALWAYS_INLINE void reduce_step(const T* c, int64_t ldc, const T* const* u, i
   }
   for (; r < R; ++r) {
     const T x0 = c[r], x1 = c[ldc + r], x2 = c[2 * ldc + r], x3 = c[3 * ldc + r];
-    T* a = acc + r * WP;
+    T* a = acc + r * lda;
     for (int64_t v = 0; v < WP; v += W) {
       V s = vload<V>(a + v);
       s += x0 * vload<V>(u0 + v) + x1 * vload<V>(u1 + v);
