@@ -11,16 +11,20 @@ Two ways to run it:
 
 Cases: ``ce`` (plain cross-entropy, 10% rows ignored) and ``distill`` (student and teacher heads,
 0.5 x CE + 0.5 x JSD(beta 0.5), T = 1).  Providers: vfm backends (``vfm[cpp]`` on CPU,
-``vfm[triton]`` on CUDA, ``vfm[triton]-bf16acc`` without fp32 weight-gradient accumulation),
+``vfm[triton]`` on CUDA, ``vfm[triton]-bf16acc`` without fp32 weight-gradient accumulation,
+``-filter`` with the opt-in gradient filter at ``grad_filter=2**-12``),
 ``torch eager`` (materialised logits + ``F.cross_entropy``), ``torch linear_cross_entropy``
 (torch's chunked ``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``, CE only), and
-Liger-Kernel / Cut Cross-Entropy when importable.  Every step returns the gradients of hidden and
+Liger-Kernel (default, and ``-fp32acc``) / Cut Cross-Entropy (default filtering, and ``-exact``)
+when importable.  ``--errors`` (default on CUDA) adds each provider's gradient error: the relative
+Frobenius norm ||g - r|| / ||r|| of dh and dW against eager in fp32 (fp64 on CPU) on upcast inputs.  Every step returns the gradients of hidden and
 weight (kept alive while memory is measured).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -37,6 +41,8 @@ from vfm.bench import gpu_peak_gib  # noqa: E402
 
 CASES = ("ce", "distill")
 CE_W, KD_W, BETA = 0.5, 0.5, 0.5
+#: Tolerance of the ``-filter`` providers (``grad_filter``): 2^-12 of each row's largest gradient entry.
+FILTER_EPS = 2.0 ** -12
 
 
 def make_inputs(case: str, n: int, h: int, v: int, dtype: torch.dtype, device: str, seed: int = 0) -> dict:
@@ -77,11 +83,12 @@ def providers(device: str) -> Dict[str, Callable]:
     backends = [b for b in vfm.available_backends("fused_linear_knowledge_cross_entropy", device)
                 if b != "torch" and not (b == "triton" and device == "cpu")]
     for backend in backends:
-        for suffix, accum in (("", torch.float32), ("-bf16acc", None)):
-            if suffix and device != "cuda":
+        for suffix, accum, filt in (("", torch.float32, None), ("-bf16acc", None, None),
+                                    ("-filter", torch.float32, FILTER_EPS)):
+            if suffix == "-bf16acc" and device != "cuda":
                 continue
 
-            def make(case, inp, backend=backend, accum=accum):
+            def make(case, inp, backend=backend, accum=accum, filt=filt):
                 def step():
                     h, w = _leaves(inp)
                     opts = {}
@@ -90,7 +97,7 @@ def providers(device: str) -> Dict[str, Callable]:
                                     jsd_beta=BETA, ce_weight=CE_W, kd_weight=KD_W)
                     with vfm.use_backend(backend):
                         loss = vfm.functional.fused_linear_knowledge_cross_entropy(
-                            h, w, inp["target"], grad_accum_dtype=accum, **opts)
+                            h, w, inp["target"], grad_accum_dtype=accum, grad_filter=filt, **opts)
                     loss.backward()
                     return h.grad, w.grad
                 return step
@@ -127,10 +134,11 @@ def providers(device: str) -> Dict[str, Callable]:
     try:  # optional peers
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # type: ignore
 
-        def liger(case, inp):
+        def liger(case, inp, accum=None):
             if case != "ce" or device != "cuda":
                 return None
-            fn = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+            fn = (LigerFusedLinearCrossEntropyLoss(ignore_index=-100, accum_dtype=accum) if accum is not None
+                  else LigerFusedLinearCrossEntropyLoss(ignore_index=-100))
 
             def step():
                 h, w = _leaves(inp)
@@ -138,24 +146,44 @@ def providers(device: str) -> Dict[str, Callable]:
                 return h.grad, w.grad
             return step
         out["liger"] = liger
+        if "accum_dtype" in inspect.signature(LigerFusedLinearCrossEntropyLoss.__init__).parameters:
+            out["liger-fp32acc"] = lambda case, inp: liger(case, inp, torch.float32)
     except Exception:  # noqa: BLE001
         pass
     try:
         from cut_cross_entropy import linear_cross_entropy as cce  # type: ignore
 
-        def cut_ce(case, inp):
+        def cut_ce(case, inp, **kw):
             if case != "ce" or device != "cuda":
                 return None
 
             def step():
                 h, w = _leaves(inp)
-                cce(h, w, inp["target"], ignore_index=-100).backward()
+                cce(h, w, inp["target"], ignore_index=-100, **kw).backward()
                 return h.grad, w.grad
             return step
         out["cut cross-entropy"] = cut_ce
+        if "filter_eps" in inspect.signature(cce).parameters:
+            out["cut cross-entropy-exact"] = lambda case, inp: cut_ce(case, inp, filter_eps=None)
     except Exception:  # noqa: BLE001
         pass
     return out
+
+
+def reference_grads(case: str, inp: dict, device: str):
+    """(grad_hidden, grad_weight) of the eager loss in fp32 (fp64 on CPU) from upcast inputs."""
+    wide = torch.float64 if device == "cpu" else torch.float32
+    up = {k: (t.to(wide) if t.is_floating_point() else t) for k, t in inp.items()}
+    return providers(device)["torch eager"](case, up)()
+
+
+def grad_errors(out, ref) -> tuple:
+    """Relative Frobenius errors ||g - r|| / ||r|| of (grad_hidden, grad_weight), in fp32/fp64."""
+    errs = []
+    for g, r in zip(out, ref):
+        d = torch.linalg.vector_norm((g.to(r.dtype) - r).flatten()) / torch.linalg.vector_norm(r.flatten())
+        errs.append(float(d))
+    return tuple(errs)
 
 
 def time_step(step: Callable, device: str, warmup: int, repeat: int) -> float:
@@ -212,6 +240,9 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2 GPU, 1 CPU)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--errors", action=argparse.BooleanOptionalAction, default=None,
+                        help="gradient errors vs an fp32 (GPU) / fp64 (CPU) eager reference "
+                             "(default: on for cuda)")
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
     n, h, v = args.rows or (8192 if gpu else 2048), args.hidden or (4096 if gpu else 1024), args.vocab or 128256
@@ -228,27 +259,37 @@ def main(argv: Optional[list] = None) -> int:
             return x
     print(f"device={args.device} N={n} H={h} V={v} dtype={dtype} torch={torch.__version__} "
           f"threads={torch.get_num_threads()}", flush=True)
+    errors = gpu if args.errors is None else args.errors
     rows = []
     for case in cases:
         inp = make_inputs(case, n, h, v, dtype, args.device)
+        ref = reference_grads(case, inp, args.device) if errors else None
         for name in tqdm(list(provs), desc=case):
             step = provs[name](case, inp)
             if step is None:
                 continue
+            err = (float("nan"), float("nan"))
+            if ref is not None:
+                out = step()
+                err = grad_errors(out, ref)
+                del out
             warmup = args.warmup if args.warmup is not None else (2 if gpu else 1)
             ms = time_step(step, args.device, warmup=warmup, repeat=repeat)
             mem = float("nan")
             if not args.no_memory:
                 mem = gpu_peak_gib(step) if gpu else cpu_peak_gb(name, case, n, h, v)
-            rows.append(dict(case=case, provider=name, ms=ms, mem=mem))
-            print(f"  {case} {name}: {ms:.1f} ms, {mem:.3f} {'GiB' if gpu else 'GB'}", flush=True)
+            rows.append(dict(case=case, provider=name, ms=ms, mem=mem, err_hidden=err[0], err_weight=err[1]))
+            print(f"  {case} {name}: {ms:.1f} ms, {mem:.3f} {'GiB' if gpu else 'GB'}, "
+                  f"grad errors (dh, dW) {err[0]:.1e}, {err[1]:.1e}", flush=True)
+        del ref
     unit = "GiB" if gpu else "GB"
-    print(f"\n| case | provider | time (ms) | peak memory beyond inputs ({unit}) | vs eager |\n|---|---|---|---|---|")
+    print(f"\n| case | provider | time (ms) | peak memory beyond inputs ({unit}) | vs eager | "
+          f"grad error dh, dW (rel. Frobenius) |\n|---|---|---|---|---|---|")
     for case in cases:
         eager = next((r["ms"] for r in rows if r["case"] == case and r["provider"] == "torch eager"), float("nan"))
         for r in (r for r in rows if r["case"] == case):
             print(f"| {case} | {r['provider']} | {r['ms']:.1f} | {r['mem']:.3f} | "
-                  f"{r['ms'] / eager:.2f}x eager's time |")
+                  f"{r['ms'] / eager:.2f}x eager's time | {r['err_hidden']:.1e}, {r['err_weight']:.1e} |")
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as fh:

@@ -103,11 +103,27 @@ def options(name, seed=0):
     return opts
 
 
+def force_path(monkeypatch, path):
+    """'sparse': kept entries applied by gather/scatter; 'chunks': the chunked GEMM path."""
+    if path == "chunks":
+        monkeypatch.setattr(flce_filter, "SPARSE_PER_ROW", 0)
+    else:
+        monkeypatch.setattr(flce_filter, "SPARSE_PIECE_BYTES", 4 * 8 * H * 5)  # pieces of 5 entries
+
+
+def skipped_work(stats, path):
+    if path == "sparse":
+        return stats["sparse_blocks"] == stats["blocks"] and stats["kept_entries"] < N * V // 4
+    return stats["sparse_blocks"] == 0 and stats["kept_chunks"] < stats["chunks"]
+
+
+@pytest.mark.parametrize("path", ["sparse", "chunks"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(OPTION_CASES))
-def test_filter_within_bound_and_skips(backend, case):
-    if backend == "triton" and case not in ("ce", "kd_full", "none"):
+def test_filter_within_bound_and_skips(backend, case, path, monkeypatch):
+    if backend == "triton" and (case not in ("ce", "kd_full", "none") or path == "chunks" and case != "ce"):
         pytest.skip("interpreter time: a subset on triton")
+    force_path(monkeypatch, path)
     hidden, weight, bias, target = peaked()
     opts = options(case)
     upstream = torch.rand(N, generator=torch.Generator().manual_seed(9)) + 0.5 if case == "none" else None
@@ -117,13 +133,18 @@ def test_filter_within_bound_and_skips(backend, case):
     torch.testing.assert_close(got[0].double(), ref[0], rtol=3e-5, atol=3e-5)  # the loss is exact
     torch.testing.assert_close(got[3].double(), ref[3], rtol=3e-5, atol=3e-6)  # so is the bias gradient
     check_bound(got, ref, hidden, weight, EPS, tol=3e-5)
-    assert stats["kept_chunks"] < stats["chunks"], stats  # the filter did skip work
+    assert skipped_work(stats, path), stats  # the filter did skip work
     assert stats["blocks"] == math.ceil(N / NB)
 
 
+@pytest.mark.parametrize("path", ["sparse", "chunks"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tiny_eps_is_exact(backend):
-    """With eps far below every entry nothing is dropped: the target split and the runs must be exact."""
+def test_tiny_eps_is_exact(backend, path, monkeypatch):
+    """With eps far below every entry nothing is dropped: the target split, the sparse pieces and the
+    runs must be exact."""
+    force_path(monkeypatch, path)
+    if path == "sparse":
+        monkeypatch.setattr(flce_filter, "SPARSE_PER_ROW", V)  # every entry is kept: still sparse
     hidden, weight, bias, target = peaked(seed=2)
     opts = dict(label_smoothing=0.05)
     got = run(backend, hidden, weight, bias, target, opts, grad_filter=1e-30)
@@ -135,6 +156,7 @@ def test_tiny_eps_is_exact(backend):
 def test_run_cap_keeps_bound(monkeypatch):
     """Merging runs beyond MAX_RUNS only keeps more columns: still within the bound, fewer GEMMs."""
     monkeypatch.setattr(flce_filter, "MAX_RUNS", 1)
+    force_path(monkeypatch, "chunks")
     hidden, weight, bias, target = peaked(seed=3)
     got = run("torch", hidden, weight, bias, target, {}, grad_filter=EPS)
     assert flce_filter.LAST_STATS["runs"] <= flce_filter.LAST_STATS["blocks"]
@@ -156,17 +178,21 @@ def test_runs_cover_kept_chunks():
             assert covered == kept  # no merge needed: exactly the kept chunks
 
 
+@pytest.mark.parametrize("path", ["sparse", "chunks"])
 @pytest.mark.parametrize("accum", [torch.float32, None])
-def test_bf16_accumulators(accum):
+def test_bf16_accumulators(accum, path, monkeypatch):
     """Half-precision weights: the split fp32 accumulator and the bf16 one both take the filtered terms."""
+    force_path(monkeypatch, path)
     hidden, weight, bias, target = peaked(seed=5, dtype=torch.bfloat16)
     got = run("torch", hidden, weight, bias, target, {}, grad_filter=EPS, grad_accum_dtype=accum)
-    assert got[2].dtype == torch.bfloat16 and flce_filter.LAST_STATS["kept_chunks"] < flce_filter.LAST_STATS["chunks"]
+    assert got[2].dtype == torch.bfloat16 and skipped_work(flce_filter.LAST_STATS, path)
     ref = reference(hidden, weight, bias, target, {})
     check_bound(got, ref, hidden, weight, EPS, tol=2e-2 * float(ref[2].abs().max()))
 
 
-def test_nan_is_not_filtered_away():
+@pytest.mark.parametrize("path", ["sparse", "chunks"])
+def test_nan_is_not_filtered_away(path, monkeypatch):
+    force_path(monkeypatch, path)
     hidden, weight, bias, target = peaked(seed=6)
     hidden[7, 0] = float("nan")
     exact = run("torch", hidden, weight, bias, target, {})

@@ -148,19 +148,24 @@ class WeightGradAccumulator:
             else:
                 dst.addmm_(g_t, hidden_block)
 
-    def index_add(self, rows: Tensor, values: Tensor, valid: Tensor) -> None:
-        """gradient[rows[i]] += values[i] for the i where valid[i] (values fp32 (n, H)); no host sync.
+    def index_add(self, rows: Tensor, values: Tensor, valid: Optional[Tensor]) -> None:
+        """gradient[rows[i]] += values[i] for the i where valid[i] (all if None; values fp32 (n, H)).
 
-        Only after :meth:`zero_`.
+        No host synchronisation.  Only after :meth:`zero_`.
         """
         zero = values.new_zeros(())
         for p0, p1, acc in self.parts:
             if p1 == p0:
                 continue
-            inside = valid & (rows >= p0) & (rows < p1)
+            if len(self.parts) == 1 and valid is None:
+                flce_filter.scatter_add_rows(acc, rows, values.to(acc.dtype))
+                continue
+            inside = (rows >= p0) & (rows < p1)
+            if valid is not None:
+                inside &= valid
             idx = (rows - p0).clamp(0, p1 - p0 - 1)
             vals = torch.where(inside[:, None], values, zero)
-            acc.index_add_(0, idx, vals.to(acc.dtype))  # a half accumulator rounds each add
+            flce_filter.scatter_add_rows(acc, idx, vals.to(acc.dtype))  # a half accumulator rounds each add
 
     def finish(self) -> Tensor:
         """The (V, H) gradient in the weight's dtype (zeros if nothing was added)."""

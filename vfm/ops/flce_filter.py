@@ -4,29 +4,34 @@ After the knowledge-CE kernel has overwritten a block's logits ``z_b`` (Nb, V) w
 ``G_b``, the exact path spends two full GEMMs on it: ``G_b @ weight`` and ``G_b.T @ hidden_b``.
 Most of ``G_b`` is tiny: away from the target, an entry is the row's scale times a probability
 (``p_j``, ``p_j - q_j``, ...), and with a large vocabulary almost all probabilities are far below
-the one or few that matter.  The filter splits ``G_b`` into
+the few that matter.  With ``m_i`` the largest ``|G[i, :]|`` of row ``i``, the filter keeps every
+entry with ``|G[i, j]| > eps * m_i`` (and every NaN) and may drop the others:
 
-* the target entries ``G[i, t_i]`` (one per labelled row, usually the largest of its row), applied
-  exactly as a gather / scatter: ``grad_hidden_i += G[i, t_i] * weight[t_i]`` and
-  ``grad_weight[t_i] += G[i, t_i] * hidden_i``;
-* the rest, cut into vocabulary chunks of :data:`CHUNK` columns.  A chunk is *skipped* when every
-  entry of it, in every row of the block, satisfies ``|G[i, j]| <= eps * m_i``, where ``m_i`` is
-  the largest ``|G[i, :]|`` of row ``i`` (target entry included).  The kept chunks are merged into
-  at most :data:`MAX_RUNS` runs of consecutive columns (merging across the smallest gaps, which
-  only keeps more), and each run costs two GEMMs on views, without copies.
+1. the target entries ``G[i, t_i]`` (one per labelled row) are always applied exactly, as a
+   gather / scatter: ``grad_hidden_i += G[i, t_i] * weight[t_i]``,
+   ``grad_weight[t_i] += G[i, t_i] * hidden_i``;
+2. *sparse blocks*: when the kept entries of the block number at most :data:`SPARSE_PER_ROW` per
+   row on average, they are applied the same way (in pieces of bounded memory) and everything
+   else is dropped: no GEMM at all;
+3. otherwise the block is cut into vocabulary chunks of :data:`CHUNK` columns; a chunk without a
+   kept entry is skipped, the kept chunks are merged into at most :data:`MAX_RUNS` runs of
+   consecutive columns (merging across the smallest gaps, which only keeps more), and each run
+   costs two GEMMs on views, without copies; above :data:`DENSE_FRACTION` of the chunks the block
+   takes the exact dense GEMMs.
 
 So every dropped gradient entry is at most ``eps`` times the largest entry of its row, and the
 error of the returned gradients is bounded entrywise by
 ``|d grad_weight[j, k]| <= eps * sum_i m_i |hidden[i, k]|`` and
 ``|d grad_hidden[i, k]| <= eps * m_i * sum_j |weight[j, k]|``.  The loss, the bias gradient and
-every target entry are exact.  A chunk holding a NaN is never skipped (NaN propagates).  When more
-than :data:`DENSE_FRACTION` of the chunks are kept the block takes the exact dense GEMMs.
+every target entry are exact, and NaN propagates.
 
-Costs beyond the kept GEMMs: one ``aminmax`` pass over the block (no (Nb, V) temporary), one host
-synchronisation per block to read the kept chunks, and O(Nb * H) gather / scatter work.
-``eps = 2**-12`` is a reasonable start for bf16 (below bf16's resolution relative to the row's
-largest entry); the filter pays off when the model's distributions are peaked or nearly uniform,
-and costs one extra pass when they are not.
+Costs beyond the kept work: two comparisons over the block into a boolean (Nb, V) mask (one byte
+per logit, a second one while it is built), two host synchronisations per block (the count, then
+the kept positions or chunks), and the gather / scatter of the kept entries.  ``eps = 2**-12`` is
+a reasonable start for bf16 (below bf16's resolution relative to the row's largest entry).  The
+filter pays off when each row has few probabilities above ``eps`` times its largest gradient entry
+(peaked distributions, as from a trained model, or near-uniform ones over a huge vocabulary) and
+costs the extra passes when not.
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ CHUNK = 256
 MAX_RUNS = 32
 #: Above this fraction of kept chunks, the block takes the dense GEMMs.
 DENSE_FRACTION = 0.75
+#: A block whose kept entries average at most this many per row is applied sparsely (no GEMM).
+SPARSE_PER_ROW = 64
+#: Bytes of the fp32 (entries, H) temporaries of one piece of the sparse path.
+SPARSE_PIECE_BYTES = 64 << 20
 
 #: Statistics of the last filtered call (chunks kept / total, runs, dense blocks), for logs and tests.
 LAST_STATS: Dict[str, int] = {}
@@ -50,7 +59,23 @@ LAST_STATS: Dict[str, int] = {}
 def reset_stats() -> None:
     """Start counting a new call in :data:`LAST_STATS`."""
     LAST_STATS.clear()
-    LAST_STATS.update(blocks=0, dense_blocks=0, chunks=0, kept_chunks=0, runs=0)
+    LAST_STATS.update(blocks=0, sparse_blocks=0, dense_blocks=0, chunks=0, kept_chunks=0, runs=0, kept_entries=0)
+
+
+def _count(key: str, n: int = 1) -> None:
+    LAST_STATS[key] = LAST_STATS.get(key, 0) + n
+
+
+def scatter_add_rows(acc: Tensor, idx: Tensor, values: Tensor) -> None:
+    """acc[idx[i]] += values[i] (repeated indices add up).
+
+    ``index_add_`` on CUDA (atomics); on CPU ``index_put_(accumulate=True)``, which is more than
+    ten times faster there than ``index_add_`` into a large ``acc``.
+    """
+    if acc.device.type == "cpu":
+        acc.index_put_((idx,), values, accumulate=True)
+    else:
+        acc.index_add_(0, idx, values)
 
 
 def _runs(kept: List[bool], max_runs: int) -> List[Tuple[int, int]]:
@@ -71,18 +96,23 @@ def _runs(kept: List[bool], max_runs: int) -> List[Tuple[int, int]]:
     return [(a, b) for a, b in runs]
 
 
-def _chunk_absmax(g: Tensor) -> Tensor:
-    """(m, n_chunks) fp32: max |g| over each chunk of CHUNK columns (last chunk may be short)."""
-    m, vocab = g.shape
+def _kept_mask(g: Tensor, thr: Tensor) -> Tensor:
+    """(m, V) bool: |g| > thr (per row) or NaN, without an (m, V) temporary of g's dtype."""
+    keep = g.ge(-thr[:, None])
+    keep &= g.le(thr[:, None])
+    return keep.logical_not_()
+
+
+def _kept_chunks(keep: Tensor) -> Tensor:
+    """(n_chunks,) bool: chunks of CHUNK columns (the last may be short) holding a kept entry."""
+    m, vocab = keep.shape
     full = vocab - vocab % CHUNK
     cols = []
     if full:
-        lo, hi = torch.aminmax(g[:, :full].reshape(m, full // CHUNK, CHUNK), dim=2)
-        cols.append(torch.maximum(hi.float(), lo.float().neg()))
+        cols.append(keep[:, :full].reshape(m, full // CHUNK, CHUNK).any(dim=2).any(dim=0))
     if full < vocab:
-        lo, hi = torch.aminmax(g[:, full:], dim=1, keepdim=True)
-        cols.append(torch.maximum(hi.float(), lo.float().neg()))
-    return torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
+        cols.append(keep[:, full:].any().reshape(1))
+    return torch.cat(cols) if len(cols) > 1 else cols[0]
 
 
 def filtered_block_grads(
@@ -114,26 +144,51 @@ def filtered_block_grads(
     rows = torch.arange(m, device=g.device)
     valid = (target_b != ignore_index) & (target_b >= 0) & (target_b < vocab)
     tgt = torch.where(valid, target_b, torch.zeros_like(target_b))
-    g_t = torch.where(valid, g[rows, tgt], torch.zeros((), dtype=g.dtype, device=g.device))
+    zero = torch.zeros((), dtype=g.dtype, device=g.device)
+    g_t = torch.where(valid, g[rows, tgt], zero)
     # Zero the target entries (rows without a target write back their own value: no change).
-    g[rows, tgt] = torch.where(valid, torch.zeros((), dtype=g.dtype, device=g.device), g[rows, tgt])
+    g[rows, tgt] = torch.where(valid, zero, g[rows, tgt])
+    wide = torch.float64 if g.dtype == torch.float64 else torch.float32
+    lo, hi = torch.aminmax(g, dim=1)
+    row_max = torch.maximum(torch.maximum(hi.to(wide), lo.to(wide).neg()), g_t.to(wide).abs())
+    keep = _kept_mask(g, eps * row_max)
+    n_kept = int(keep.sum())  # host synchronisation 1
+    _count("blocks")
+    _count("kept_entries", n_kept)
+    # Target entries first, in fp32: grad_hidden_i += G[i, t_i] * weight[t_i].
+    gh32 = None
+    if grad_hidden_b is not None:
+        gh32 = g_t.to(wide)[:, None] * weight.index_select(0, tgt).to(wide)
+    if gw is not None:
+        gw.index_add(tgt, g_t.to(wide)[:, None] * h_b.to(wide), valid)
 
-    absmax = _chunk_absmax(g)
-    row_max = torch.maximum(absmax.amax(dim=1), g_t.float().abs())
-    keep = (absmax > eps * row_max[:, None]) | torch.isnan(absmax)
-    kept = keep.any(dim=0).tolist()  # the one host synchronisation of the block
-    n_chunks = len(kept)
-    n_kept = sum(kept)
-    if n_kept > DENSE_FRACTION * n_chunks:
+    if n_kept <= SPARSE_PER_ROW * m:
+        _count("sparse_blocks")
+        pos = keep.nonzero()  # host synchronisation 2
+        del keep
+        piece = max(1, SPARSE_PIECE_BYTES // (8 * max(1, h_b.shape[1])))
+        for p0 in range(0, pos.shape[0], piece):
+            r, c = pos[p0:p0 + piece].unbind(1)
+            vals = g[r, c].to(wide)[:, None]
+            if gh32 is not None:
+                scatter_add_rows(gh32, r, vals * weight.index_select(0, c).to(wide))
+            if gw is not None:
+                gw.index_add(c, vals * h_b.index_select(0, r).to(wide), None)
+        if grad_hidden_b is not None:
+            grad_hidden_b.copy_(gh32)
+        return
+
+    kept = _kept_chunks(keep).tolist()  # host synchronisation 2
+    del keep
+    n_chunks, n_kept_chunks = len(kept), sum(kept)
+    if n_kept_chunks > DENSE_FRACTION * n_chunks:
         runs = [(0, n_chunks)]
-        LAST_STATS["dense_blocks"] = LAST_STATS.get("dense_blocks", 0) + 1
+        _count("dense_blocks")
     else:
         runs = _runs(kept, MAX_RUNS if max_runs is None else max_runs)
-    LAST_STATS["blocks"] = LAST_STATS.get("blocks", 0) + 1
-    LAST_STATS["chunks"] = LAST_STATS.get("chunks", 0) + n_chunks
-    LAST_STATS["kept_chunks"] = LAST_STATS.get("kept_chunks", 0) + n_kept
-    LAST_STATS["runs"] = LAST_STATS.get("runs", 0) + len(runs)
-
+    _count("chunks", n_chunks)
+    _count("kept_chunks", n_kept_chunks)
+    _count("runs", len(runs))
     first = True
     for c0, c1 in runs:
         v0, v1 = c0 * CHUNK, min(vocab, c1 * CHUNK)
@@ -148,9 +203,6 @@ def filtered_block_grads(
         first = False
     if grad_hidden_b is not None:
         if first:
-            grad_hidden_b.zero_()
-        # Target entries: grad_hidden_i += G[i, t_i] * weight[t_i] (in fp32, rounded once).
-        contrib = g_t.float()[:, None] * weight.index_select(0, tgt).float()
-        grad_hidden_b.copy_(grad_hidden_b.float() + contrib)
-    if gw is not None:
-        gw.index_add(tgt, g_t.float()[:, None] * h_b.float(), valid)
+            grad_hidden_b.copy_(gh32)
+        else:
+            grad_hidden_b.copy_(grad_hidden_b.to(wide) + gh32)
