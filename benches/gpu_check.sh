@@ -54,6 +54,6 @@ VFM_BACKEND=cuda timeout 40 $PY -m pytest benches/bench_lora.py -q -p no:cachepr
   --benchmark-columns=median,min --benchmark-sort=name 2>&1 | tail -12 | tee "$OUT/bench_lora_cuda.txt"
 
 log "5/5 fused linear knowledge CE (N=8192, H=4096, V=128256, bf16)"
-timeout 100 $PY benches/bench_fused_linear.py --device cuda --repeat 5 --json "$OUT/bench_fused_linear.json" 2>&1 \
+timeout 150 $PY benches/bench_fused_linear.py --device cuda --repeat 5 --json "$OUT/bench_fused_linear.json" 2>&1 \
   | tee "$OUT/bench_fused_linear.txt"
 log "done"

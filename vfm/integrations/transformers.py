@@ -156,7 +156,7 @@ def apply_vfm(model: nn.Module, *, allowed_group_masks: Optional[Tensor] = None,
             ``teacher_topk_*`` aligned with the student's logits (as ``teacher(input_ids).logits``), not
             shifted; ``"labels"`` shifts them like the labels.
         fused_options: extra options of :func:`vfm.functional.fused_linear_knowledge_cross_entropy` only
-            (e.g. ``block_rows``, ``grad_accum_dtype``).
+            (e.g. ``block_rows``, ``grad_accum_dtype``, ``grad_filter``).
         **loss_options: options of :func:`vfm.functional.knowledge_cross_entropy` (:data:`LOSS_OPTIONS`:
             ``weight``, ``ignore_index``, ``label_smoothing``, ``z_loss``, ``ce_weight``, ``temperature``,
             ``kd_weight``, ``kd``, ``jsd_beta``, ``penalty_weight``, ``penalty``, ``rule_strength``).
