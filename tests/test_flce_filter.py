@@ -233,3 +233,19 @@ def test_bad_grad_filter(bad, exc):
     hidden, weight, bias, target = peaked()
     with pytest.raises(exc, match="grad_filter"):
         flce(hidden, weight, target, bias, grad_filter=bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["sparse", "chunks"])
+@pytest.mark.parametrize("accum", [torch.float32, None])
+def test_gpu_bf16_filter_within_bound(path, accum, monkeypatch):
+    """bf16 on CUDA (cuBLAS, Triton kernel, index_add_ atomics): the bound with bf16 slack; GPU only."""
+    force_path(monkeypatch, path)
+    hidden, weight, bias, target = peaked(seed=11, dtype=torch.bfloat16)
+    cuda = [t.cuda() if t is not None else None for t in (hidden, weight, bias, target)]
+    got = run("triton" if "triton" in vfm.available_backends(OP, "cuda") else "torch", *cuda, {},
+              grad_filter=EPS, grad_accum_dtype=accum)
+    assert skipped_work(flce_filter.LAST_STATS, path), flce_filter.LAST_STATS
+    ref = reference(*cuda, {})
+    torch.testing.assert_close(got[0].double(), ref[0], rtol=2e-3, atol=2e-3)
+    check_bound(got, ref, cuda[0], cuda[1], EPS, tol=2e-2 * float(ref[2].abs().max()))
