@@ -178,6 +178,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _gpu_launch() -> bool:
+    """Whether launches are configured for a GPU (block sizes, prefetch, device asserts).
+
+    True off the interpreter; under ``TRITON_INTERPRET=1`` only with ``VFM_TRITON_GPU_LAUNCH=1``,
+    which ``tests/test_triton_sm90_compile.py`` sets to record, from CPU tensors, the launches a GPU
+    gets (the interpreter's own defaults are smaller blocks and no prefetch, for speed).
+    """
+    return not _interpreting() or os.environ.get("VFM_TRITON_GPU_LAUNCH", "0") == "1"
+
+
 def triton_supports(
     logits: Tensor,
     teacher: Optional[Tensor] = None,
@@ -222,11 +232,11 @@ def _config(vocab: int, block: Optional[int], num_warps: Optional[int], prefetch
     * + teacher: BLOCK 1024 / 8 warps, hand prefetch: CE + KD(kl, T=2) 2.63 ms;
     * + allowed bits: BLOCK 512 / 4 warps, hand prefetch: CE + KD + mass 2.97 ms.
 
-    Under the interpreter: BLOCK 1024, no prefetch.  ``VFM_KCE_BLOCK`` / ``VFM_KCE_WARPS`` /
+    Under the interpreter: BLOCK 1024, no prefetch (unless ``VFM_TRITON_GPU_LAUNCH=1``).  ``VFM_KCE_BLOCK`` / ``VFM_KCE_WARPS`` /
     ``VFM_KCE_PREFETCH`` / ``VFM_KCE_STAGES`` override them (benchmarks).  No autotuning: it
     would rerun the in-place kernel on its own output.
     """
-    interp = _interpreting()
+    interp = not _gpu_launch()
     if block is None:
         if interp:
             default = 1024

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vfm.kernels.kce_common import _interpreting
+from vfm.kernels.kce_common import _gpu_launch, _interpreting
 
 __all__ = ["kce_prologue", "kce_scale_grad_", "ERR_TARGET", "ERR_GROUP"]
 
@@ -193,7 +193,7 @@ def kce_prologue(
         items_ptr, scales, scales.stride(0), gout if gout is not None else dummy, err,
         n_rows, vocab, n_groups, ignore_index, items_value, *(float(c) for c in coefs),
         HAS_SOFT=soft_mask is not None, HAS_WEIGHT=weight is not None, MEAN=bool(mean), ITEMS=items_mode,
-        GIDS=gids_mode, ASSERT=dev.type == "cuda" and not _interpreting(), BLOCK=block,
+        GIDS=gids_mode, ASSERT=_gpu_launch() and (dev.type == "cuda" or _interpreting()), BLOCK=block,
         num_warps=4 if block <= 1024 else 8,
     )
     return scales, gout, err
@@ -231,7 +231,7 @@ def kce_scale_grad_(grad: Tensor, factor: Tensor) -> Tensor:
     n_rows, vocab = grad.shape
     if n_rows == 0 or vocab == 0:
         return grad
-    block = max(128, min(4096 if not _interpreting() else 1024, triton.next_power_of_2(vocab)))
+    block = max(128, min(4096 if _gpu_launch() else 1024, triton.next_power_of_2(vocab)))
     _kce_scale_kernel[(n_rows,)](grad, grad.stride(0), factor, vocab, BLOCK=block,
                                  num_warps=4 if block <= 1024 else 8)
     return grad

@@ -55,6 +55,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _gpu_launch() -> bool:
+    """Whether launches are configured for a GPU: off the interpreter, or with
+    ``VFM_TRITON_GPU_LAUNCH=1`` (see :func:`vfm.kernels.kce_common._gpu_launch`)."""
+    return not _interpreting() or os.environ.get("VFM_TRITON_GPU_LAUNCH", "0") == "1"
+
+
 # ------------------------------------------------------------------------------ device helpers --
 @triton.jit
 def _fmix32(h):
@@ -309,8 +315,8 @@ def _ieee(dtype: torch.dtype) -> bool:
 
 
 BLOCK_M = 32
-_BLOCK_C = 64 if _interpreting() else 128
-_BLOCK_N = 64 if _interpreting() else 128
+_BLOCK_C = 128 if _gpu_launch() else 64
+_BLOCK_N = 128 if _gpu_launch() else 64
 _WARPS = 4
 
 
@@ -398,7 +404,7 @@ def _n_split(n_programs: int, n_rows: int) -> int:
 
     Under the interpreter: 2 splits whenever there are 2 row tiles, so tests exercise the split sum.
     """
-    want = 2 if _interpreting() else max(1, 528 // max(1, n_programs))
+    want = max(1, 528 // max(1, n_programs)) if _gpu_launch() else 2
     return max(1, min(want, triton.cdiv(n_rows, BLOCK_M), 16))
 
 

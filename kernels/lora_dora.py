@@ -17,13 +17,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vfm.kernels.lora import BLOCK_M, _block_r, _dot, _ieee, _interpreting
+from vfm.kernels.lora import BLOCK_M, _block_r, _dot, _gpu_launch, _ieee
 
 __all__ = ["dora_weight_norm", "dora_magnitude_grad"]
 
 _BLOCK_O = 32
-_BLOCK_C = 64 if _interpreting() else 128
-_BLOCK_N = 64 if _interpreting() else 128
+_BLOCK_C = 128 if _gpu_launch() else 64
+_BLOCK_N = 128 if _gpu_launch() else 64
 
 
 @triton.jit
