@@ -4,8 +4,9 @@ Overhead = time / time of the frozen base linear alone - 1, vfm against PEFT, at
 (BENCH_TARGETS.md).  Run: ``python -m pytest benches/bench_lora.py --benchmark-columns=median``.
 CPU: 1024 x 1024, N = 2048, r = 16, fp32.  GPU: 4096 x 4096 and 4096 x 14336, N = 8192, bf16.
 The input requires grad (as inside a model) and the upstream gradient is dense.
-``python benches/bench_lora.py [rounds]`` instead runs every provider once per round, interleaved,
-and prints median overheads: on a shared, noisy machine that compares them under the same load.
+``python benches/bench_lora.py [rounds] [threads]`` instead runs every provider once per round,
+interleaved, and prints median overheads: on a shared, noisy machine that compares them under the
+same load.
 """
 
 import pytest
@@ -108,8 +109,11 @@ def interleaved(rounds: int = 15, shape=None, threads=None) -> dict:
     return {case: (statistics.median(ts), statistics.median(ts) / base - 1.0) for case, ts in times.items()}
 
 
-if __name__ == "__main__":  # python benches/bench_lora.py [rounds]: the interleaved overheads
+if __name__ == "__main__":  # python benches/bench_lora.py [rounds] [threads]: the interleaved overheads
     import sys
 
-    for (provider, dropout), (sec, over) in interleaved(int(sys.argv[1]) if len(sys.argv) > 1 else 15).items():
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 15
+    threads = int(sys.argv[2]) if len(sys.argv) > 2 else None
+    print(f"{rounds} interleaved rounds, {threads or torch.get_num_threads()} thread(s)")
+    for (provider, dropout), (sec, over) in interleaved(rounds, threads=threads).items():
         print(f"{provider:12s} dropout {dropout:.1f}: median {sec * 1e3:8.1f} ms  overhead {over:+.1%}")

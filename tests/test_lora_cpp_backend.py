@@ -1,8 +1,8 @@
 """The cpp backends of the low-rank ops against the torch reference.
 
 lora_linear, dora_linear, adalora_linear and lora_linear_multi (vfm/ops/lora_cpp.py,
-vfm/ops/lora_cpp_variants.py, csrc/cpu/lora_dropout.cpp) run through the public functions
-(forced with ``vfm.use_backend``) on the same inputs and seed; the registry's call counter proves
+vfm/ops/lora_cpp_variants.py, csrc/cpu/lora_dropout.cpp, csrc/cpu/lora_backward.cpp) run through the
+public functions (forced with ``vfm.use_backend``) on the same inputs and seed; the registry's call counter proves
 which ran, forward and backward.  The C++ kernels regenerate the contract's dropout mask, so
 outputs agree to rounding (a single flipped mask element would be far outside the tolerances).
 The grouped kernels themselves are also checked against per-row torch loops built on the

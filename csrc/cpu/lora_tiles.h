@@ -292,10 +292,14 @@ VFM_ALWAYS_INLINE void reduce_step(const T* c, int64_t ldc, const T* const* u, i
     for (int64_t v = 0; v < WP; v += W) {
       const V p0 = vload<V>(u0 + v), p1 = vload<V>(u1 + v), p2 = vload<V>(u2 + v), p3 = vload<V>(u3 + v);
       V s = vload<V>(a + v), t = vload<V>(b + v);
-      s += x0 * p0 + x1 * p1;
-      t += y0 * p0 + y1 * p1;
-      s += x2 * p2 + x3 * p3;
-      t += y2 * p2 + y3 * p3;
+      s += x0 * p0;  // one FMA each (the loop's iterations are independent chains)
+      t += y0 * p0;
+      s += x1 * p1;
+      t += y1 * p1;
+      s += x2 * p2;
+      t += y2 * p2;
+      s += x3 * p3;
+      t += y3 * p3;
       vstore(a + v, s);
       vstore(b + v, t);
     }

@@ -4,8 +4,9 @@
 normalised signatures and semantics of :data:`vfm.ops.lora_reference.LORA_TORCH` (see that
 module's docstring for the contract).  The (N, in) x (in, out) products run through BLAS; the
 rank-r products that touch the dropout mask run in the register-tiled C++ kernels of
-``csrc/cpu/lora_dropout.cpp`` (``vfm_C::lora_shrink`` / ``lora_expand_`` / ``lora_reduce``), which
-regenerate the mask from (seed, offset) while they stream over x and never store it:
+``csrc/cpu/lora_dropout.cpp`` and ``csrc/cpu/lora_backward.cpp`` (``vfm_C::lora_shrink`` /
+``lora_expand_`` / ``lora_reduce`` / ``lora_dx_ga_``), which regenerate the mask from (seed, offset)
+while they stream over x and never store it:
 
 * forward: xa = D(x) A^T (shrink); y = x W^T + b, then y += scale * xa B^T in place (BLAS);
 * backward: gxa = scale * grad_y B (shrink); grad_x = grad_y W (BLAS), then one fused pass

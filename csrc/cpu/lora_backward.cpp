@@ -1,0 +1,380 @@
+// CPU kernels of vfm_C's low-rank adapter backward products (contract: vfm/ops/lora_reference.py;
+// the op list and the dropout convention D? are in csrc/cpu/lora_dropout.cpp's header):
+//
+// * lora_reduce(coef (N, R), src (N, C), K, ids?, scales?, alpha, seed, threshold, dscale) -> (K, R, C)
+//     (or (R, C) without ids): res[k] = alpha * scales[k] * sum_{i: ids[i] = k} coef_i^T D?(src_i)
+// * lora_dx_ga_(dx (N, C), coef (N, R), mats, src (N, C), ids?, seed, threshold, dscale) -> (K, R, C):
+//     the backward pair with dropout fused (each mask element hashed once): dx[i] += D(coef_i M_k)
+//     in place, and returns sum_{i in k} coef_i^T D(src_i).  One adapter (no ids, lora_linear):
+//     contiguous row chunks, one per thread, stream x and dx row-wise and keep an (R, C) partial sum
+//     each (summed at the end); grouped rows: (adapter, column panel) tasks.
+// * lora_dropout_ga: the single-adapter form of lora_reduce.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=fast", "no-trapping-math")
+#endif
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/lora_common.h"
+
+namespace vfm_cpu {
+namespace {
+
+using namespace lora;
+
+// ------------------------------------------------------------------------------ kernels --
+// Always inlined into the per-ISA clones below (a plain call would run a default-ISA copy).
+// Tasks (k, panel): task q covers adapter q / npanel, columns [(q % npanel) * JP, + JP).
+template <typename T>
+VFM_ALWAYS_INLINE void reduce_range(const Drop& d, const T* coef, const T* src, int64_t ld, int64_t C, int64_t R, int64_t JP,
+                  int64_t npanel, const Groups* g, int64_t q0, int64_t q1, const T* ks, T* res) {
+  std::vector<T> acc(R * JP), ubuf(kRG * JP), cbuf(kRG * R);
+  const T ds = static_cast<T>(d.scale);
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t k = q / npanel, c0 = (q % npanel) * JP;
+    const int64_t w = std::min<int64_t>(JP, C - c0), WP = round_up(w, lora::Vec<T>::L);
+    std::fill(acc.begin(), acc.begin() + R * WP, T(0));
+    const T* u[kRG];
+    for (int m = 0; m < kRG; ++m) u[m] = ubuf.data() + m * WP;
+    for (int64_t t = g->start[k]; t < g->start[k + 1]; t += kRG) {
+      const int64_t n = std::min<int64_t>(kRG, g->start[k + 1] - t);
+      for (int m = 0; m < kRG; ++m) {
+        T* um = ubuf.data() + m * WP;
+        if (m < n) {
+          const int64_t i = g->row(t + m);
+          const T* x = src + i * ld + c0;
+          if (d.active) {
+            lora::drop_row<T>(d, static_cast<uint64_t>(i) * static_cast<uint64_t>(C) + c0, x, ds, w, um);
+          } else {
+            std::copy(x, x + w, um);
+          }
+          std::fill(um + w, um + WP, T(0));
+          std::copy(coef + i * R, coef + i * R + R, cbuf.data() + m * R);
+        } else {
+          std::fill(um, um + WP, T(0));
+          std::fill(cbuf.data() + m * R, cbuf.data() + m * R + R, T(0));
+        }
+      }
+      lora::reduce_step<T>(cbuf.data(), R, u, R, WP, acc.data(), WP);
+    }
+    const T s = ks[k];
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = 0; j < w; ++j) res[(k * R + r) * C + c0 + j] = s * acc[r * WP + j];
+  }
+}
+
+// Fused backward with dropout (tasks as reduce_range): dx[i] += D(coef_i A_k) and
+// res[k] = sum_{i in k} coef_i^T D(x_i), hashing each mask element once.  ap: A packed per
+// adapter (K, R, CP), CP = round_up(C, L), zero padded.
+template <typename T>
+VFM_ALWAYS_INLINE void dx_ga_range(const Drop& d, T* dx, int64_t ldd, const T* coef, const T* ap, int64_t CP,
+                                   const T* src, int64_t ld, int64_t C, int64_t R, int64_t JP, int64_t npanel,
+                                   const Groups* g, int64_t q0, int64_t q1, T* res) {
+  using V = typename lora::Vec<T>::type;
+  constexpr int W = lora::Vec<T>::W, L = lora::Vec<T>::L;
+  std::vector<T> acc(R * JP), ubuf(kRG * JP), kbuf(kRG * JP), cbuf(kRG * R);
+  const T ds = static_cast<T>(d.scale);
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t k = q / npanel, c0 = (q % npanel) * JP;
+    const int64_t w = std::min<int64_t>(JP, C - c0), WP = round_up(w, L);
+    const T* a = ap + k * R * CP + c0;
+    std::fill(acc.begin(), acc.begin() + R * WP, T(0));
+    const T* u[kRG];
+    int64_t rows[kRG];
+    for (int m = 0; m < kRG; ++m) u[m] = ubuf.data() + m * WP;
+    for (int64_t t = g->start[k]; t < g->start[k + 1]; t += kRG) {
+      const int64_t n = std::min<int64_t>(kRG, g->start[k + 1] - t);
+      for (int m = 0; m < kRG; ++m) {
+        T* um = ubuf.data() + m * WP;
+        T* km = kbuf.data() + m * WP;
+        if (m < n) {
+          const int64_t i = g->row(t + m);
+          rows[m] = i;
+          const T* x = src + i * ld + c0;
+          const uint64_t base = static_cast<uint64_t>(i) * static_cast<uint64_t>(C) + c0;
+          const uint64_t end = base + static_cast<uint64_t>(w);
+          if ((base >> 32) == ((end - 1) >> 32)) {
+            const uint32_t hi_mix = d.k1 ^ (static_cast<uint32_t>(base >> 32) * 0x9E3779B9u);
+            const uint32_t lo0 = static_cast<uint32_t>(base), k0 = d.k0, thr = d.thr;
+#pragma omp simd
+            for (int64_t j = 0; j < w; ++j) {
+              const uint32_t h = lora::fmix32(lora::fmix32((lo0 + static_cast<uint32_t>(j)) ^ k0) ^ hi_mix);
+              const T v = x[j] * ds;
+              um[j] = h >= thr ? v : T(0);
+              km[j] = h >= thr ? T(1) : T(0);
+            }
+          } else {
+            for (int64_t j = 0; j < w; ++j) {
+              const bool keep = lora::hash_at(d, base + static_cast<uint64_t>(j)) >= d.thr;
+              um[j] = keep ? x[j] * ds : T(0);
+              km[j] = keep ? T(1) : T(0);
+            }
+          }
+          std::fill(um + w, um + WP, T(0));
+          std::fill(km + w, km + WP, T(0));
+          std::copy(coef + i * R, coef + i * R + R, cbuf.data() + m * R);
+        } else {
+          rows[m] = -1;
+          std::fill(um, um + WP, T(0));
+          std::fill(km, km + WP, T(0));
+          std::fill(cbuf.data() + m * R, cbuf.data() + m * R + R, T(0));
+        }
+      }
+      lora::reduce_step<T>(cbuf.data(), R, u, R, WP, acc.data(), WP);
+      // dx rows += D(coef A) on this panel, L columns at a time (8 accumulator registers).
+      const T *e0 = cbuf.data(), *e1 = e0 + R, *e2 = e1 + R, *e3 = e2 + R;
+      for (int64_t v = 0; v < WP; v += L) {
+        V a0 = {}, b0 = {}, a1 = {}, b1 = {}, a2 = {}, b2 = {}, a3 = {}, b3 = {};
+        for (int64_t r = 0; r < R; ++r) {
+          const V p0 = lora::vload<V>(a + r * CP + v), p1 = lora::vload<V>(a + r * CP + v + W);
+          a0 += e0[r] * p0; b0 += e0[r] * p1;
+          a1 += e1[r] * p0; b1 += e1[r] * p1;
+          a2 += e2[r] * p0; b2 += e2[r] * p1;
+          a3 += e3[r] * p0; b3 += e3[r] * p1;
+        }
+        T tmp[kRG][L];
+        lora::vstore(tmp[0], a0); lora::vstore(tmp[0] + W, b0);
+        lora::vstore(tmp[1], a1); lora::vstore(tmp[1] + W, b1);
+        lora::vstore(tmp[2], a2); lora::vstore(tmp[2] + W, b2);
+        lora::vstore(tmp[3], a3); lora::vstore(tmp[3] + W, b3);
+        const int64_t nv = std::min<int64_t>(L, w - v);
+        for (int m = 0; m < n; ++m) {
+          T* o = dx + rows[m] * ldd + c0 + v;
+          const T* km = kbuf.data() + m * WP + v;
+#pragma omp simd
+          for (int64_t j = 0; j < nv; ++j) {
+            const T add = tmp[m][j] * ds;
+            o[j] += km[j] != T(0) ? add : T(0);
+          }
+        }
+      }
+    }
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = 0; j < w; ++j) res[(k * R + r) * C + c0 + j] = acc[r * WP + j];
+  }
+}
+
+// Fused backward with dropout on the rows [i0, i1) of one adapter, x and dx streamed row-wise:
+// dx[i] += D(coef_i A) and acc (R, CP) += sum_i coef_i^T D(x_i), 4 rows at a time over column
+// blocks of JB (the block's u, mask, A and acc slices stay in L1), each mask element hashed once.
+template <typename T>
+VFM_ALWAYS_INLINE void dx_ga_rows(const Drop& d, T* dx, int64_t ldd, const T* coef, const T* ap, int64_t CP,
+                                  const T* src, int64_t ld, int64_t C, int64_t R, int64_t i0, int64_t i1, T* acc) {
+  using V = typename lora::Vec<T>::type;
+  using IV = typename lora::Vec<T>::itype;
+  using IT = typename lora::Vec<T>::iscalar;
+  constexpr int W = lora::Vec<T>::W, L = lora::Vec<T>::L;
+  constexpr int64_t JB = 512 / sizeof(T);
+  alignas(32) T ubuf[kRG][JB];
+  alignas(32) IT kbuf[kRG][JB];
+  std::vector<T> cbuf(kRG * R);
+  const T ds = static_cast<T>(d.scale);
+  const V dsv = V{} + ds;
+  const T* u[kRG] = {ubuf[0], ubuf[1], ubuf[2], ubuf[3]};
+  for (int64_t i = i0; i < i1; i += kRG) {
+    const int n = static_cast<int>(std::min<int64_t>(kRG, i1 - i));
+    for (int m = 0; m < kRG; ++m)
+      for (int64_t r = 0; r < R; ++r) cbuf[m * R + r] = m < n ? coef[(i + m) * R + r] : T(0);
+    for (int64_t c0 = 0; c0 < C; c0 += JB) {
+      const int64_t w = std::min<int64_t>(JB, C - c0), WP = round_up(w, L);
+      for (int m = 0; m < kRG; ++m) {
+        const int64_t wm = m < n ? w : 0;
+        if (m < n)
+          lora::mask_row<T>(d, static_cast<uint64_t>(i + m) * static_cast<uint64_t>(C) + c0, src + (i + m) * ld + c0,
+                            ds, w, ubuf[m], kbuf[m]);
+        std::fill(ubuf[m] + wm, ubuf[m] + WP, T(0));
+        std::fill(kbuf[m] + wm, kbuf[m] + WP, IT(0));
+      }
+      lora::reduce_step<T>(cbuf.data(), R, u, R, WP, acc + c0, CP);
+      // dx rows += D(coef A) on this block, L columns at a time (8 accumulator registers).
+      const T* a = ap + c0;
+      const T *e0 = cbuf.data(), *e1 = e0 + R, *e2 = e1 + R, *e3 = e2 + R;
+      for (int64_t v = 0; v < WP; v += L) {
+        V a0 = {}, b0 = {}, a1 = {}, b1 = {}, a2 = {}, b2 = {}, a3 = {}, b3 = {};
+        for (int64_t r = 0; r < R; ++r) {
+          const V p0 = lora::vload<V>(a + r * CP + v), p1 = lora::vload<V>(a + r * CP + v + W);
+          a0 += e0[r] * p0; b0 += e0[r] * p1;
+          a1 += e1[r] * p0; b1 += e1[r] * p1;
+          a2 += e2[r] * p0; b2 += e2[r] * p1;
+          a3 += e3[r] * p0; b3 += e3[r] * p1;
+        }
+        const int64_t nv = std::min<int64_t>(L, w - v);
+        auto put = [&](int m, V lo, V hi) {
+          T* o = dx + (i + m) * ldd + c0 + v;
+          const IT* km = kbuf[m] + v;
+          lo *= dsv;
+          hi *= dsv;
+          if (nv == L) {
+            lora::vstore(o, lora::vload<V>(o) + (V)((IV)lo & lora::vload<IV>(km)));
+            lora::vstore(o + W, lora::vload<V>(o + W) + (V)((IV)hi & lora::vload<IV>(km + W)));
+          } else {
+            T tmp[L];
+            lora::vstore(tmp, lo);
+            lora::vstore(tmp + W, hi);
+            for (int64_t j = 0; j < nv; ++j) o[j] += km[j] ? tmp[j] : T(0);
+          }
+        };
+        put(0, a0, b0);
+        if (n > 1) put(1, a1, b1);
+        if (n > 2) put(2, a2, b2);
+        if (n > 3) put(3, a3, b3);
+      }
+    }
+  }
+}
+
+#define VFM_LORA_INSTANTIATE(T, SFX)                                                                               \
+  VFM_LORA_CLONES void reduce_##SFX(const Drop& d, const T* coef, const T* src, int64_t ld, int64_t C, int64_t R,  \
+                                    int64_t JP, int64_t npanel, const Groups* g, int64_t q0, int64_t q1,          \
+                                    const T* ks, T* res) {                                                         \
+    reduce_range<T>(d, coef, src, ld, C, R, JP, npanel, g, q0, q1, ks, res);                                       \
+  }                                                                                                                \
+  VFM_LORA_CLONES void dx_ga_##SFX(const Drop& d, T* dx, int64_t ldd, const T* coef, const T* ap, int64_t CP,     \
+                                   const T* src, int64_t ld, int64_t C, int64_t R, int64_t JP, int64_t npanel,    \
+                                   const Groups* g, int64_t q0, int64_t q1, T* res) {                            \
+    dx_ga_range<T>(d, dx, ldd, coef, ap, CP, src, ld, C, R, JP, npanel, g, q0, q1, res);                          \
+  }                                                                                                                \
+  VFM_LORA_CLONES void dx_ga_rows_##SFX(const Drop& d, T* dx, int64_t ldd, const T* coef, const T* ap, int64_t CP, \
+                                        const T* src, int64_t ld, int64_t C, int64_t R, int64_t i0, int64_t i1,   \
+                                        T* acc) {                                                                  \
+    dx_ga_rows<T>(d, dx, ldd, coef, ap, CP, src, ld, C, R, i0, i1, acc);                                          \
+  }                                                                                                                \
+  inline void reduce_k(const Drop& d, const T* c, const T* s, int64_t ld, int64_t C, int64_t R, int64_t JP,        \
+                       int64_t np, const Groups* g, int64_t q0, int64_t q1, const T* ks, T* res) {                  \
+    reduce_##SFX(d, c, s, ld, C, R, JP, np, g, q0, q1, ks, res);                                                    \
+  }                                                                                                                 \
+  inline void dx_ga_k(const Drop& d, T* dx, int64_t ldd, const T* c, const T* ap, int64_t CP, const T* s,          \
+                      int64_t ld, int64_t C, int64_t R, int64_t JP, int64_t np, const Groups* g, int64_t q0,       \
+                      int64_t q1, T* res) {                                                                         \
+    dx_ga_##SFX(d, dx, ldd, c, ap, CP, s, ld, C, R, JP, np, g, q0, q1, res);                                        \
+  }                                                                                                                 \
+  inline void dx_ga_rows_k(const Drop& d, T* dx, int64_t ldd, const T* c, const T* ap, int64_t CP, const T* s,     \
+                           int64_t ld, int64_t C, int64_t R, int64_t i0, int64_t i1, T* acc) {                      \
+    dx_ga_rows_##SFX(d, dx, ldd, c, ap, CP, s, ld, C, R, i0, i1, acc);                                              \
+  }
+
+VFM_LORA_INSTANTIATE(float, f32)
+VFM_LORA_INSTANTIATE(double, f64)
+
+}  // namespace
+
+at::Tensor lora_reduce_cpu(const at::Tensor& coef_in, const at::Tensor& src_in, int64_t n_adapters,
+                           const c10::optional<at::Tensor>& ids, const c10::optional<at::Tensor>& scales, double alpha,
+                           int64_t seed, int64_t threshold, double dscale) {
+  check_2d(coef_in, "lora_reduce", "coef");
+  check_2d(src_in, "lora_reduce", "src");
+  TORCH_CHECK(coef_in.scalar_type() == src_in.scalar_type(), "lora_reduce: coef and src dtypes differ");
+  TORCH_CHECK(coef_in.size(0) == src_in.size(0), "lora_reduce: coef is ", coef_in.sizes(), " but src is ",
+              src_in.sizes());
+  TORCH_CHECK(n_adapters >= 1, "lora_reduce: n_adapters must be >= 1, got ", n_adapters);
+  const at::Tensor src = unit_col(src_in);
+  const at::Tensor coef = coef_in.contiguous();
+  const int64_t N = src.size(0), C = src.size(1), R = coef.size(1), K = n_adapters;
+  at::Tensor res = at::zeros({K, R, C}, src.options());
+  if (N > 0 && C > 0 && R > 0) {
+    const Groups g = group_rows(ids, N, K);
+    const Drop d = make_drop(seed, threshold, dscale);
+    AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "lora_reduce", [&] {
+      const int64_t jp = panel_width<scalar_t>(C, R, K);
+      const int64_t npanel = (C + jp - 1) / jp;
+      const std::vector<scalar_t> ks = adapter_scales<scalar_t>(scales, K, alpha);
+      const scalar_t* cp = coef.data_ptr<scalar_t>();
+      const scalar_t* sp = src.data_ptr<scalar_t>();
+      scalar_t* rp = res.data_ptr<scalar_t>();
+      const int64_t ld = row_stride(src);
+      at::parallel_for(0, K * npanel, grain_rows((N + K - 1) / K * jp * R), [&](int64_t q0, int64_t q1) {
+        reduce_k(d, cp, sp, ld, C, R, jp, npanel, &g, q0, q1, ks.data(), rp);
+      });
+    });
+  }
+  return ids.has_value() ? res : res.squeeze(0);
+}
+
+at::Tensor lora_dx_ga_cpu(at::Tensor dx, const at::Tensor& coef_in, const at::Tensor& mats_in, const at::Tensor& src_in,
+                          const c10::optional<at::Tensor>& ids, int64_t seed, int64_t threshold, double dscale) {
+  check_2d(dx, "lora_dx_ga_", "dx");
+  check_2d(coef_in, "lora_dx_ga_", "coef");
+  check_2d(src_in, "lora_dx_ga_", "src");
+  const at::Tensor m = as_stack(mats_in, "lora_dx_ga_");
+  TORCH_CHECK(dx.scalar_type() == coef_in.scalar_type() && dx.scalar_type() == m.scalar_type() &&
+                  dx.scalar_type() == src_in.scalar_type(),
+              "lora_dx_ga_: dx, coef, mats and src dtypes differ");
+  TORCH_CHECK(dx.size(1) <= 1 || dx.stride(1) == 1, "lora_dx_ga_: dx must have unit column stride");
+  const int64_t N = dx.size(0), C = dx.size(1), K = m.size(0), R = m.size(1);
+  TORCH_CHECK(m.size(2) == C && coef_in.size(0) == N && coef_in.size(1) == R && src_in.size(0) == N &&
+                  src_in.size(1) == C,
+              "lora_dx_ga_: shapes dx ", dx.sizes(), ", coef ", coef_in.sizes(), ", mats ", mats_in.sizes(), ", src ",
+              src_in.sizes(), " do not match");
+  const Drop d = make_drop(seed, threshold, dscale);
+  TORCH_CHECK(d.active, "lora_dx_ga_: needs dropout (threshold > 0); use lora_expand_ and lora_reduce without it");
+  if (!ids.has_value() && N > 0 && C > 0 && R > 0) {  // one adapter: row chunks, one partial sum each
+    TORCH_CHECK(K == 1, "lora_dx_ga_: without adapter ids there must be one adapter, got K = ", K);
+    const at::Tensor src = unit_col(src_in);
+    const at::Tensor coef = coef_in.contiguous();
+    at::Tensor res;
+    AT_DISPATCH_FLOATING_TYPES(dx.scalar_type(), "lora_dx_ga_", [&] {
+      const int64_t CP = round_up(C, lora::Vec<scalar_t>::L);
+      const at::Tensor ap = CP == C ? m.reshape({R, C}).contiguous() : at::zeros({R, CP}, dx.options());
+      if (CP != C) ap.narrow(1, 0, C).copy_(m.squeeze(0));
+      const int64_t min_rows = std::max<int64_t>(kRG, grain_rows(2 * C * R));
+      const int64_t nchunk = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / min_rows));
+      at::Tensor part = at::zeros({nchunk, R, CP}, dx.options());
+      scalar_t* dp = dx.data_ptr<scalar_t>();
+      const scalar_t* cp = coef.data_ptr<scalar_t>();
+      const scalar_t* pp = ap.data_ptr<scalar_t>();
+      const scalar_t* sp = src.data_ptr<scalar_t>();
+      scalar_t* qp = part.data_ptr<scalar_t>();
+      const int64_t ldd = row_stride(dx), ld = row_stride(src);
+      at::parallel_for(0, nchunk, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c)
+          dx_ga_rows_k(d, dp, ldd, cp, pp, CP, sp, ld, C, R, N * c / nchunk, N * (c + 1) / nchunk, qp + c * R * CP);
+      });
+      res = nchunk == 1 ? part[0] : part.sum(0);
+      if (CP != C) res = res.narrow(1, 0, C).contiguous();
+    });
+    return res;
+  }
+  at::Tensor res = at::zeros({K, R, C}, dx.options());
+  if (N > 0 && C > 0 && R > 0) {
+    const Groups g = group_rows(ids, N, K);
+    const at::Tensor src = unit_col(src_in);
+    const at::Tensor coef = coef_in.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(dx.scalar_type(), "lora_dx_ga_", [&] {
+      const int64_t CP = round_up(C, lora::Vec<scalar_t>::L);
+      at::Tensor ap = at::zeros({K, R, CP}, dx.options());
+      ap.narrow(2, 0, C).copy_(m);
+      const int64_t jp = panel_width<scalar_t>(C, R, K);
+      const int64_t npanel = (C + jp - 1) / jp;
+      scalar_t* dp = dx.data_ptr<scalar_t>();
+      const scalar_t* cp = coef.data_ptr<scalar_t>();
+      const scalar_t* pp = ap.data_ptr<scalar_t>();
+      const scalar_t* sp = src.data_ptr<scalar_t>();
+      scalar_t* rp = res.data_ptr<scalar_t>();
+      const int64_t ldd = row_stride(dx), ld = row_stride(src);
+      at::parallel_for(0, K * npanel, grain_rows(2 * ((N + K - 1) / K) * jp * R), [&](int64_t q0, int64_t q1) {
+        dx_ga_k(d, dp, ldd, cp, pp, CP, sp, ld, C, R, jp, npanel, &g, q0, q1, rp);
+      });
+    });
+  }
+  return ids.has_value() ? res : res.squeeze(0);
+}
+
+
+at::Tensor lora_dropout_ga_cpu(const at::Tensor& gh, const at::Tensor& x, int64_t seed, int64_t threshold,
+                               double scale) {
+  return lora_reduce_cpu(gh, x, 1, c10::nullopt, c10::nullopt, 1.0, seed, threshold, scale);
+}
+
+}  // namespace vfm_cpu
+
+TORCH_LIBRARY_IMPL(vfm_C, CPU, m) {
+  m.impl("lora_dropout_ga", &vfm_cpu::lora_dropout_ga_cpu);
+  m.impl("lora_reduce", &vfm_cpu::lora_reduce_cpu);
+  m.impl("lora_dx_ga_", &vfm_cpu::lora_dx_ga_cpu);
+}
