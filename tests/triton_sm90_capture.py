@@ -14,8 +14,8 @@ ptxas included) instead of being launched, then its tensor arguments are zeroed 
 so autograd's version counters are untouched) so the host code after it sees defined values.
 
 Each record: scenario, kernel, variant (tensor dtypes, constexprs, num_warps), ok / error, compile
-seconds, shared memory, registers and local (spill) bytes per thread read from the cubin with
-``cuobjdump --dump-resource-usage``.  ``uncovered`` lists the ``*_kernel`` JIT functions of
+seconds, shared memory, registers, stack (spill) and local bytes per thread read from the cubin
+with ``cuobjdump --dump-resource-usage``.  ``uncovered`` lists the ``*_kernel`` JIT functions of
 vfm.kernels that no scenario launched.
 """
 
@@ -54,8 +54,6 @@ class _Sm90Driver:
 
 # ----------------------------------------------------------------------------- scenarios --
 def _kce_case(case, dtype, vocab=2048, rows=6, backward=True, teacher_dtype=None, **extra):
-    import torch
-
     import vfm
     from kce_cases import CASES, make_inputs
     from vfm.functional import knowledge_cross_entropy
@@ -207,9 +205,10 @@ def _variant(fn, args, kwargs):
 
 
 def _resources(kernel, tool):
-    """(registers, local bytes per thread) of the kernel's cubin, read by cuobjdump; (None, None) if unknown."""
+    """(registers, stack bytes, local bytes) per thread of the kernel's cubin, read by cuobjdump (register
+    spills land in the stack frame); None where unknown."""
     if tool is None:
-        return None, None
+        return None, None, None
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
         path = f.name
@@ -217,9 +216,8 @@ def _resources(kernel, tool):
         out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, timeout=60).stdout
     finally:
         os.unlink(path)
-    reg = re.search(r"REG:(\d+)", out)
-    local = re.search(r"LOCAL:(\d+)", out)
-    return (int(reg.group(1)) if reg else None), (int(local.group(1)) if local else None)
+    found = [re.search(rf"{key}:(\d+)", out) for key in ("REG", "STACK", "LOCAL")]
+    return tuple(int(m.group(1)) if m else None for m in found)
 
 
 def _cuobjdump():
@@ -265,7 +263,7 @@ def main(out_path, names=None):
             rec["shared"] = k.metadata.shared
             if k.hash not in seen:
                 seen[k.hash] = _resources(k, tool)
-            rec["regs"], rec["local_bytes"] = seen[k.hash]
+            rec["regs"], rec["stack_bytes"], rec["local_bytes"] = seen[k.hash]
         except Exception:  # noqa: BLE001 - reported per launch
             rec["ok"] = False
             rec["error"] = traceback.format_exc()[-4000:]
