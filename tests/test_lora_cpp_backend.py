@@ -286,10 +286,10 @@ def test_mixed_adapter_dtype_auto_runs_reference_and_forced_cpp_raises():
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n,c,r", [(23, 301, 16), (9, 128, 3), (2, 17, 5)])
+@pytest.mark.parametrize("n,c,r", [(23, 301, 16), (9, 512, 3), (2, 17, 5)])
 def test_single_adapter_dx_ga_against_plain_torch(threads, dtype, n, c, r):
-    """lora_dx_ga_ without ids (row chunks, one partial sum per chunk, column blocks of 512 bytes)
-    and lora_shrink / lora_expand_ with dropout, against torch products on the reference's mask:
+    """lora_dx_ga_ and lora_reduce without ids (row chunks, one partial sum per chunk, column
+    blocks) and lora_shrink / lora_expand_ with dropout, against torch products on the reference's mask:
     row counts that are not multiples of 4, columns with vector tails, several blocks and chunks."""
     g = torch.Generator().manual_seed(n * c + r)
     p, seed = 0.3, (1 << 33) + 5
@@ -309,6 +309,8 @@ def test_single_adapter_dx_ga_against_plain_torch(threads, dtype, n, c, r):
         xa = ops.lora_shrink(x, mats, None, None, 1.0, seed, thr, ds)
         ex = acc.clone()
         ops.lora_expand_(ex, coef, mats, None, None, 1.0, seed, thr, ds)
+        red = ops.lora_reduce(coef, x, 1, None, None, 0.7, seed, thr, ds)
+        red0 = ops.lora_reduce(coef, x, 1, None, None, 0.7, 0, 0, 1.0)  # full blocks read in place
     finally:
         torch.set_num_threads(before)
     tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
@@ -317,3 +319,5 @@ def test_single_adapter_dx_ga_against_plain_torch(threads, dtype, n, c, r):
     torch.testing.assert_close(ex, acc + term, **tol)
     torch.testing.assert_close(ga, coef.t() @ u, **tol)
     torch.testing.assert_close(xa, u @ mats.t(), **tol)
+    torch.testing.assert_close(red, 0.7 * (coef.t() @ u), **tol)
+    torch.testing.assert_close(red0, 0.7 * (coef.t() @ x), **tol)

@@ -229,6 +229,42 @@ VFM_ALWAYS_INLINE void dx_ga_rows(const Drop& d, T* dx, int64_t ldd, const T* co
   }
 }
 
+// res-partial acc (R, CP) += sum_{i in [i0, i1)} coef_i^T D?(x_i) for one adapter, x streamed
+// row-wise (4 rows at a time over column blocks of JB; without dropout full blocks are read in place).
+template <typename T>
+VFM_ALWAYS_INLINE void reduce_rows(const Drop& d, const T* coef, const T* src, int64_t ld, int64_t C, int64_t R,
+                                   int64_t CP, int64_t i0, int64_t i1, T* acc) {
+  constexpr int L = lora::Vec<T>::L;
+  constexpr int64_t JB = 1024 / sizeof(T);
+  alignas(32) T ubuf[kRG][JB];
+  std::vector<T> cbuf(kRG * R);
+  const T ds = static_cast<T>(d.scale);
+  for (int64_t i = i0; i < i1; i += kRG) {
+    const int n = static_cast<int>(std::min<int64_t>(kRG, i1 - i));
+    for (int m = 0; m < kRG; ++m)
+      for (int64_t r = 0; r < R; ++r) cbuf[m * R + r] = m < n ? coef[(i + m) * R + r] : T(0);
+    for (int64_t c0 = 0; c0 < C; c0 += JB) {
+      const int64_t w = std::min<int64_t>(JB, C - c0), WP = round_up(w, L);
+      const T* u[kRG];
+      for (int m = 0; m < kRG; ++m) {
+        const T* x = src + (i + m) * ld + c0;
+        if (m < n && !d.active && w == WP) {
+          u[m] = x;
+          continue;
+        }
+        const int64_t wm = m < n ? w : 0;
+        if (m < n && d.active)
+          lora::drop_row<T>(d, static_cast<uint64_t>(i + m) * static_cast<uint64_t>(C) + c0, x, ds, w, ubuf[m]);
+        else if (m < n)
+          std::copy(x, x + w, ubuf[m]);
+        std::fill(ubuf[m] + wm, ubuf[m] + WP, T(0));
+        u[m] = ubuf[m];
+      }
+      lora::reduce_step<T>(cbuf.data(), R, u, R, WP, acc + c0, CP);
+    }
+  }
+}
+
 #define VFM_LORA_INSTANTIATE(T, SFX)                                                                               \
   VFM_LORA_CLONES void reduce_##SFX(const Drop& d, const T* coef, const T* src, int64_t ld, int64_t C, int64_t R,  \
                                     int64_t JP, int64_t npanel, const Groups* g, int64_t q0, int64_t q1,          \
@@ -245,6 +281,10 @@ VFM_ALWAYS_INLINE void dx_ga_rows(const Drop& d, T* dx, int64_t ldd, const T* co
                                         T* acc) {                                                                  \
     dx_ga_rows<T>(d, dx, ldd, coef, ap, CP, src, ld, C, R, i0, i1, acc);                                          \
   }                                                                                                                \
+  VFM_LORA_CLONES void reduce_rows_##SFX(const Drop& d, const T* coef, const T* src, int64_t ld, int64_t C,        \
+                                         int64_t R, int64_t CP, int64_t i0, int64_t i1, T* acc) {                 \
+    reduce_rows<T>(d, coef, src, ld, C, R, CP, i0, i1, acc);                                                       \
+  }                                                                                                                \
   inline void reduce_k(const Drop& d, const T* c, const T* s, int64_t ld, int64_t C, int64_t R, int64_t JP,        \
                        int64_t np, const Groups* g, int64_t q0, int64_t q1, const T* ks, T* res) {                  \
     reduce_##SFX(d, c, s, ld, C, R, JP, np, g, q0, q1, ks, res);                                                    \
@@ -257,10 +297,34 @@ VFM_ALWAYS_INLINE void dx_ga_rows(const Drop& d, T* dx, int64_t ldd, const T* co
   inline void dx_ga_rows_k(const Drop& d, T* dx, int64_t ldd, const T* c, const T* ap, int64_t CP, const T* s,     \
                            int64_t ld, int64_t C, int64_t R, int64_t i0, int64_t i1, T* acc) {                      \
     dx_ga_rows_##SFX(d, dx, ldd, c, ap, CP, s, ld, C, R, i0, i1, acc);                                              \
+  }                                                                                                                 \
+  inline void reduce_rows_k(const Drop& d, const T* c, const T* s, int64_t ld, int64_t C, int64_t R, int64_t CP,   \
+                            int64_t i0, int64_t i1, T* acc) {                                                       \
+    reduce_rows_##SFX(d, c, s, ld, C, R, CP, i0, i1, acc);                                                          \
   }
 
 VFM_LORA_INSTANTIATE(float, f32)
 VFM_LORA_INSTANTIATE(double, f64)
+
+}  // namespace
+
+// One adapter: row chunk c of nchunk (one per thread, at least ~64K multiply-adds each) covers
+// rows [N c / nchunk, N (c + 1) / nchunk) and sums into its own (R, CP) partial; returns
+// sum_c partial[c][:, :C] (R, C).  body(i0, i1, acc) runs one chunk.
+namespace {
+template <typename T, typename F>
+at::Tensor sum_row_chunks(int64_t N, int64_t C, int64_t R, int64_t CP, int64_t work_per_row,
+                          const at::TensorOptions& opt, const F& body) {
+  const int64_t min_rows = std::max<int64_t>(kRG, grain_rows(work_per_row));
+  const int64_t nchunk = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / min_rows));
+  at::Tensor part = at::zeros({nchunk, R, CP}, opt);
+  T* qp = part.data_ptr<T>();
+  at::parallel_for(0, nchunk, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) body(N * c / nchunk, N * (c + 1) / nchunk, qp + c * R * CP);
+  });
+  at::Tensor res = nchunk == 1 ? part[0] : part.sum(0);
+  return CP == C ? res : res.narrow(1, 0, C).contiguous();
+}
 
 }  // namespace
 
@@ -276,6 +340,23 @@ at::Tensor lora_reduce_cpu(const at::Tensor& coef_in, const at::Tensor& src_in, 
   const at::Tensor src = unit_col(src_in);
   const at::Tensor coef = coef_in.contiguous();
   const int64_t N = src.size(0), C = src.size(1), R = coef.size(1), K = n_adapters;
+  if (!ids.has_value() && N > 0 && C > 0 && R > 0) {  // one adapter: row chunks (BLAS splits N poorly)
+    TORCH_CHECK(K == 1, "lora_reduce: without adapter ids there must be one adapter, got K = ", K);
+    const Drop d = make_drop(seed, threshold, dscale);
+    at::Tensor res;
+    AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "lora_reduce", [&] {
+      const int64_t CP = round_up(C, lora::Vec<scalar_t>::L);
+      const scalar_t* cp = coef.data_ptr<scalar_t>();
+      const scalar_t* sp = src.data_ptr<scalar_t>();
+      const int64_t ld = row_stride(src);
+      res = sum_row_chunks<scalar_t>(N, C, R, CP, C * R, src.options(), [&](int64_t i0, int64_t i1, scalar_t* acc) {
+        reduce_rows_k(d, cp, sp, ld, C, R, CP, i0, i1, acc);
+      });
+      const scalar_t s = adapter_scales<scalar_t>(scales, 1, alpha)[0];
+      if (s != scalar_t(1)) res.mul_(s);
+    });
+    return res;
+  }
   at::Tensor res = at::zeros({K, R, C}, src.options());
   if (N > 0 && C > 0 && R > 0) {
     const Groups g = group_rows(ids, N, K);
@@ -322,21 +403,14 @@ at::Tensor lora_dx_ga_cpu(at::Tensor dx, const at::Tensor& coef_in, const at::Te
       const int64_t CP = round_up(C, lora::Vec<scalar_t>::L);
       const at::Tensor ap = CP == C ? m.reshape({R, C}).contiguous() : at::zeros({R, CP}, dx.options());
       if (CP != C) ap.narrow(1, 0, C).copy_(m.squeeze(0));
-      const int64_t min_rows = std::max<int64_t>(kRG, grain_rows(2 * C * R));
-      const int64_t nchunk = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / min_rows));
-      at::Tensor part = at::zeros({nchunk, R, CP}, dx.options());
       scalar_t* dp = dx.data_ptr<scalar_t>();
       const scalar_t* cp = coef.data_ptr<scalar_t>();
       const scalar_t* pp = ap.data_ptr<scalar_t>();
       const scalar_t* sp = src.data_ptr<scalar_t>();
-      scalar_t* qp = part.data_ptr<scalar_t>();
       const int64_t ldd = row_stride(dx), ld = row_stride(src);
-      at::parallel_for(0, nchunk, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c)
-          dx_ga_rows_k(d, dp, ldd, cp, pp, CP, sp, ld, C, R, N * c / nchunk, N * (c + 1) / nchunk, qp + c * R * CP);
+      res = sum_row_chunks<scalar_t>(N, C, R, CP, 2 * C * R, dx.options(), [&](int64_t i0, int64_t i1, scalar_t* acc) {
+        dx_ga_rows_k(d, dp, ldd, cp, pp, CP, sp, ld, C, R, i0, i1, acc);
       });
-      res = nchunk == 1 ? part[0] : part.sum(0);
-      if (CP != C) res = res.narrow(1, 0, C).contiguous();
     });
     return res;
   }

@@ -11,9 +11,11 @@ while they stream over x and never store it:
 * forward: xa = D(x) A^T (shrink); y = x W^T + b, then y += scale * xa B^T in place (BLAS);
 * backward: gxa = scale * grad_y B (shrink); grad_x = grad_y W (BLAS), then one fused pass
   (``lora_dx_ga_``) adds D(gxa A) into it and computes grad_A = gxa^T D(x), hashing each mask
-  element once; grad_B = scale * (xa^T grad_y)^T.
+  element once; grad_B = scale * (xa^T grad_y)^T (``lora_reduce``: rows split between threads,
+  one partial sum each, where BLAS leaves the N-long reduction to one thread).
 
-Without dropout the rank-r products of backward are BLAS calls accumulating in place.  x and
+Without dropout, grad_x += gxa A is a BLAS call accumulating in place and grad_A = gxa^T x a
+``lora_reduce``.  x and
 an adapter in different dtypes, and grad_y in another dtype than x, take the reference path when the
 backend was chosen automatically and raise when ``cpp`` was forced (see :func:`native`); x in
 any dtype other than float32 / float64 is refused at backend selection (vfm.ops.lora_ops), so the
@@ -103,8 +105,8 @@ def low_rank_backward(grad_y, x, weight, lora_a, lora_b, xa, factor, dropout_p, 
     """(grad_x, grad of the effective A, grad_B) of y = x W^T + factor * (D(x) A^T) B^T.
 
     gxa = factor * grad_y B (C++ shrink); with dropout, one fused C++ pass adds D(gxa A) to
-    grad_y W and computes gxa^T D(x) (each mask element hashed once); without it, BLAS.
-    grad_B = factor * (xa^T grad_y)^T.
+    grad_y W and computes gxa^T D(x) (each mask element hashed once); without it, BLAS adds gxa A
+    and the C++ reduce computes gxa^T x.  grad_B = factor * (xa^T grad_y)^T (C++ reduce).
     """
     ops = torch.ops.vfm_C
     gxa = ops.lora_shrink(grad_y, lora_b.t(), None, None, factor, 0, 0, 1.0) if (need_x or need_a) else None
@@ -121,8 +123,9 @@ def low_rank_backward(grad_y, x, weight, lora_a, lora_b, xa, factor, dropout_p, 
             else:
                 gx.addmm_(gxa, lora_a)
         if need_a:
-            ga = ops.lora_reduce(gxa, x, 1, None, None, 1.0, *drop) if dropout_p > 0.0 else torch.mm(gxa.t(), x)
-    gb = torch.mm(xa.t(), grad_y).mul_(factor).t().contiguous() if need_b else None
+            ga = ops.lora_reduce(gxa, x, 1, None, None, 1.0, *drop)
+    # (r, out) sums over the N rows: the C++ kernel splits the rows between threads (BLAS does not)
+    gb = ops.lora_reduce(xa, grad_y, 1, None, None, factor, 0, 0, 1.0).t().contiguous() if need_b else None
     return gx, ga, gb
 
 
