@@ -322,8 +322,16 @@ at::Tensor sum_row_chunks(int64_t N, int64_t C, int64_t R, int64_t CP, int64_t w
   at::parallel_for(0, nchunk, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) body(N * c / nchunk, N * (c + 1) / nchunk, qp + c * R * CP);
   });
-  at::Tensor res = nchunk == 1 ? part[0] : part.sum(0);
-  return CP == C ? res : res.narrow(1, 0, C).contiguous();
+  if (nchunk == 1) return CP == C ? part[0] : part[0].narrow(1, 0, C).contiguous();
+  at::Tensor res = at::empty({R, C}, opt);  // summed here: no extra parallel region for 2 x R x C adds
+  T* rp = res.data_ptr<T>();
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < C; ++j) {
+      T s = qp[r * CP + j];
+      for (int64_t c = 1; c < nchunk; ++c) s += qp[(c * R + r) * CP + j];
+      rp[r * C + j] = s;
+    }
+  return res;
 }
 
 }  // namespace
