@@ -288,8 +288,8 @@ def test_mixed_adapter_dtype_auto_runs_reference_and_forced_cpp_raises():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n,c,r", [(23, 301, 16), (9, 512, 3), (2, 17, 5)])
 def test_single_adapter_dx_ga_against_plain_torch(threads, dtype, n, c, r):
-    """lora_dx_ga_ and lora_reduce without ids (row chunks, one partial sum per chunk, column
-    blocks) and lora_shrink / lora_expand_ with dropout, against torch products on the reference's mask:
+    """lora_dx_ga_, lora_reduce and lora_shrink_reduce without ids (row chunks, one partial sum
+    per chunk, column blocks) and lora_shrink / lora_expand_ with dropout, against torch products on the reference's mask:
     row counts that are not multiples of 4, columns with vector tails, several blocks and chunks."""
     g = torch.Generator().manual_seed(n * c + r)
     p, seed = 0.3, (1 << 33) + 5
@@ -311,6 +311,7 @@ def test_single_adapter_dx_ga_against_plain_torch(threads, dtype, n, c, r):
         ops.lora_expand_(ex, coef, mats, None, None, 1.0, seed, thr, ds)
         red = ops.lora_reduce(coef, x, 1, None, None, 0.7, seed, thr, ds)
         red0 = ops.lora_reduce(coef, x, 1, None, None, 0.7, 0, 0, 1.0)  # full blocks read in place
+        sr_out, sr_red = ops.lora_shrink_reduce(x, mats, coef, 0.7)  # grad_y's gxa and grad_B^T pass
     finally:
         torch.set_num_threads(before)
     tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
@@ -321,3 +322,5 @@ def test_single_adapter_dx_ga_against_plain_torch(threads, dtype, n, c, r):
     torch.testing.assert_close(xa, u @ mats.t(), **tol)
     torch.testing.assert_close(red, 0.7 * (coef.t() @ u), **tol)
     torch.testing.assert_close(red0, 0.7 * (coef.t() @ x), **tol)
+    torch.testing.assert_close(sr_out, 0.7 * (x @ mats.t()), **tol)
+    torch.testing.assert_close(sr_red, 0.7 * (coef.t() @ x), **tol)

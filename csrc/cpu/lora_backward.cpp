@@ -8,6 +8,9 @@
 //     in place, and returns sum_{i in k} coef_i^T D(src_i).  One adapter (no ids, lora_linear):
 //     contiguous row chunks, one per thread, stream x and dx row-wise and keep an (R, C) partial sum
 //     each (summed at the end); grouped rows: (adapter, column panel) tasks.
+// * lora_shrink_reduce(src (N, C), mats (R, C), coef (N, R), alpha) -> (alpha * src mats^T (N, R),
+//     alpha * coef^T src (R, C)): grad_y's two products (gxa and grad_B^T) in one pass over grad_y,
+//     one adapter, no dropout (defined here, not in csrc/ext.cpp).
 // * lora_dropout_ga: the single-adapter form of lora_reduce.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=fast", "no-trapping-math")
@@ -19,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 #include "cpu/lora_common.h"
@@ -265,6 +269,54 @@ VFM_ALWAYS_INLINE void reduce_rows(const Drop& d, const T* coef, const T* src, i
   }
 }
 
+// grad_y's two rank-r products in one pass over the rows [i0, i1) of src (N, C): out[i] =
+// alpha * src_i M^T (shrink tiles of kMR rows) and acc (R, CP) += coef_i^T src_i (reduce steps on
+// the same rows while they are in cache).  mt: M^T packed (C, RP).
+template <typename T>
+VFM_ALWAYS_INLINE void shrink_reduce_rows(const T* src, int64_t ld, int64_t C, const T* mt, int64_t RP, int64_t R,
+                                          const T* coef, int64_t CP, T alpha, int64_t i0, int64_t i1, T* out,
+                                          T* acc) {
+  constexpr int L = lora::Vec<T>::L;
+  constexpr int64_t JB = 1024 / sizeof(T), NB = 3 * kRG;  // NB rows: two shrink tiles, three reduce steps
+  static_assert(NB == 2 * kMR, "shrink_reduce_rows: NB must cover whole shrink tiles");
+  alignas(32) T ubuf[kRG][JB];
+  std::vector<T> cbuf(kRG * R);
+  for (int64_t b = i0; b < i1; b += NB) {
+    const int64_t nb = std::min<int64_t>(NB, i1 - b);
+    for (int64_t t = b; t < b + nb; t += kMR) {
+      const int n = static_cast<int>(std::min<int64_t>(kMR, b + nb - t));
+      const T* u[kMR];
+      T* o[kMR];
+      for (int m = 0; m < kMR; ++m) {
+        u[m] = src + (t + std::min(m, n - 1)) * ld;
+        o[m] = out + (t + std::min(m, n - 1)) * R;
+      }
+      lora::shrink_tile<T>(u, n, mt, C, RP, R, alpha, o);
+    }
+    for (int64_t i = b; i < b + nb; i += kRG) {
+      const int n = static_cast<int>(std::min<int64_t>(kRG, b + nb - i));
+      for (int m = 0; m < kRG; ++m)
+        for (int64_t r = 0; r < R; ++r) cbuf[m * R + r] = m < n ? coef[(i + m) * R + r] : T(0);
+      for (int64_t c0 = 0; c0 < C; c0 += JB) {
+        const int64_t w = std::min<int64_t>(JB, C - c0), WP = round_up(w, L);
+        const T* u[kRG];
+        for (int m = 0; m < kRG; ++m) {
+          const T* x = src + (i + m) * ld + c0;
+          if (m < n && w == WP) {
+            u[m] = x;
+            continue;
+          }
+          const int64_t wm = m < n ? w : 0;
+          if (m < n) std::copy(x, x + w, ubuf[m]);
+          std::fill(ubuf[m] + wm, ubuf[m] + WP, T(0));
+          u[m] = ubuf[m];
+        }
+        lora::reduce_step<T>(cbuf.data(), R, u, R, WP, acc + c0, CP);
+      }
+    }
+  }
+}
+
 #define VFM_LORA_INSTANTIATE(T, SFX)                                                                               \
   VFM_LORA_CLONES void reduce_##SFX(const Drop& d, const T* coef, const T* src, int64_t ld, int64_t C, int64_t R,  \
                                     int64_t JP, int64_t npanel, const Groups* g, int64_t q0, int64_t q1,          \
@@ -285,6 +337,11 @@ VFM_ALWAYS_INLINE void reduce_rows(const Drop& d, const T* coef, const T* src, i
                                          int64_t R, int64_t CP, int64_t i0, int64_t i1, T* acc) {                 \
     reduce_rows<T>(d, coef, src, ld, C, R, CP, i0, i1, acc);                                                       \
   }                                                                                                                \
+  VFM_LORA_CLONES void shrink_reduce_##SFX(const T* src, int64_t ld, int64_t C, const T* mt, int64_t RP,           \
+                                           int64_t R, const T* coef, int64_t CP, T alpha, int64_t i0, int64_t i1, \
+                                           T* out, T* acc) {                                                       \
+    shrink_reduce_rows<T>(src, ld, C, mt, RP, R, coef, CP, alpha, i0, i1, out, acc);                               \
+  }                                                                                                                \
   inline void reduce_k(const Drop& d, const T* c, const T* s, int64_t ld, int64_t C, int64_t R, int64_t JP,        \
                        int64_t np, const Groups* g, int64_t q0, int64_t q1, const T* ks, T* res) {                  \
     reduce_##SFX(d, c, s, ld, C, R, JP, np, g, q0, q1, ks, res);                                                    \
@@ -301,6 +358,10 @@ VFM_ALWAYS_INLINE void reduce_rows(const Drop& d, const T* coef, const T* src, i
   inline void reduce_rows_k(const Drop& d, const T* c, const T* s, int64_t ld, int64_t C, int64_t R, int64_t CP,   \
                             int64_t i0, int64_t i1, T* acc) {                                                       \
     reduce_rows_##SFX(d, c, s, ld, C, R, CP, i0, i1, acc);                                                          \
+  }                                                                                                                 \
+  inline void shrink_reduce_k(const T* s, int64_t ld, int64_t C, const T* mt, int64_t RP, int64_t R, const T* c,   \
+                              int64_t CP, T alpha, int64_t i0, int64_t i1, T* out, T* acc) {                        \
+    shrink_reduce_##SFX(s, ld, C, mt, RP, R, c, CP, alpha, i0, i1, out, acc);                                       \
   }
 
 VFM_LORA_INSTANTIATE(float, f32)
@@ -448,6 +509,38 @@ at::Tensor lora_dx_ga_cpu(at::Tensor dx, const at::Tensor& coef_in, const at::Te
 }
 
 
+std::tuple<at::Tensor, at::Tensor> lora_shrink_reduce_cpu(const at::Tensor& src_in, const at::Tensor& mats,
+                                                          const at::Tensor& coef_in, double alpha) {
+  check_2d(src_in, "lora_shrink_reduce", "src");
+  check_2d(mats, "lora_shrink_reduce", "mats");
+  check_2d(coef_in, "lora_shrink_reduce", "coef");
+  TORCH_CHECK(mats.scalar_type() == src_in.scalar_type() && coef_in.scalar_type() == src_in.scalar_type(),
+              "lora_shrink_reduce: src, mats and coef dtypes differ");
+  const int64_t N = src_in.size(0), C = src_in.size(1), R = mats.size(0);
+  TORCH_CHECK(mats.size(1) == C && coef_in.size(0) == N && coef_in.size(1) == R, "lora_shrink_reduce: shapes src ",
+              src_in.sizes(), ", mats ", mats.sizes(), ", coef ", coef_in.sizes(), " do not match");
+  const at::Tensor src = unit_col(src_in);
+  const at::Tensor coef = coef_in.contiguous();
+  if (N == 0 || C == 0 || R == 0) return {at::zeros({N, R}, src.options()), at::zeros({R, C}, src.options())};
+  at::Tensor out = at::empty({N, R}, src.options()), res;
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "lora_shrink_reduce", [&] {
+    const int64_t RP = round_up(R, lora::Vec<scalar_t>::L), CP = round_up(C, lora::Vec<scalar_t>::L);
+    at::Tensor mt = at::zeros({C, RP}, src.options());
+    mt.narrow(1, 0, R).copy_(mats.t());
+    const scalar_t* sp = src.data_ptr<scalar_t>();
+    const scalar_t* mp = mt.data_ptr<scalar_t>();
+    const scalar_t* cp = coef.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t a = static_cast<scalar_t>(alpha);
+    const int64_t ld = row_stride(src);
+    res = sum_row_chunks<scalar_t>(N, C, R, CP, 2 * C * R, src.options(), [&](int64_t i0, int64_t i1, scalar_t* acc) {
+      shrink_reduce_k(sp, ld, C, mp, RP, R, cp, CP, a, i0, i1, op, acc);
+    });
+    if (a != scalar_t(1)) res.mul_(a);
+  });
+  return {out, res};
+}
+
 at::Tensor lora_dropout_ga_cpu(const at::Tensor& gh, const at::Tensor& x, int64_t seed, int64_t threshold,
                                double scale) {
   return lora_reduce_cpu(gh, x, 1, c10::nullopt, c10::nullopt, 1.0, seed, threshold, scale);
@@ -455,7 +548,12 @@ at::Tensor lora_dropout_ga_cpu(const at::Tensor& gh, const at::Tensor& x, int64_
 
 }  // namespace vfm_cpu
 
+TORCH_LIBRARY_FRAGMENT(vfm_C, m) {
+  m.def("lora_shrink_reduce(Tensor src, Tensor mats, Tensor coef, float alpha) -> (Tensor, Tensor)");
+}
+
 TORCH_LIBRARY_IMPL(vfm_C, CPU, m) {
+  m.impl("lora_shrink_reduce", &vfm_cpu::lora_shrink_reduce_cpu);
   m.impl("lora_dropout_ga", &vfm_cpu::lora_dropout_ga_cpu);
   m.impl("lora_reduce", &vfm_cpu::lora_reduce_cpu);
   m.impl("lora_dx_ga_", &vfm_cpu::lora_dx_ga_cpu);

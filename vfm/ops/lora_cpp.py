@@ -9,17 +9,17 @@ rank-r products that touch the dropout mask run in the register-tiled C++ kernel
 while they stream over x and never store it:
 
 * forward: xa = D(x) A^T (shrink); y = x W^T + b, then y += scale * xa B^T in place (BLAS);
-* backward: gxa = scale * grad_y B (shrink); grad_x = grad_y W (BLAS), then one fused pass
+* backward: gxa = scale * grad_y B and grad_B = scale * (xa^T grad_y)^T in one pass over grad_y
+  (``lora_shrink_reduce``, rows split between threads, one partial sum each, where BLAS leaves the
+  N-long reduction to one thread); grad_x = grad_y W (BLAS), then one fused pass
   (``lora_dx_ga_``) adds D(gxa A) into it and computes grad_A = gxa^T D(x), hashing each mask
-  element once; grad_B = scale * (xa^T grad_y)^T (``lora_reduce``: rows split between threads,
-  one partial sum each, where BLAS leaves the N-long reduction to one thread).
+  element once.
 
 Without dropout, grad_x += gxa A is a BLAS call accumulating in place and grad_A = gxa^T x a
-``lora_reduce``.  x and
-an adapter in different dtypes, and grad_y in another dtype than x, take the reference path when the
-backend was chosen automatically and raise when ``cpp`` was forced (see :func:`native`); x in
-any dtype other than float32 / float64 is refused at backend selection (vfm.ops.lora_ops), so the
-automatic choice picks ``torch`` for it and a forced ``cpp`` raises.  The extension is optional:
+``lora_reduce``.  x and an adapter in different dtypes, and grad_y in another dtype than x, take
+the reference path when the backend was chosen automatically and raise when ``cpp`` was forced
+(see :func:`native`); x in any dtype other than float32 / float64 is refused at backend selection
+(vfm.ops.lora_ops), so the automatic choice picks ``torch`` for it and a forced ``cpp`` raises.  The extension is optional:
 importing this module never fails, and :func:`cpp_available` says whether the backend can run and,
 if not, why.
 """
@@ -35,7 +35,7 @@ from torch import Tensor
 from vfm import _registry
 from vfm.ops.lora_reference import LowRankKernels, dropout_threshold, lora_backward_torch, lora_forward_torch
 
-_OPS = ("lora_shrink", "lora_expand_", "lora_reduce", "lora_dx_ga_", "lora_dropout_apply")
+_OPS = ("lora_shrink", "lora_expand_", "lora_reduce", "lora_dx_ga_", "lora_dropout_apply", "lora_shrink_reduce")
 KERNEL_DTYPES = (torch.float32, torch.float64)
 _STATUS: Optional[Tuple[bool, str]] = None
 
@@ -104,12 +104,18 @@ def lora_forward_cpp(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed) ->
 def low_rank_backward(grad_y, x, weight, lora_a, lora_b, xa, factor, dropout_p, seed, need_x, need_a, need_b):
     """(grad_x, grad of the effective A, grad_B) of y = x W^T + factor * (D(x) A^T) B^T.
 
-    gxa = factor * grad_y B (C++ shrink); with dropout, one fused C++ pass adds D(gxa A) to
-    grad_y W and computes gxa^T D(x) (each mask element hashed once); without it, BLAS adds gxa A
-    and the C++ reduce computes gxa^T x.  grad_B = factor * (xa^T grad_y)^T (C++ reduce).
+    gxa = factor * grad_y B and grad_B = factor * (xa^T grad_y)^T in one C++ pass over grad_y
+    (``lora_shrink_reduce``; either alone: shrink / reduce); with dropout, one fused C++ pass adds
+    D(gxa A) to grad_y W and computes gxa^T D(x) (each mask element hashed once); without it, BLAS
+    adds gxa A and the C++ reduce computes gxa^T x.
     """
     ops = torch.ops.vfm_C
-    gxa = ops.lora_shrink(grad_y, lora_b.t(), None, None, factor, 0, 0, 1.0) if (need_x or need_a) else None
+    gb = None
+    if need_b and (need_x or need_a):  # gxa and grad_B^T in one pass over grad_y
+        gxa, gbt = ops.lora_shrink_reduce(grad_y, lora_b.t(), xa, factor)
+        gb = gbt.t().contiguous()
+    else:
+        gxa = ops.lora_shrink(grad_y, lora_b.t(), None, None, factor, 0, 0, 1.0) if (need_x or need_a) else None
     gx = ga = None
     if dropout_p > 0.0 and need_x and need_a:
         gx = torch.mm(grad_y, weight)
@@ -124,8 +130,8 @@ def low_rank_backward(grad_y, x, weight, lora_a, lora_b, xa, factor, dropout_p, 
                 gx.addmm_(gxa, lora_a)
         if need_a:
             ga = ops.lora_reduce(gxa, x, 1, None, None, 1.0, *drop)
-    # (r, out) sums over the N rows: the C++ kernel splits the rows between threads (BLAS does not)
-    gb = ops.lora_reduce(xa, grad_y, 1, None, None, factor, 0, 0, 1.0).t().contiguous() if need_b else None
+    if need_b and gb is None:  # (r, out) sums over the N rows: the C++ kernel splits the rows between threads
+        gb = ops.lora_reduce(xa, grad_y, 1, None, None, factor, 0, 0, 1.0).t().contiguous()
     return gx, ga, gb
 
 
