@@ -28,8 +28,10 @@
 //   overwritten (zc at the target and at the top-k indices) are gathered before pass 2.
 // * The hot row functions are compiled three times (target_clones: x86-64-v4 = AVX-512,
 //   x86-64-v3 = AVX2 + FMA, baseline) and the dynamic loader picks the best for the running CPU.
-// * No ATen operator runs in the hot path; the two small outputs are allocated with at::empty.
-// * A fresh gradient tensor is asked to be backed by transparent huge pages (advise_huge_pages).
+// * No ATen operator runs in the hot path; the two small outputs are allocated with at::empty
+//   (kce_forward_cpu.cpp).
+// * A fresh gradient tensor is asked to be backed by transparent huge pages (advise_huge_pages,
+//   kce_forward_cpu.cpp).
 #include "cpu/kce_cpu.h"  // first: the floating-point options (#pragma GCC optimize), VFM_CLONES
 #include "cpu/kce_io.h"
 #include "cpu/kce_lse.h"
