@@ -4,7 +4,8 @@
 :func:`vfm.ops.kce_reference.kce_forward_torch` (see that module's docstring for the contract);
 it forwards to ``torch.ops.vfm_C.kce_forward``, whose kernel lives in
 ``csrc/cpu/knowledge_ce.cpp`` (row kernel; driver and checks in ``kce_forward_cpu.cpp``).  The
-extension is optional: importing this module never fails, and :func:`cpp_available` says whether the backend can run and, if not, why.
+extension is optional: importing this module never fails, and :func:`cpp_available` says whether
+the backend can run and, if not, why.
 
 Where the reference produces NaN only because of ``0 * inf`` on entries with zero probability
 (e.g. ``-inf`` logits at both student and teacher), this backend applies ``q log q = 0`` for
