@@ -289,8 +289,9 @@ def test_mixed_adapter_dtype_auto_runs_reference_and_forced_cpp_raises():
 @pytest.mark.parametrize("n,c,r", [(23, 301, 16), (9, 512, 3), (2, 17, 5)])
 def test_single_adapter_dx_ga_against_plain_torch(threads, dtype, n, c, r):
     """lora_dx_ga_, lora_reduce and lora_shrink_reduce without ids (row chunks, one partial sum
-    per chunk, column blocks) and lora_shrink / lora_expand_ with dropout, against torch products on the reference's mask:
-    row counts that are not multiples of 4, columns with vector tails, several blocks and chunks."""
+    per chunk, column blocks) and lora_shrink / lora_expand_ with dropout, against torch products
+    on the reference's mask: row counts that are not multiples of 4, columns with vector tails,
+    several blocks and chunks."""
     g = torch.Generator().manual_seed(n * c + r)
     p, seed = 0.3, (1 << 33) + 5
     x = torch.randn(n, c + 3, generator=g, dtype=dtype)[:, 2:c + 2]  # a row stride

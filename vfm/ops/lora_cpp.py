@@ -8,20 +8,21 @@ rank-r products that touch the dropout mask run in the register-tiled C++ kernel
 ``lora_expand_`` / ``lora_reduce`` / ``lora_dx_ga_``), which regenerate the mask from (seed, offset)
 while they stream over x and never store it:
 
-* forward: xa = D(x) A^T (shrink); y = x W^T + b, then y += scale * xa B^T in place (BLAS);
+* forward: xa = D(x) A^T (shrink); y = b + scale * xa B^T, then y += x W^T in place (BLAS: the
+  base GEMM accumulates onto the low-rank term instead of a second pass over y);
 * backward: gxa = scale * grad_y B and grad_B = scale * (xa^T grad_y)^T in one pass over grad_y
   (``lora_shrink_reduce``, rows split between threads, one partial sum each, where BLAS leaves the
   N-long reduction to one thread); grad_x = grad_y W (BLAS), then one fused pass
   (``lora_dx_ga_``) adds D(gxa A) into it and computes grad_A = gxa^T D(x), hashing each mask
   element once.
 
-Without dropout, grad_x += gxa A is a BLAS call accumulating in place and grad_A = gxa^T x a
-``lora_reduce``.  x and an adapter in different dtypes, and grad_y in another dtype than x, take
-the reference path when the backend was chosen automatically and raise when ``cpp`` was forced
-(see :func:`native`); x in any dtype other than float32 / float64 is refused at backend selection
-(vfm.ops.lora_ops), so the automatic choice picks ``torch`` for it and a forced ``cpp`` raises.  The extension is optional:
-importing this module never fails, and :func:`cpp_available` says whether the backend can run and,
-if not, why.
+Without dropout, grad_x = gxa A, then grad_x += grad_y W (BLAS, accumulating in place), and
+grad_A = gxa^T x a ``lora_reduce``.  x and an adapter in different dtypes, and grad_y in another
+dtype than x, take the reference path when the backend was chosen automatically and raise when
+``cpp`` was forced (see :func:`native`); x in any dtype other than float32 / float64 is refused at
+backend selection (vfm.ops.lora_ops), so the automatic choice picks ``torch`` for it and a forced
+``cpp`` raises.  The extension is optional: importing this module never fails, and
+:func:`cpp_available` says whether the backend can run and, if not, why.
 """
 
 from __future__ import annotations
@@ -96,8 +97,16 @@ def lora_forward_cpp(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed) ->
     if not native(x, lora_a):
         return lora_forward_torch(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
     xa = torch.ops.vfm_C.lora_shrink(x, lora_a, None, None, 1.0, *drop_args(dropout_p, seed))
-    y = F.linear(x, weight, bias)
-    y.addmm_(xa, lora_b.t(), alpha=scale)
+    if scale == 0.0:
+        return F.linear(x, weight, bias), xa
+    # the rank-r product first, then the base GEMM accumulates onto it (beta): no separate
+    # read-modify-write pass over the (N, out) output
+    if bias is None:
+        y = torch.mm(xa, lora_b.t())
+        y.addmm_(x, weight.t(), beta=scale)
+    else:
+        y = torch.addmm(bias, xa, lora_b.t(), alpha=scale)
+        y.addmm_(x, weight.t())
     return y, xa
 
 
@@ -107,7 +116,7 @@ def low_rank_backward(grad_y, x, weight, lora_a, lora_b, xa, factor, dropout_p, 
     gxa = factor * grad_y B and grad_B = factor * (xa^T grad_y)^T in one C++ pass over grad_y
     (``lora_shrink_reduce``; either alone: shrink / reduce); with dropout, one fused C++ pass adds
     D(gxa A) to grad_y W and computes gxa^T D(x) (each mask element hashed once); without it, BLAS
-    adds gxa A and the C++ reduce computes gxa^T x.
+    accumulates grad_y W onto gxa A and the C++ reduce computes gxa^T x.
     """
     ops = torch.ops.vfm_C
     gb = None
@@ -123,11 +132,12 @@ def low_rank_backward(grad_y, x, weight, lora_a, lora_b, xa, factor, dropout_p, 
     else:
         drop = drop_args(dropout_p, seed)
         if need_x:
-            gx = torch.mm(grad_y, weight)
             if dropout_p > 0.0:
+                gx = torch.mm(grad_y, weight)
                 ops.lora_expand_(gx, gxa, lora_a, None, None, 1.0, *drop)
-            else:
-                gx.addmm_(gxa, lora_a)
+            else:  # rank-r product first, the base GEMM accumulates onto it
+                gx = torch.mm(gxa, lora_a)
+                gx.addmm_(grad_y, weight)
         if need_a:
             ga = ops.lora_reduce(gxa, x, 1, None, None, 1.0, *drop)
     if need_b and gb is None:  # (r, out) sums over the N rows: the C++ kernel splits the rows between threads
