@@ -37,7 +37,7 @@ grep -i "warning: the native extension" "$OUT/build.log" && tail -60 "$OUT/build
 $PY -m vfm.cli doctor 2>&1 | tee "$OUT/doctor.txt"
 $PY -c "import torch; print(torch.cuda.get_device_name(0), torch.__version__)" | tee -a "$OUT/gpu_check.log"
 
-log "2/5 sm_90 compile check of every Triton kernel (triton $($PY -c 'import triton; print(triton.__version__)'))"
+log "1b/5 sm_90 compile check of every Triton kernel (triton $($PY -c 'import triton; print(triton.__version__)'))"
 timeout 120 $PY -m pytest tests/test_triton_sm90_compile.py -q -x -p no:cacheprovider 2>&1 | tail -15 \
   | tee "$OUT/sm90_compile.txt"
 log "2/5 GPU tests"
