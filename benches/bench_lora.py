@@ -82,7 +82,9 @@ def interleaved(rounds: int = 15, shape=None, threads=None) -> dict:
 
     On a shared, noisy machine separate pytest-benchmark tests run minutes apart under different
     loads; running one step of every provider per round and taking medians compares them under
-    the same conditions.  Returns {(provider, dropout): (median seconds, overhead over base)}.
+    the same conditions; the order rotates every round (use a multiple of 5 rounds) so that no
+    provider always follows the same one.  Returns {(provider, dropout): (median seconds, overhead
+    over base)}.
     """
     import statistics
     import time
@@ -100,8 +102,12 @@ def interleaved(rounds: int = 15, shape=None, threads=None) -> dict:
         for _ in range(2):
             steps[(provider, dropout)]()
     times = {case: [] for case in cases}
-    for _ in range(rounds):
-        for case, run in steps.items():
+    order = list(steps)
+    for k in range(rounds):
+        # Rotate the order every round: a step reads a few percent slower or faster depending on
+        # which step ran just before it, so a fixed order biases some providers.
+        for case in order[k % len(order):] + order[:k % len(order)]:
+            run = steps[case]
             start = time.perf_counter()
             run()
             times[case].append(time.perf_counter() - start)
