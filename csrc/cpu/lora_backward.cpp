@@ -134,21 +134,14 @@ VFM_ALWAYS_INLINE void dx_ga_range(const Drop& d, T* dx, int64_t ldd, const T* c
       }
       lora::reduce_step<T>(cbuf.data(), R, u, R, WP, acc.data(), WP);
       // dx rows += D(coef A) on this panel, L columns at a time (8 accumulator registers).
-      const T *e0 = cbuf.data(), *e1 = e0 + R, *e2 = e1 + R, *e3 = e2 + R;
       for (int64_t v = 0; v < WP; v += L) {
-        V a0 = {}, b0 = {}, a1 = {}, b1 = {}, a2 = {}, b2 = {}, a3 = {}, b3 = {};
-        for (int64_t r = 0; r < R; ++r) {
-          const V p0 = lora::vload<V>(a + r * CP + v), p1 = lora::vload<V>(a + r * CP + v + W);
-          a0 += e0[r] * p0; b0 += e0[r] * p1;
-          a1 += e1[r] * p0; b1 += e1[r] * p1;
-          a2 += e2[r] * p0; b2 += e2[r] * p1;
-          a3 += e3[r] * p0; b3 += e3[r] * p1;
-        }
+        V lo[kRG], hi[kRG];
+        lora::expand_rows4<T>(cbuf.data(), R, a + v, CP, lo, hi);
         T tmp[kRG][L];
-        lora::vstore(tmp[0], a0); lora::vstore(tmp[0] + W, b0);
-        lora::vstore(tmp[1], a1); lora::vstore(tmp[1] + W, b1);
-        lora::vstore(tmp[2], a2); lora::vstore(tmp[2] + W, b2);
-        lora::vstore(tmp[3], a3); lora::vstore(tmp[3] + W, b3);
+        for (int m = 0; m < kRG; ++m) {
+          lora::vstore(tmp[m], lo[m]);
+          lora::vstore(tmp[m] + W, hi[m]);
+        }
         const int64_t nv = std::min<int64_t>(L, w - v);
         for (int m = 0; m < n; ++m) {
           T* o = dx + rows[m] * ldd + c0 + v;

@@ -47,16 +47,9 @@ VFM_ALWAYS_INLINE void dx_ga_rows(const Drop& d, T* dx, int64_t ldd, const T* co
       lora::reduce_step<T>(cbuf.data(), R, u, R, WP, acc + c0, CP);
       // dx rows += D(coef A) on this block, L columns at a time (8 accumulator registers).
       const T* a = ap + c0;
-      const T *e0 = cbuf.data(), *e1 = e0 + R, *e2 = e1 + R, *e3 = e2 + R;
       for (int64_t v = 0; v < WP; v += L) {
-        V a0 = {}, b0 = {}, a1 = {}, b1 = {}, a2 = {}, b2 = {}, a3 = {}, b3 = {};
-        for (int64_t r = 0; r < R; ++r) {
-          const V p0 = lora::vload<V>(a + r * CP + v), p1 = lora::vload<V>(a + r * CP + v + W);
-          a0 += e0[r] * p0; b0 += e0[r] * p1;
-          a1 += e1[r] * p0; b1 += e1[r] * p1;
-          a2 += e2[r] * p0; b2 += e2[r] * p1;
-          a3 += e3[r] * p0; b3 += e3[r] * p1;
-        }
+        V lo[kRG], hi[kRG];
+        lora::expand_rows4<T>(cbuf.data(), R, a + v, CP, lo, hi);
         const int64_t nv = std::min<int64_t>(L, w - v);
         auto put = [&](int m, V lo, V hi) {
           T* o = dx + (i + m) * ldd + c0 + v;
@@ -73,10 +66,7 @@ VFM_ALWAYS_INLINE void dx_ga_rows(const Drop& d, T* dx, int64_t ldd, const T* co
             for (int64_t j = 0; j < nv; ++j) o[j] += km[j] ? tmp[j] : T(0);
           }
         };
-        put(0, a0, b0);
-        if (n > 1) put(1, a1, b1);
-        if (n > 2) put(2, a2, b2);
-        if (n > 3) put(3, a3, b3);
+        for (int m = 0; m < n; ++m) put(m, lo[m], hi[m]);
       }
     }
   }

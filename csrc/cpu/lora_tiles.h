@@ -316,5 +316,25 @@ VFM_ALWAYS_INLINE void reduce_step(const T* c, int64_t ldc, const T* const* u, i
   }
 }
 
+// The 4-row, 2-vector expand step shared by the fused dropout backward kernels:
+// lo[m] / hi[m] = sum_r e[m * R + r] * a[r * lda + {0, W} + lanes] for the kRG rows m.
+template <typename T>
+VFM_ALWAYS_INLINE void expand_rows4(const T* e, int64_t R, const T* a, int64_t lda, typename Vec<T>::type* lo,
+                                    typename Vec<T>::type* hi) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  const T *e0 = e, *e1 = e0 + R, *e2 = e1 + R, *e3 = e2 + R;
+  V a0 = {}, b0 = {}, a1 = {}, b1 = {}, a2 = {}, b2 = {}, a3 = {}, b3 = {};
+  for (int64_t r = 0; r < R; ++r) {
+    const V p0 = vload<V>(a + r * lda), p1 = vload<V>(a + r * lda + W);
+    a0 += e0[r] * p0; b0 += e0[r] * p1;
+    a1 += e1[r] * p0; b1 += e1[r] * p1;
+    a2 += e2[r] * p0; b2 += e2[r] * p1;
+    a3 += e3[r] * p0; b3 += e3[r] * p1;
+  }
+  lo[0] = a0; lo[1] = a1; lo[2] = a2; lo[3] = a3;
+  hi[0] = b0; hi[1] = b1; hi[2] = b2; hi[3] = b3;
+}
+
 }  // namespace lora
 }  // namespace vfm_cpu
