@@ -173,7 +173,12 @@ VFM_ALWAYS_INLINE void dx_ga_range(const Drop& d, T* dx, int64_t ldd, const T* c
   VFM_LORA_CLONES void dx_ga_rows_##SFX(const Drop& d, T* dx, int64_t ldd, const T* coef, const T* ap, int64_t CP, \
                                         const T* src, int64_t ld, int64_t C, int64_t R, int64_t i0, int64_t i1,   \
                                         T* acc) {                                                                  \
-    dx_ga_rows<T>(d, dx, ldd, coef, ap, CP, src, ld, C, R, i0, i1, acc);                                          \
+    dx_ga_rows<T, false>(d, dx, ldd, coef, ap, CP, src, ld, C, R, i0, i1, acc);                                   \
+  }                                                                                                                \
+  VFM_LORA_CLONES void expand_reduce_rows_##SFX(const Drop& d, T* dx, int64_t ldd, const T* coef, const T* ap,     \
+                                                int64_t CP, const T* src, int64_t ld, int64_t C, int64_t R,       \
+                                                int64_t i0, int64_t i1, T* acc) {                                 \
+    dx_ga_rows<T, true>(d, dx, ldd, coef, ap, CP, src, ld, C, R, i0, i1, acc);                                    \
   }                                                                                                                \
   VFM_LORA_CLONES void reduce_rows_##SFX(const Drop& d, const T* coef, const T* src, int64_t ld, int64_t C,        \
                                          int64_t R, int64_t CP, int64_t i0, int64_t i1, T* acc) {                 \
@@ -196,6 +201,10 @@ VFM_ALWAYS_INLINE void dx_ga_range(const Drop& d, T* dx, int64_t ldd, const T* c
   inline void dx_ga_rows_k(const Drop& d, T* dx, int64_t ldd, const T* c, const T* ap, int64_t CP, const T* s,     \
                            int64_t ld, int64_t C, int64_t R, int64_t i0, int64_t i1, T* acc) {                      \
     dx_ga_rows_##SFX(d, dx, ldd, c, ap, CP, s, ld, C, R, i0, i1, acc);                                              \
+  }                                                                                                                 \
+  inline void expand_reduce_rows_k(const Drop& d, T* dx, int64_t ldd, const T* c, const T* ap, int64_t CP,         \
+                                   const T* s, int64_t ld, int64_t C, int64_t R, int64_t i0, int64_t i1, T* acc) {  \
+    expand_reduce_rows_##SFX(d, dx, ldd, c, ap, CP, s, ld, C, R, i0, i1, acc);                                      \
   }                                                                                                                 \
   inline void reduce_rows_k(const Drop& d, const T* c, const T* s, int64_t ld, int64_t C, int64_t R, int64_t CP,   \
                             int64_t i0, int64_t i1, T* acc) {                                                       \
@@ -351,6 +360,41 @@ at::Tensor lora_dx_ga_cpu(at::Tensor dx, const at::Tensor& coef_in, const at::Te
 }
 
 
+// lora_linear's dx / grad_A pair for one adapter without a prior grad_x: dx = D?(coef M) (a fresh
+// (N, C) tensor the base GEMM then accumulates grad_y W onto) and res = coef^T D?(src) (R, C), one
+// pass over src, each mask element hashed once; no dropout when threshold == 0.
+std::tuple<at::Tensor, at::Tensor> lora_expand_reduce_cpu(const at::Tensor& coef_in, const at::Tensor& mats,
+                                                          const at::Tensor& src_in, int64_t seed, int64_t threshold,
+                                                          double dscale) {
+  check_2d(coef_in, "lora_expand_reduce", "coef");
+  check_2d(mats, "lora_expand_reduce", "mats");
+  check_2d(src_in, "lora_expand_reduce", "src");
+  TORCH_CHECK(coef_in.scalar_type() == src_in.scalar_type() && mats.scalar_type() == src_in.scalar_type(),
+              "lora_expand_reduce: coef, mats and src dtypes differ");
+  const int64_t N = src_in.size(0), C = src_in.size(1), R = mats.size(0);
+  TORCH_CHECK(mats.size(1) == C && coef_in.size(0) == N && coef_in.size(1) == R, "lora_expand_reduce: shapes coef ",
+              coef_in.sizes(), ", mats ", mats.sizes(), ", src ", src_in.sizes(), " do not match");
+  const Drop d = make_drop(seed, threshold, dscale);
+  const at::Tensor src = unit_col(src_in);
+  const at::Tensor coef = coef_in.contiguous();
+  at::Tensor dx = at::empty({N, C}, src.options()), res;
+  if (N == 0 || C == 0 || R == 0) return {dx.zero_(), at::zeros({R, C}, src.options())};
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "lora_expand_reduce", [&] {
+    const int64_t CP = round_up(C, lora::Vec<scalar_t>::L);
+    const at::Tensor ap = CP == C ? mats.contiguous() : at::zeros({R, CP}, src.options());
+    if (CP != C) ap.narrow(1, 0, C).copy_(mats);
+    scalar_t* dp = dx.data_ptr<scalar_t>();
+    const scalar_t* cp = coef.data_ptr<scalar_t>();
+    const scalar_t* pp = ap.data_ptr<scalar_t>();
+    const scalar_t* sp = src.data_ptr<scalar_t>();
+    const int64_t ld = row_stride(src);
+    res = sum_row_chunks<scalar_t>(N, C, R, CP, 2 * C * R, src.options(), [&](int64_t i0, int64_t i1, scalar_t* acc) {
+      expand_reduce_rows_k(d, dp, C, cp, pp, CP, sp, ld, C, R, i0, i1, acc);
+    });
+  });
+  return {dx, res};
+}
+
 std::tuple<at::Tensor, at::Tensor> lora_shrink_reduce_cpu(const at::Tensor& src_in, const at::Tensor& mats,
                                                           const at::Tensor& coef_in, double alpha) {
   check_2d(src_in, "lora_shrink_reduce", "src");
@@ -392,10 +436,13 @@ at::Tensor lora_dropout_ga_cpu(const at::Tensor& gh, const at::Tensor& x, int64_
 
 TORCH_LIBRARY_FRAGMENT(vfm_C, m) {
   m.def("lora_shrink_reduce(Tensor src, Tensor mats, Tensor coef, float alpha) -> (Tensor, Tensor)");
+  m.def("lora_expand_reduce(Tensor coef, Tensor mats, Tensor src, int seed, int threshold, float dscale) -> "
+        "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vfm_C, CPU, m) {
   m.impl("lora_shrink_reduce", &vfm_cpu::lora_shrink_reduce_cpu);
+  m.impl("lora_expand_reduce", &vfm_cpu::lora_expand_reduce_cpu);
   m.impl("lora_dropout_ga", &vfm_cpu::lora_dropout_ga_cpu);
   m.impl("lora_reduce", &vfm_cpu::lora_reduce_cpu);
   m.impl("lora_dx_ga_", &vfm_cpu::lora_dx_ga_cpu);

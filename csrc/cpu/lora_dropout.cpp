@@ -30,9 +30,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 #include "cpu/lora_common.h"
+#include "cpu/lora_rows.h"
 
 namespace vfm_cpu {
 namespace {
@@ -102,6 +104,25 @@ VFM_ALWAYS_INLINE void expand_range(const Drop& d, T* out, int64_t ldo, const T*
       lora::drop_row<T>(d, static_cast<uint64_t>(i) * static_cast<uint64_t>(C), x + i * ld,                       \
                         static_cast<T>(d.scale), C, u + i * C);                                                   \
   }                                                                                                                \
+  VFM_LORA_CLONES void shrink_expand_##SFX(const Drop& d, const T* src, int64_t ld, int64_t C, const T* mt,        \
+                                           int64_t RP, int64_t R, const T* bp, int64_t O, int64_t OP,             \
+                                           const T* bias, T alpha, int64_t i0, int64_t i1, T* xa, T* y,           \
+                                           int64_t ldy, T* ubuf) {                                                \
+    lora::shrink_expand_rows<T>(d, src, ld, C, mt, RP, R, bp, O, OP, bias, alpha, i0, i1, xa, y, ldy, ubuf);       \
+  }                                                                                                                \
+  VFM_LORA_CLONES void merge_##SFX(const T* w, int64_t ldw, const T* b, const T* ap, int64_t R, int64_t C,         \
+                                   int64_t CP, T alpha, int64_t i0, int64_t i1, T* out, int64_t ldo) {            \
+    lora::merge_rows<T>(w, ldw, b, ap, R, C, CP, alpha, i0, i1, out, ldo);                                         \
+  }                                                                                                                \
+  inline void merge_k(const T* w, int64_t ldw, const T* b, const T* ap, int64_t R, int64_t C, int64_t CP, T alpha, \
+                      int64_t i0, int64_t i1, T* out, int64_t ldo) {                                               \
+    merge_##SFX(w, ldw, b, ap, R, C, CP, alpha, i0, i1, out, ldo);                                                  \
+  }                                                                                                                 \
+  inline void shrink_expand_k(const Drop& d, const T* src, int64_t ld, int64_t C, const T* mt, int64_t RP,         \
+                              int64_t R, const T* bp, int64_t O, int64_t OP, const T* bias, T alpha, int64_t i0,   \
+                              int64_t i1, T* xa, T* y, int64_t ldy, T* ubuf) {                                     \
+    shrink_expand_##SFX(d, src, ld, C, mt, RP, R, bp, O, OP, bias, alpha, i0, i1, xa, y, ldy, ubuf);                \
+  }                                                                                                                 \
   inline void shrink_k(const Drop& d, const T* a, int64_t b, int64_t c, const T* e, int64_t f, int64_t h,          \
                        const Groups* g, const Tile* t, int64_t t0, int64_t t1, const T* ks, T* o) {                 \
     shrink_##SFX(d, a, b, c, e, f, h, g, t, t0, t1, ks, o);                                                         \
@@ -183,6 +204,92 @@ void lora_expand_cpu(at::Tensor out, const at::Tensor& coef_in, const at::Tensor
   });
 }
 
+// The whole rank-r part of lora_linear's forward for one adapter, one pass over x: xa = D?(x) A^T
+// and y = bias + alpha * xa B^T (a fresh (N, O) tensor the base GEMM then accumulates onto).
+std::tuple<at::Tensor, at::Tensor> lora_shrink_expand_cpu(const at::Tensor& src_in, const at::Tensor& a,
+                                                          const at::Tensor& bt, const c10::optional<at::Tensor>& bias,
+                                                          double alpha, int64_t seed, int64_t threshold,
+                                                          double dscale) {
+  check_2d(src_in, "lora_shrink_expand", "src");
+  check_2d(a, "lora_shrink_expand", "a");
+  check_2d(bt, "lora_shrink_expand", "bt");
+  TORCH_CHECK(a.scalar_type() == src_in.scalar_type() && bt.scalar_type() == src_in.scalar_type(),
+              "lora_shrink_expand: src, a and bt dtypes differ");
+  const int64_t N = src_in.size(0), C = src_in.size(1), R = a.size(0), O = bt.size(1);
+  TORCH_CHECK(a.size(1) == C && bt.size(0) == R, "lora_shrink_expand: shapes src ", src_in.sizes(), ", a ", a.sizes(),
+              ", bt ", bt.sizes(), " do not match");
+  at::Tensor b;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == O &&
+                    bias->scalar_type() == src_in.scalar_type(),
+                "lora_shrink_expand: bias must be a CPU tensor of shape (", O, ") and src's dtype, got ",
+                bias->sizes(), " ", bias->scalar_type());
+    b = bias->contiguous();
+  }
+  const at::Tensor src = unit_col(src_in);
+  at::Tensor xa = at::empty({N, R}, src.options()), y = at::empty({N, O}, src.options());
+  if (N == 0 || O == 0) return {y, xa.zero_()};
+  if (R == 0 || C == 0) {
+    xa.zero_();
+    if (b.defined()) y.copy_(b.expand({N, O})); else y.zero_();
+    return {y, xa};
+  }
+  const Drop d = make_drop(seed, threshold, dscale);
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "lora_shrink_expand", [&] {
+    constexpr int64_t L = lora::Vec<scalar_t>::L;
+    const int64_t RP = round_up(R, L), OP = round_up(O, L);
+    at::Tensor mt = at::zeros({C, RP}, src.options());  // A^T packed, zero padded to RP ranks
+    mt.narrow(1, 0, R).copy_(a.t());
+    at::Tensor bp = at::zeros({R, OP}, src.options());  // B^T packed, zero padded to OP columns
+    bp.narrow(1, 0, O).copy_(bt);
+    const scalar_t* sp = src.data_ptr<scalar_t>();
+    const scalar_t* mp = mt.data_ptr<scalar_t>();
+    const scalar_t* pp = bp.data_ptr<scalar_t>();
+    const scalar_t* bb = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+    scalar_t* xp = xa.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t al = static_cast<scalar_t>(alpha);
+    const int64_t ld = row_stride(src), ntiles = (N + kMR - 1) / kMR;
+    at::parallel_for(0, ntiles, grain_rows(kMR * (C * RP + R * OP) / 8), [&](int64_t t0, int64_t t1) {
+      std::vector<scalar_t> ubuf(d.active ? kMR * C : 0);
+      shrink_expand_k(d, sp, ld, C, mp, RP, R, pp, O, OP, bb, al, t0 * kMR, std::min(N, t1 * kMR), xp, yp, O,
+                      ubuf.data());
+    });
+  });
+  return {y, xa};
+}
+
+// W + alpha * B A (out, in): the merged weight of a call without dropout, in one pass over W.
+at::Tensor lora_merge_cpu(const at::Tensor& weight, const at::Tensor& b_in, const at::Tensor& a, double alpha) {
+  check_2d(weight, "lora_merge", "weight");
+  check_2d(b_in, "lora_merge", "b");
+  check_2d(a, "lora_merge", "a");
+  TORCH_CHECK(b_in.scalar_type() == weight.scalar_type() && a.scalar_type() == weight.scalar_type(),
+              "lora_merge: weight, b and a dtypes differ");
+  const int64_t O = weight.size(0), C = weight.size(1), R = a.size(0);
+  TORCH_CHECK(b_in.size(0) == O && b_in.size(1) == R && a.size(1) == C, "lora_merge: shapes weight ", weight.sizes(),
+              ", b ", b_in.sizes(), ", a ", a.sizes(), " do not match");
+  if (O == 0 || C == 0 || R == 0) return weight.clone(at::MemoryFormat::Contiguous);
+  const at::Tensor w = unit_col(weight);
+  const at::Tensor b = b_in.contiguous();
+  at::Tensor out = at::empty({O, C}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "lora_merge", [&] {
+    const int64_t CP = round_up(C, lora::Vec<scalar_t>::L);
+    at::Tensor ap = at::zeros({R, CP}, w.options());  // A packed, zero padded to CP columns
+    ap.narrow(1, 0, C).copy_(a);
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t* bp = b.data_ptr<scalar_t>();
+    const scalar_t* pp = ap.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t al = static_cast<scalar_t>(alpha);
+    const int64_t ldw = row_stride(w), ntiles = (O + kMR - 1) / kMR;
+    at::parallel_for(0, ntiles, grain_rows(kMR * R * CP / 8), [&](int64_t t0, int64_t t1) {
+      merge_k(wp, ldw, bp, pp, R, C, CP, al, t0 * kMR, std::min(O, t1 * kMR), op, C);
+    });
+  });
+  return out;
+}
+
 at::Tensor lora_dropout_apply_cpu(const at::Tensor& x_in, int64_t seed, int64_t threshold, double dscale) {
   check_2d(x_in, "lora_dropout_apply", "x");
   const at::Tensor x = unit_col(x_in);
@@ -213,7 +320,15 @@ void lora_dropout_dx_cpu(at::Tensor dx, const at::Tensor& gh, const at::Tensor& 
 
 }  // namespace vfm_cpu
 
+TORCH_LIBRARY_FRAGMENT(vfm_C, m) {
+  m.def("lora_shrink_expand(Tensor src, Tensor a, Tensor bt, Tensor? bias, float alpha, int seed, int threshold, "
+        "float dscale) -> (Tensor, Tensor)");
+  m.def("lora_merge(Tensor weight, Tensor b, Tensor a, float alpha) -> Tensor");
+}
+
 TORCH_LIBRARY_IMPL(vfm_C, CPU, m) {
+  m.impl("lora_shrink_expand", &vfm_cpu::lora_shrink_expand_cpu);
+  m.impl("lora_merge", &vfm_cpu::lora_merge_cpu);
   m.impl("lora_dropout_xa", &vfm_cpu::lora_dropout_xa_cpu);
   m.impl("lora_dropout_dx_", &vfm_cpu::lora_dropout_dx_cpu);
   m.impl("lora_shrink", &vfm_cpu::lora_shrink_cpu);

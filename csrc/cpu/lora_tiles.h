@@ -275,6 +275,58 @@ VFM_ALWAYS_INLINE void expand_tile(const T* coef, int64_t ldc, int nrows, const 
   }
 }
 
+// Expand one tile into fresh rows: for m < nrows, out[m][:C] = add[m][:C] + alpha * sum_r
+// coef[m * ldc + r] * mp[r][:] (add == nullptr: nothing added; add[m] may all be one bias row),
+// stored straight from the registers (no read of out).  mp: M packed (R, CP), CP a multiple of L
+// (zero padded); rows m >= nrows: any finite coef values, not stored.
+template <typename T>
+VFM_ALWAYS_INLINE void expand_store_tile(const T* coef, int64_t ldc, int nrows, const T* mp, int64_t R, int64_t C,
+                                         int64_t CP, T alpha, const T* const* add, T* const* out) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L, W = Vec<T>::W;
+  const T *c0p = coef, *c1p = coef + ldc, *c2p = coef + 2 * ldc, *c3p = coef + 3 * ldc, *c4p = coef + 4 * ldc,
+          *c5p = coef + 5 * ldc;
+  const V av = V{} + alpha;
+  for (int64_t c0 = 0; c0 < CP; c0 += L) {
+    V a0 = {}, b0 = {}, a1 = {}, b1 = {}, a2 = {}, b2 = {}, a3 = {}, b3 = {}, a4 = {}, b4 = {}, a5 = {}, b5 = {};
+    for (int64_t r = 0; r < R; ++r) {
+      const V p = vload<V>(mp + r * CP + c0), q = vload<V>(mp + r * CP + c0 + W);
+      T x;
+      x = c0p[r]; a0 += x * p; b0 += x * q;
+      x = c1p[r]; a1 += x * p; b1 += x * q;
+      x = c2p[r]; a2 += x * p; b2 += x * q;
+      x = c3p[r]; a3 += x * p; b3 += x * q;
+      x = c4p[r]; a4 += x * p; b4 += x * q;
+      x = c5p[r]; a5 += x * p; b5 += x * q;
+    }
+    const bool full = c0 + L <= C;
+    auto put = [&](int m, V a, V b) {
+      if (m >= nrows) return;
+      a = a * av;
+      b = b * av;
+      if (full) {
+        if (add != nullptr) {
+          a += vload<V>(add[m] + c0);
+          b += vload<V>(add[m] + c0 + W);
+        }
+        vstore(out[m] + c0, a);
+        vstore(out[m] + c0 + W, b);
+        return;
+      }
+      T tmp[L];
+      vstore(tmp, a);
+      vstore(tmp + W, b);
+      for (int64_t q = 0; q < C - c0; ++q) out[m][c0 + q] = tmp[q] + (add != nullptr ? add[m][c0 + q] : T(0));
+    };
+    put(0, a0, b0);
+    put(1, a1, b1);
+    put(2, a2, b2);
+    put(3, a3, b3);
+    put(4, a4, b4);
+    put(5, a5, b5);
+  }
+}
+
 // Reduce step: acc[r * lda + :WP] += sum_g c[g * ldc + r] * u[g][:WP] for 4 rows (u rows zero
 // padded to WP, a multiple of L; unused rows have c = 0 and u = 0).
 template <typename T>
@@ -316,6 +368,76 @@ VFM_ALWAYS_INLINE void reduce_step(const T* c, int64_t ldc, const T* const* u, i
   }
 }
 
+// Reduce over a block of rows: acc[r * lda + :WP] += sum_{m < nrows} c[m * ldc + r] * u[m][:WP]
+// (u rows zero padded to WP, a multiple of L).  Register tiles of 6 (then 4) ranks x L columns
+// stay in registers over all the block's rows (12 accumulators; per row two loads of u and six
+// broadcasts feed 12 FMAs, and acc is read and written once per block instead of once per row).
+template <typename T>
+VFM_ALWAYS_INLINE void reduce_block(const T* c, int64_t ldc, const T* const* u, int nrows, int64_t R, int64_t WP,
+                                    T* acc, int64_t lda) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W, L = Vec<T>::L;
+  int64_t r = 0;
+  for (; r + 6 <= R; r += 6) {  // 6 ranks: 12 accumulators cover the FMA latency
+    T* a = acc + r * lda;
+    for (int64_t v = 0; v < WP; v += L) {
+      V a0 = vload<V>(a + v), b0 = vload<V>(a + v + W);
+      V a1 = vload<V>(a + lda + v), b1 = vload<V>(a + lda + v + W);
+      V a2 = vload<V>(a + 2 * lda + v), b2 = vload<V>(a + 2 * lda + v + W);
+      V a3 = vload<V>(a + 3 * lda + v), b3 = vload<V>(a + 3 * lda + v + W);
+      V a4 = vload<V>(a + 4 * lda + v), b4 = vload<V>(a + 4 * lda + v + W);
+      V a5 = vload<V>(a + 5 * lda + v), b5 = vload<V>(a + 5 * lda + v + W);
+      for (int m = 0; m < nrows; ++m) {
+        const V p = vload<V>(u[m] + v), q = vload<V>(u[m] + v + W);
+        const T* cm = c + m * ldc + r;
+        T x;
+        x = cm[0]; a0 += x * p; b0 += x * q;
+        x = cm[1]; a1 += x * p; b1 += x * q;
+        x = cm[2]; a2 += x * p; b2 += x * q;
+        x = cm[3]; a3 += x * p; b3 += x * q;
+        x = cm[4]; a4 += x * p; b4 += x * q;
+        x = cm[5]; a5 += x * p; b5 += x * q;
+      }
+      vstore(a + v, a0); vstore(a + v + W, b0);
+      vstore(a + lda + v, a1); vstore(a + lda + v + W, b1);
+      vstore(a + 2 * lda + v, a2); vstore(a + 2 * lda + v + W, b2);
+      vstore(a + 3 * lda + v, a3); vstore(a + 3 * lda + v + W, b3);
+      vstore(a + 4 * lda + v, a4); vstore(a + 4 * lda + v + W, b4);
+      vstore(a + 5 * lda + v, a5); vstore(a + 5 * lda + v + W, b5);
+    }
+  }
+  for (; r + 4 <= R; r += 4) {
+    T* a = acc + r * lda;
+    for (int64_t v = 0; v < WP; v += L) {
+      V a0 = vload<V>(a + v), b0 = vload<V>(a + v + W);
+      V a1 = vload<V>(a + lda + v), b1 = vload<V>(a + lda + v + W);
+      V a2 = vload<V>(a + 2 * lda + v), b2 = vload<V>(a + 2 * lda + v + W);
+      V a3 = vload<V>(a + 3 * lda + v), b3 = vload<V>(a + 3 * lda + v + W);
+      for (int m = 0; m < nrows; ++m) {
+        const V p = vload<V>(u[m] + v), q = vload<V>(u[m] + v + W);
+        const T* cm = c + m * ldc + r;
+        T x;
+        x = cm[0]; a0 += x * p; b0 += x * q;
+        x = cm[1]; a1 += x * p; b1 += x * q;
+        x = cm[2]; a2 += x * p; b2 += x * q;
+        x = cm[3]; a3 += x * p; b3 += x * q;
+      }
+      vstore(a + v, a0); vstore(a + v + W, b0);
+      vstore(a + lda + v, a1); vstore(a + lda + v + W, b1);
+      vstore(a + 2 * lda + v, a2); vstore(a + 2 * lda + v + W, b2);
+      vstore(a + 3 * lda + v, a3); vstore(a + 3 * lda + v + W, b3);
+    }
+  }
+  for (; r < R; ++r) {
+    T* a = acc + r * lda;
+    for (int64_t v = 0; v < WP; v += W) {
+      V s = vload<V>(a + v);
+      for (int m = 0; m < nrows; ++m) s += c[m * ldc + r] * vload<V>(u[m] + v);
+      vstore(a + v, s);
+    }
+  }
+}
+
 // The 4-row, 2-vector expand step shared by the fused dropout backward kernels:
 // lo[m] / hi[m] = sum_r e[m * R + r] * a[r * lda + {0, W} + lanes] for the kRG rows m.
 template <typename T>
@@ -334,6 +456,28 @@ VFM_ALWAYS_INLINE void expand_rows4(const T* e, int64_t R, const T* a, int64_t l
   }
   lo[0] = a0; lo[1] = a1; lo[2] = a2; lo[3] = a3;
   hi[0] = b0; hi[1] = b1; hi[2] = b2; hi[3] = b3;
+}
+
+// The 6-row, 2-vector expand step: lo[m] / hi[m] = sum_r e[m * R + r] * a[r * lda + {0, W} + lanes]
+// for the kMR rows m (12 accumulators: each pair of loads of a feeds 12 FMAs).
+template <typename T>
+VFM_ALWAYS_INLINE void expand_rows6(const T* e, int64_t R, const T* a, int64_t lda, typename Vec<T>::type* lo,
+                                    typename Vec<T>::type* hi) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  const T *e0 = e, *e1 = e0 + R, *e2 = e1 + R, *e3 = e2 + R, *e4 = e3 + R, *e5 = e4 + R;
+  V a0 = {}, b0 = {}, a1 = {}, b1 = {}, a2 = {}, b2 = {}, a3 = {}, b3 = {}, a4 = {}, b4 = {}, a5 = {}, b5 = {};
+  for (int64_t r = 0; r < R; ++r) {
+    const V p0 = vload<V>(a + r * lda), p1 = vload<V>(a + r * lda + W);
+    a0 += e0[r] * p0; b0 += e0[r] * p1;
+    a1 += e1[r] * p0; b1 += e1[r] * p1;
+    a2 += e2[r] * p0; b2 += e2[r] * p1;
+    a3 += e3[r] * p0; b3 += e3[r] * p1;
+    a4 += e4[r] * p0; b4 += e4[r] * p1;
+    a5 += e5[r] * p0; b5 += e5[r] * p1;
+  }
+  lo[0] = a0; lo[1] = a1; lo[2] = a2; lo[3] = a3; lo[4] = a4; lo[5] = a5;
+  hi[0] = b0; hi[1] = b1; hi[2] = b2; hi[3] = b3; hi[4] = b4; hi[5] = b5;
 }
 
 }  // namespace lora

@@ -36,7 +36,8 @@ from torch import Tensor
 from vfm import _registry
 from vfm.ops.lora_reference import LowRankKernels, dropout_threshold, lora_backward_torch, lora_forward_torch
 
-_OPS = ("lora_shrink", "lora_expand_", "lora_reduce", "lora_dx_ga_", "lora_dropout_apply", "lora_shrink_reduce")
+_OPS = ("lora_shrink", "lora_expand_", "lora_reduce", "lora_dx_ga_", "lora_dropout_apply", "lora_shrink_reduce",
+        "lora_shrink_expand", "lora_expand_reduce", "lora_merge")
 KERNEL_DTYPES = (torch.float32, torch.float64)
 _STATUS: Optional[Tuple[bool, str]] = None
 
@@ -93,20 +94,43 @@ def drop_args(dropout_p: float, seed: Tensor) -> Tuple[int, int, float]:
     return int(seed), dropout_threshold(dropout_p), 1.0 / (1.0 - float(dropout_p))
 
 
+def merge_pays(n_rows: int, n_features: int) -> bool:
+    """Whether W + scale * B A (built at out x in x r multiply-adds) costs less than the rank-r term
+    it replaces (n_rows x n_features x r, with a whole pass over an (n_rows, n_features) tensor).
+
+    Only taken without dropout: with it the rank-r term sees D(x), not x, and cannot be merged.
+    The merged weight rounds W + scale * B A once in x's dtype (float32 or float64 here), the same
+    order of rounding error as the GEMM's own accumulation.
+    """
+    return n_features < n_rows
+
+
+def merged_weight(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
+    """W + scale * B A (out, in) in one C++ pass over W (vfm_C::lora_merge; BLAS runs a rank-r
+    GEMM at a fraction of its speed); a temporary, freed once the GEMM that reads it is done."""
+    if weight.dtype == lora_a.dtype == lora_b.dtype and weight.dtype in KERNEL_DTYPES and weight.dim() == 2:
+        return torch.ops.vfm_C.lora_merge(weight, lora_b, lora_a, scale)
+    return torch.addmm(weight, lora_b, lora_a, alpha=scale)
+
+
 def lora_forward_cpp(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed) -> Tuple[Tensor, Tensor]:
     if not native(x, lora_a):
         return lora_forward_torch(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
-    xa = torch.ops.vfm_C.lora_shrink(x, lora_a, None, None, 1.0, *drop_args(dropout_p, seed))
+    drop = drop_args(dropout_p, seed)
     if scale == 0.0:
-        return F.linear(x, weight, bias), xa
-    # the rank-r product first, then the base GEMM accumulates onto it (beta): no separate
-    # read-modify-write pass over the (N, out) output
-    if bias is None:
-        y = torch.mm(xa, lora_b.t())
-        y.addmm_(x, weight.t(), beta=scale)
-    else:
-        y = torch.addmm(bias, xa, lora_b.t(), alpha=scale)
-        y.addmm_(x, weight.t())
+        return F.linear(x, weight, bias), torch.ops.vfm_C.lora_shrink(x, lora_a, None, None, 1.0, *drop)
+    if dropout_p <= 0.0 and merge_pays(x.shape[0], weight.shape[1]):
+        # no dropout and fewer input features than rows: W + scale * B A (out x in, no larger than y)
+        # costs less than the rank-r expand over the N rows, and the base GEMM then does the rest
+        xa = torch.ops.vfm_C.lora_shrink(x, lora_a, None, None, 1.0, *drop)
+        return F.linear(x, merged_weight(weight, lora_a, lora_b, scale), bias), xa
+    if bias is not None and bias.dtype != x.dtype:  # the kernel takes a bias in x's dtype only
+        xa = torch.ops.vfm_C.lora_shrink(x, lora_a, None, None, 1.0, *drop)
+        return torch.addmm(bias, xa, lora_b.t(), alpha=scale).addmm_(x, weight.t()), xa
+    # the rank-r part in one pass over x (xa, then bias + scale * xa B^T written while the tile's
+    # xa rows are in cache); the base GEMM then accumulates onto it (no second pass over y)
+    y, xa = torch.ops.vfm_C.lora_shrink_expand(x, lora_a, lora_b.t(), bias, scale, *drop)
+    y.addmm_(x, weight.t())
     return y, xa
 
 
@@ -126,11 +150,16 @@ def low_rank_backward(grad_y, x, weight, lora_a, lora_b, xa, factor, dropout_p, 
     else:
         gxa = ops.lora_shrink(grad_y, lora_b.t(), None, None, factor, 0, 0, 1.0) if (need_x or need_a) else None
     gx = ga = None
-    if dropout_p > 0.0 and need_x and need_a:
-        gx = torch.mm(grad_y, weight)
-        ga = ops.lora_dx_ga_(gx, gxa, lora_a, x, None, *drop_args(dropout_p, seed))
+    drop = drop_args(dropout_p, seed)
+    if need_x and dropout_p <= 0.0 and merge_pays(grad_y.shape[0], weight.shape[0]):
+        # grad_y W + gxa A = grad_y (W + factor * B A): the merged weight costs less than the
+        # rank-r expand over the N rows when there are fewer output features than rows
+        gx = torch.mm(grad_y, merged_weight(weight, lora_a, lora_b, factor))
+        ga = ops.lora_reduce(gxa, x, 1, None, None, 1.0, *drop) if need_a else None
+    elif need_x and need_a:  # D?(gxa A) and gxa^T D?(x) in one pass over x; grad_y W accumulates onto the first
+        gx, ga = ops.lora_expand_reduce(gxa, lora_a, x, *drop)
+        gx.addmm_(grad_y, weight)
     else:
-        drop = drop_args(dropout_p, seed)
         if need_x:
             if dropout_p > 0.0:
                 gx = torch.mm(grad_y, weight)

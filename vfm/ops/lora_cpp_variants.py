@@ -25,13 +25,12 @@ reference implementation, as in :mod:`vfm.ops.lora_cpp`.
 
 from __future__ import annotations
 
-from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vfm.ops.lora_cpp import drop_args, low_rank_backward, native
+from vfm.ops.lora_cpp import drop_args, lora_forward_cpp, low_rank_backward, merged_weight, native
 from vfm.ops.lora_reference import (
     ADALORA_EPS,
     LowRankKernels,
@@ -61,12 +60,9 @@ def _adalora_factor(ranknum: Tensor, scale: float, backward: bool = False) -> fl
 def adalora_forward_cpp(x, weight, bias, lora_a, lora_e, lora_b, scale, ranknum, dropout_p, seed):
     if not native(x, lora_a):
         return adalora_forward_torch(x, weight, bias, lora_a, lora_e, lora_b, scale, ranknum, dropout_p, seed)
-    factor = _adalora_factor(ranknum, scale)
-    a_eff = lora_a * lora_e[:, None]
-    xa = torch.ops.vfm_C.lora_shrink(x, a_eff, None, None, 1.0, *drop_args(dropout_p, seed))
-    y = F.linear(x, weight, bias)
-    y.addmm_(xa, lora_b.t(), alpha=factor)
-    return y, xa
+    # y = x W^T + b + factor * (D(x) (A * E)^T) B^T: lora_linear's forward with the effective A
+    return lora_forward_cpp(x, weight, bias, lora_a * lora_e[:, None], lora_b, _adalora_factor(ranknum, scale),
+                            dropout_p, seed)
 
 
 def adalora_backward_cpp(grad_y, x, weight, lora_a, lora_e, lora_b, ranknum, xa, scale, dropout_p, seed, needs):
@@ -86,9 +82,7 @@ def adalora_backward_cpp(grad_y, x, weight, lora_a, lora_e, lora_b, ranknum, xa,
 
 
 # ------------------------------------------------------------------------------- DoRA --
-def _adapted_weight(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
-    """W' = W + scale * B A, (out, in), in the adapter dtype (= x's here)."""
-    return torch.addmm(weight, lora_b, lora_a, alpha=scale)
+_adapted_weight = merged_weight  # W' = W + scale * B A, (out, in), in the adapter dtype (= x's here)
 
 
 def dora_forward_cpp(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed):
