@@ -76,9 +76,10 @@ def _close(got, ref, dtype, what):
 
 
 # ------------------------------------------------------------------ lora_shrink_expand --
-# (N, C, R, O): N not a multiple of 6; C with a vector tail (and 1030: many rows per thread
-# chunk); R neither a multiple of 4 nor of 6 except 16; O with a tail, and O = 1.
-SE_SHAPES = [(23, 301, 16, 29), (53, 1030, 7, 17), (1, 17, 5, 33), (13, 40, 3, 1)]
+# (N, C, R, O): N not a multiple of 6; C with a vector tail; R neither a multiple of 4 nor of 6
+# except 16; O with a tail, and O = 1.  131 x 1030 has enough 6-row tiles (22) for parallel_for's
+# grain to give both threads a share, in float32 and float64.
+SE_SHAPES = [(23, 301, 16, 29), (131, 1030, 7, 17), (1, 17, 5, 33), (13, 40, 3, 1)]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -140,7 +141,8 @@ def test_shrink_expand_empty(dtype, p, n, c, r, o):
 # ------------------------------------------------------------------ lora_expand_reduce --
 # (N, C, R): 53 rows at 2 threads split into two chunks of 26/27 rows (partial 12-row blocks);
 # C = 1030 crosses several column blocks, 301 and 17 leave vector tails.
-ER_SHAPES = [(23, 301, 16), (53, 1030, 7), (1, 17, 5), (29, 40, 3)]
+# 48 columns: a whole number of vectors in both dtypes (A read in place, not padded).
+ER_SHAPES = [(23, 301, 16), (53, 1030, 7), (1, 17, 5), (29, 40, 3), (30, 48, 3)]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -151,8 +153,8 @@ def test_expand_reduce_against_torch(threads, dtype, shape, p):
     n, c, r = shape
     g = torch.Generator().manual_seed(n * c + r)
     x = _strided(g, n, c, dtype)
-    mats = torch.randn(r, c, generator=g, dtype=dtype)
-    coef = torch.randn(n, r + 2, generator=g, dtype=dtype)[:, 1:r + 1]  # strided coef too
+    mats = _strided(g, r, c, dtype)
+    coef = torch.randn(n, r + 2, generator=g, dtype=dtype)[:, 1:r + 1]  # strided coef and mats too
     with _threads(threads):
         dx, res = OPS.lora_expand_reduce(coef, mats, x, *_drop_args(p, SEED))
     assert dx.shape == (n, c) and res.shape == (r, c)
@@ -163,6 +165,26 @@ def test_expand_reduce_against_torch(threads, dtype, shape, p):
         prod = torch.where(keep, prod / (1.0 - p), torch.zeros((), dtype=prod.dtype))
     _close(dx, prod, dtype, "dx")
     _close(res, coef.double().t() @ _dropped(x, p, SEED), dtype, "res")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_ops_take_a_transposed_src(dtype):
+    """src with stride(1) != 1 (the ops copy it to unit column stride; offsets stay those of the
+    logical (N, C) matrix)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(37, 29, generator=g, dtype=dtype).t()  # (29, 37)
+    a = torch.randn(5, 37, generator=g, dtype=dtype)
+    bt = torch.randn(5, 11, generator=g, dtype=dtype)
+    coef = torch.randn(29, 5, generator=g, dtype=dtype)
+    u = _dropped(x, P, SEED)
+    y, xa = OPS.lora_shrink_expand(x, a, bt, None, 0.8, *_drop_args(P, SEED))
+    _close(xa, u @ a.double().t(), dtype, "xa")
+    _close(y, 0.8 * u @ a.double().t() @ bt.double(), dtype, "y")
+    dx, res = OPS.lora_expand_reduce(coef, a, x, *_drop_args(P, SEED))
+    _close(res, coef.double().t() @ u, dtype, "res")
+    keep = dropout_keep_mask(SEED, 29, 37, P)
+    _close(dx, torch.where(keep, coef.double() @ a.double() / (1.0 - P), torch.zeros((), dtype=torch.float64)),
+           dtype, "dx")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -179,8 +201,9 @@ def test_expand_reduce_empty(dtype, p, n, c, r):
 
 
 # --------------------------------------------------------------------------- lora_merge --
-# (O, C, R): O not a multiple of 6, C with tails / several vector widths, odd ranks.
-MERGE_SHAPES = [(23, 301, 16), (13, 1030, 7), (1, 17, 5), (40, 24, 3)]
+# (O, C, R): O not a multiple of 6, C with tails / several vector widths, odd ranks; 97 x 1030
+# (17 tiles of 6 rows) is split between 2 threads.
+MERGE_SHAPES = [(23, 301, 16), (97, 1030, 7), (1, 17, 5), (40, 24, 3)]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
