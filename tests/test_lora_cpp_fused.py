@@ -341,7 +341,7 @@ def _compare(fn, leaves, gy, dtype, **kw):
     assert g_c.keys() == g_t.keys()
     for name in g_t:
         assert g_c[name] is not None, name
-        torch.testing.assert_close(g_c[name], g_t[name], **TOL[dtype], msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(g_c[name], g_t[name], **TOL[dtype], msg=lambda m, name=name: f"grad {name}: {m}")
     return fwd, bwd
 
 
@@ -411,17 +411,16 @@ def test_lora_linear_drawn_seed_cpp_matches_torch(dtype):
 def test_lora_linear_zero_scale_cpp_matches_torch():
     t, gy = _leaves(torch.float32, (40, 24), 16, 5, bias=True, train_w=True, seed=13)
     for p in (0.0, 0.25):
-        _compare(lambda x, w, b, a, bb: vfm.functional.lora_linear(x, w, b, a, bb, 0.0, dropout_p=p, seed=3), t, gy,
-                 torch.float32)
+        _compare(lambda x, w, b, a, bb, p=p: vfm.functional.lora_linear(x, w, b, a, bb, 0.0, dropout_p=p, seed=3), t,
+                 gy, torch.float32)
 
 
 def test_lora_linear_bias_dtype_must_match_x():
     """The public API refuses a bias in another dtype than x (so lora_cpp's branch for such a bias
     is never reached through it)."""
     t, _ = _leaves(torch.float32, (40, 24), 16, 3, bias=True, train_w=False)
-    with vfm.use_backend("cpp"):
-        with pytest.raises(ValueError, match="bias dtype"):
-            vfm.functional.lora_linear(t["x"], t["w"], t["b"].double(), t["a"], t["bb"], 1.0)
+    with vfm.use_backend("cpp"), pytest.raises(ValueError, match="bias dtype"):
+        vfm.functional.lora_linear(t["x"], t["w"], t["b"].double(), t["a"], t["bb"], 1.0)
 
 
 # ---------------------------------------------------------------------- public AdaLoRA --
