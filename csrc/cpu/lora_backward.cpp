@@ -11,6 +11,9 @@
 // * lora_shrink_reduce(src (N, C), mats (R, C), coef (N, R), alpha) -> (alpha * src mats^T (N, R),
 //     alpha * coef^T src (R, C)): grad_y's two products (gxa and grad_B^T) in one pass over grad_y,
 //     one adapter, no dropout (defined here, not in csrc/ext.cpp).
+// * lora_expand_reduce(coef (N, R), mats (R, C), src (N, C), seed, threshold, dscale) -> (dx (N, C),
+//     res (R, C)): dx = D?(coef mats) (fresh; the base GEMM accumulates grad_y W onto it) and
+//     res = coef^T D?(src), one adapter, one pass over src, each mask element hashed once.
 // * lora_dropout_ga: the single-adapter form of lora_reduce.
 // The row-chunk kernels are in csrc/cpu/lora_rows.h, the register tiles in lora_tiles.h.
 #if defined(__GNUC__) && !defined(__clang__)

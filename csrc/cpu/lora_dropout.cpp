@@ -13,13 +13,18 @@
 //     the backward pair with dropout fused (each mask element hashed once): dx[i] += D(coef_i M_k)
 //     in place, and returns sum_{i in k} coef_i^T D(src_i)
 // * lora_dropout_apply(x, seed, threshold, dscale) -> D(x) (a new contiguous tensor)
+// * lora_shrink_expand(src (N, C), a (R, C), bt (R, O), bias?, alpha, seed, threshold, dscale)
+//     -> (y (N, O), xa (N, R)): lora_linear's whole rank-r forward for one adapter in one pass over
+//     src: xa = D?(src) a^T, y = bias + alpha * xa bt (fresh; the base GEMM accumulates onto it)
+// * lora_merge(weight (O, C), b (O, R), a (R, C), alpha) -> weight + alpha * b a (one pass over W)
 //
 // D? is the contract's dropout when threshold > 0 (keep iff hash(seed, i * C + j) >= threshold,
 // kept values times dscale), the identity when threshold == 0; it applies to src (shrink,
 // reduce) or to the added term (expand), always with x's (N, C) offsets.  All tensors of one call
 // share a dtype, float32 or float64; scales is float32 (K,).  The older names lora_dropout_xa,
 // lora_dropout_dx_ and lora_dropout_ga are the single-adapter forms.  This file: shrink, expand_,
-// dropout_apply; csrc/cpu/lora_backward.cpp: reduce and dx_ga_; csrc/cpu/lora_common.h: helpers.
+// dropout_apply, shrink_expand, merge; csrc/cpu/lora_backward.cpp: reduce, dx_ga_, shrink_reduce and
+// expand_reduce; csrc/cpu/lora_common.h: helpers.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=fast", "no-trapping-math")
 #endif
@@ -228,7 +233,8 @@ std::tuple<at::Tensor, at::Tensor> lora_shrink_expand_cpu(const at::Tensor& src_
   }
   const at::Tensor src = unit_col(src_in);
   at::Tensor xa = at::empty({N, R}, src.options()), y = at::empty({N, O}, src.options());
-  if (N == 0 || O == 0) return {y, xa.zero_()};
+  if (N == 0) return {y, xa};
+  if (O == 0) return {y, lora_shrink_cpu(src, a, c10::nullopt, c10::nullopt, 1.0, seed, threshold, dscale)};
   if (R == 0 || C == 0) {
     xa.zero_();
     if (b.defined()) y.copy_(b.expand({N, O})); else y.zero_();

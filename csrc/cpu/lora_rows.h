@@ -1,7 +1,8 @@
 // Row-chunk kernels of the single-adapter backward products (csrc/cpu/lora_backward.cpp runs one
-// contiguous row range per thread, each with its own (R, CP) partial sum): x, dx and grad_y are
-// streamed row-wise, 4 rows at a time over column blocks that keep their slices in L1.  Always
-// inlined into the per-ISA clones of lora_backward.cpp (contract: vfm/ops/lora_reference.py).
+// contiguous row range per thread, each with its own (R, CP) partial sum), and of the forward's
+// rank-r part (csrc/cpu/lora_dropout.cpp): x, dx and grad_y are streamed row-wise, blocks of kSB
+// rows over column blocks that keep their slices in L1.  Always inlined into the per-ISA clones
+// (contract: vfm/ops/lora_reference.py).
 #pragma once
 
 #include <algorithm>
@@ -17,9 +18,10 @@ constexpr int kSB = 2 * kMR;  // rows per reduce block: two shrink / expand tile
 
 // Fused backward on the rows [i0, i1) of one adapter, x and dx streamed row-wise:
 // dx[i] += D?(coef_i A) (kSet: dx[i] = D?(coef_i A), dx need not be initialised) and acc (R, CP)
-// += sum_i coef_i^T D?(x_i), 4 rows at a time over column blocks of JB (the block's u, mask, A
-// and acc slices stay in L1), each mask element hashed once.  D? is the identity when
-// d.active is false (then full blocks of x are read in place).
+// += sum_i coef_i^T D?(x_i), blocks of kSB rows over column blocks of JB (the block's u, mask, A
+// and acc slices stay in L1; reduce_block keeps acc tiles in registers over the kSB rows, the
+// expand runs two kMR-row register tiles), each mask element hashed once.  D? is the identity
+// when d.active is false.
 template <typename T, bool kSet>
 VFM_ALWAYS_INLINE void dx_ga_rows(const Drop& d, T* dx, int64_t ldd, const T* coef, const T* ap, int64_t CP,
                                   const T* src, int64_t ld, int64_t C, int64_t R, int64_t i0, int64_t i1, T* acc) {
@@ -160,7 +162,7 @@ VFM_ALWAYS_INLINE void block_rows(const Drop& d, const T* src, int64_t ld, int64
 }
 
 // res-partial acc (R, CP) += sum_{i in [i0, i1)} coef_i^T D?(x_i) for one adapter, x streamed
-// row-wise (blocks of kSB rows over column blocks of JB; without dropout full blocks are read in place).
+// row-wise (blocks of kSB rows over column blocks of JB).
 template <typename T>
 VFM_ALWAYS_INLINE void reduce_rows(const Drop& d, const T* coef, const T* src, int64_t ld, int64_t C, int64_t R,
                                    int64_t CP, int64_t i0, int64_t i1, T* acc) {

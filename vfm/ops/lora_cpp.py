@@ -3,26 +3,28 @@
 :data:`LORA_CPP` is a :class:`~vfm.ops.lora_reference.LowRankKernels` pair with exactly the
 normalised signatures and semantics of :data:`vfm.ops.lora_reference.LORA_TORCH` (see that
 module's docstring for the contract).  The (N, in) x (in, out) products run through BLAS; the
-rank-r products that touch the dropout mask run in the register-tiled C++ kernels of
-``csrc/cpu/lora_dropout.cpp`` and ``csrc/cpu/lora_backward.cpp`` (``vfm_C::lora_shrink`` /
-``lora_expand_`` / ``lora_reduce`` / ``lora_dx_ga_``), which regenerate the mask from (seed, offset)
-while they stream over x and never store it:
+rank-r products run in the register-tiled C++ kernels of ``csrc/cpu/lora_dropout.cpp`` and
+``csrc/cpu/lora_backward.cpp``, which regenerate the dropout mask from (seed, offset) while they
+stream over x and never store it:
 
-* forward: xa = D(x) A^T (shrink); y = b + scale * xa B^T, then y += x W^T in place (BLAS: the
-  base GEMM accumulates onto the low-rank term instead of a second pass over y);
+* forward: ``lora_shrink_expand`` computes xa = D(x) A^T and writes y = b + scale * xa B^T in one
+  pass over x (each tile's y rows stored from registers while its xa rows are in cache); the base
+  GEMM then accumulates x W^T onto y in place (no second pass over y);
 * backward: gxa = scale * grad_y B and grad_B = scale * (xa^T grad_y)^T in one pass over grad_y
   (``lora_shrink_reduce``, rows split between threads, one partial sum each, where BLAS leaves the
-  N-long reduction to one thread); grad_x = grad_y W (BLAS), then one fused pass
-  (``lora_dx_ga_``) adds D(gxa A) into it and computes grad_A = gxa^T D(x), hashing each mask
-  element once.
+  N-long reduction to one thread); then ``lora_expand_reduce`` writes grad_x = D(gxa A) and
+  computes grad_A = gxa^T D(x) in one pass over x (each mask element hashed once), and the base
+  GEMM accumulates grad_y W onto grad_x.
 
-Without dropout, grad_x = gxa A, then grad_x += grad_y W (BLAS, accumulating in place), and
-grad_A = gxa^T x a ``lora_reduce``.  x and an adapter in different dtypes, and grad_y in another
-dtype than x, take the reference path when the backend was chosen automatically and raise when
-``cpp`` was forced (see :func:`native`); x in any dtype other than float32 / float64 is refused at
-backend selection (vfm.ops.lora_ops), so the automatic choice picks ``torch`` for it and a forced
-``cpp`` raises.  The extension is optional: importing this module never fails, and
-:func:`cpp_available` says whether the backend can run and, if not, why.
+Without dropout the rank-r term can be folded into the weight: when there are fewer input
+features than rows (forward) or fewer output features than rows (backward), W + scale * B A
+(``lora_merge``, one pass over W, an out x in temporary no larger than y) replaces the rank-r
+expand over the N rows (:func:`merge_pays`); grad_A is then a ``lora_reduce``.  x and an adapter
+in different dtypes, and grad_y in another dtype than x, take the reference path when the backend
+was chosen automatically and raise when ``cpp`` was forced (see :func:`native`); x in any dtype
+other than float32 / float64 is refused at backend selection (vfm.ops.lora_ops), so the automatic
+choice picks ``torch`` for it and a forced ``cpp`` raises.  The extension is optional: importing
+this module never fails, and :func:`cpp_available` says whether the backend can run and, if not, why.
 """
 
 from __future__ import annotations
@@ -124,9 +126,6 @@ def lora_forward_cpp(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed) ->
         # costs less than the rank-r expand over the N rows, and the base GEMM then does the rest
         xa = torch.ops.vfm_C.lora_shrink(x, lora_a, None, None, 1.0, *drop)
         return F.linear(x, merged_weight(weight, lora_a, lora_b, scale), bias), xa
-    if bias is not None and bias.dtype != x.dtype:  # the kernel takes a bias in x's dtype only
-        xa = torch.ops.vfm_C.lora_shrink(x, lora_a, None, None, 1.0, *drop)
-        return torch.addmm(bias, xa, lora_b.t(), alpha=scale).addmm_(x, weight.t()), xa
     # the rank-r part in one pass over x (xa, then bias + scale * xa B^T written while the tile's
     # xa rows are in cache); the base GEMM then accumulates onto it (no second pass over y)
     y, xa = torch.ops.vfm_C.lora_shrink_expand(x, lora_a, lora_b.t(), bias, scale, *drop)
@@ -138,9 +137,10 @@ def low_rank_backward(grad_y, x, weight, lora_a, lora_b, xa, factor, dropout_p, 
     """(grad_x, grad of the effective A, grad_B) of y = x W^T + factor * (D(x) A^T) B^T.
 
     gxa = factor * grad_y B and grad_B = factor * (xa^T grad_y)^T in one C++ pass over grad_y
-    (``lora_shrink_reduce``; either alone: shrink / reduce); with dropout, one fused C++ pass adds
-    D(gxa A) to grad_y W and computes gxa^T D(x) (each mask element hashed once); without it, BLAS
-    accumulates grad_y W onto gxa A and the C++ reduce computes gxa^T x.
+    (``lora_shrink_reduce``; either alone: shrink / reduce); then one C++ pass over x writes
+    D(gxa A) into a fresh grad_x and computes gxa^T D(x) (``lora_expand_reduce``, each mask element
+    hashed once), and BLAS accumulates grad_y W onto grad_x.  Without dropout and with fewer output
+    features than rows, grad_x = grad_y (W + factor * B A) instead (see :func:`merge_pays`).
     """
     ops = torch.ops.vfm_C
     gb = None
