@@ -368,6 +368,38 @@ VFM_ALWAYS_INLINE void reduce_step(const T* c, int64_t ldc, const T* const* u, i
   }
 }
 
+// One register tile of reduce_block: NR ranks from r, L columns at a time, over nrows rows.
+template <typename T, int NR>
+VFM_ALWAYS_INLINE void reduce_tile(const T* c, int64_t ldc, const T* const* u, int nrows, int64_t r, int64_t WP,
+                                   T* acc, int64_t lda) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W, L = Vec<T>::L;
+  T* a = acc + r * lda;
+  for (int64_t v = 0; v < WP; v += L) {
+    V lo[NR], hi[NR];
+#pragma GCC unroll 8
+    for (int k = 0; k < NR; ++k) {
+      lo[k] = vload<V>(a + k * lda + v);
+      hi[k] = vload<V>(a + k * lda + v + W);
+    }
+    for (int m = 0; m < nrows; ++m) {
+      const V p = vload<V>(u[m] + v), q = vload<V>(u[m] + v + W);
+      const T* cm = c + m * ldc + r;
+#pragma GCC unroll 8
+      for (int k = 0; k < NR; ++k) {
+        const T x = cm[k];
+        lo[k] += x * p;
+        hi[k] += x * q;
+      }
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < NR; ++k) {
+      vstore(a + k * lda + v, lo[k]);
+      vstore(a + k * lda + v + W, hi[k]);
+    }
+  }
+}
+
 // Reduce over a block of rows: acc[r * lda + :WP] += sum_{m < nrows} c[m * ldc + r] * u[m][:WP]
 // (u rows zero padded to WP, a multiple of L).  Register tiles of 6 (then 4) ranks x L columns
 // stay in registers over all the block's rows (12 accumulators; per row two loads of u and six
@@ -376,58 +408,10 @@ template <typename T>
 VFM_ALWAYS_INLINE void reduce_block(const T* c, int64_t ldc, const T* const* u, int nrows, int64_t R, int64_t WP,
                                     T* acc, int64_t lda) {
   using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::W, L = Vec<T>::L;
+  constexpr int W = Vec<T>::W;
   int64_t r = 0;
-  for (; r + 6 <= R; r += 6) {  // 6 ranks: 12 accumulators cover the FMA latency
-    T* a = acc + r * lda;
-    for (int64_t v = 0; v < WP; v += L) {
-      V a0 = vload<V>(a + v), b0 = vload<V>(a + v + W);
-      V a1 = vload<V>(a + lda + v), b1 = vload<V>(a + lda + v + W);
-      V a2 = vload<V>(a + 2 * lda + v), b2 = vload<V>(a + 2 * lda + v + W);
-      V a3 = vload<V>(a + 3 * lda + v), b3 = vload<V>(a + 3 * lda + v + W);
-      V a4 = vload<V>(a + 4 * lda + v), b4 = vload<V>(a + 4 * lda + v + W);
-      V a5 = vload<V>(a + 5 * lda + v), b5 = vload<V>(a + 5 * lda + v + W);
-      for (int m = 0; m < nrows; ++m) {
-        const V p = vload<V>(u[m] + v), q = vload<V>(u[m] + v + W);
-        const T* cm = c + m * ldc + r;
-        T x;
-        x = cm[0]; a0 += x * p; b0 += x * q;
-        x = cm[1]; a1 += x * p; b1 += x * q;
-        x = cm[2]; a2 += x * p; b2 += x * q;
-        x = cm[3]; a3 += x * p; b3 += x * q;
-        x = cm[4]; a4 += x * p; b4 += x * q;
-        x = cm[5]; a5 += x * p; b5 += x * q;
-      }
-      vstore(a + v, a0); vstore(a + v + W, b0);
-      vstore(a + lda + v, a1); vstore(a + lda + v + W, b1);
-      vstore(a + 2 * lda + v, a2); vstore(a + 2 * lda + v + W, b2);
-      vstore(a + 3 * lda + v, a3); vstore(a + 3 * lda + v + W, b3);
-      vstore(a + 4 * lda + v, a4); vstore(a + 4 * lda + v + W, b4);
-      vstore(a + 5 * lda + v, a5); vstore(a + 5 * lda + v + W, b5);
-    }
-  }
-  for (; r + 4 <= R; r += 4) {
-    T* a = acc + r * lda;
-    for (int64_t v = 0; v < WP; v += L) {
-      V a0 = vload<V>(a + v), b0 = vload<V>(a + v + W);
-      V a1 = vload<V>(a + lda + v), b1 = vload<V>(a + lda + v + W);
-      V a2 = vload<V>(a + 2 * lda + v), b2 = vload<V>(a + 2 * lda + v + W);
-      V a3 = vload<V>(a + 3 * lda + v), b3 = vload<V>(a + 3 * lda + v + W);
-      for (int m = 0; m < nrows; ++m) {
-        const V p = vload<V>(u[m] + v), q = vload<V>(u[m] + v + W);
-        const T* cm = c + m * ldc + r;
-        T x;
-        x = cm[0]; a0 += x * p; b0 += x * q;
-        x = cm[1]; a1 += x * p; b1 += x * q;
-        x = cm[2]; a2 += x * p; b2 += x * q;
-        x = cm[3]; a3 += x * p; b3 += x * q;
-      }
-      vstore(a + v, a0); vstore(a + v + W, b0);
-      vstore(a + lda + v, a1); vstore(a + lda + v + W, b1);
-      vstore(a + 2 * lda + v, a2); vstore(a + 2 * lda + v + W, b2);
-      vstore(a + 3 * lda + v, a3); vstore(a + 3 * lda + v + W, b3);
-    }
-  }
+  for (; r + 6 <= R; r += 6) reduce_tile<T, 6>(c, ldc, u, nrows, r, WP, acc, lda);
+  for (; r + 4 <= R; r += 4) reduce_tile<T, 4>(c, ldc, u, nrows, r, WP, acc, lda);
   for (; r < R; ++r) {
     T* a = acc + r * lda;
     for (int64_t v = 0; v < WP; v += W) {
