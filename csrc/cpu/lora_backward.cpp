@@ -139,7 +139,7 @@ VFM_ALWAYS_INLINE void dx_ga_range(const Drop& d, T* dx, int64_t ldd, const T* c
       // dx rows += D(coef A) on this panel, L columns at a time (8 accumulator registers).
       for (int64_t v = 0; v < WP; v += L) {
         V lo[kRG], hi[kRG];
-        lora::expand_rows4<T>(cbuf.data(), R, a + v, CP, lo, hi);
+        lora::expand_rows<T, kRG>(cbuf.data(), R, R, a + v, CP, lo, hi);
         T tmp[kRG][L];
         for (int m = 0; m < kRG; ++m) {
           lora::vstore(tmp[m], lo[m]);

@@ -63,7 +63,7 @@ VFM_ALWAYS_INLINE void dx_ga_rows(const Drop& d, T* dx, int64_t ldd, const T* co
         const int n = std::min(kMR, nsb - t);
         for (int64_t v = 0; v < WP; v += L) {
           V lo[kMR], hi[kMR];
-          lora::expand_rows6<T>(cbuf.data() + t * R, R, a + v, CP, lo, hi);
+          lora::expand_rows<T, kMR>(cbuf.data() + t * R, R, R, a + v, CP, lo, hi);
           const int64_t nv = std::min<int64_t>(L, w - v);
           for (int m = 0; m < n; ++m) {
             T* o = dx + (sb + t + m) * ldd + c0 + v;

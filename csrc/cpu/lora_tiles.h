@@ -232,6 +232,33 @@ VFM_ALWAYS_INLINE void shrink_tile(const T* const* u, int nrows, const T* mt, in
   }
 }
 
+// The NR-row, 2-vector expand step of every expand kernel: lo[m] / hi[m] = sum_r e[m * lde + r] *
+// a[r * lda + {0, W} + lanes] for the NR rows m (2 NR accumulators; each pair of loads of a feeds
+// 2 NR FMAs).
+template <typename T, int NR>
+VFM_ALWAYS_INLINE void expand_rows(const T* e, int64_t lde, int64_t R, const T* a, int64_t lda,
+                                   typename Vec<T>::type* lo, typename Vec<T>::type* hi) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::W;
+  V s[NR], t[NR];
+#pragma GCC unroll 8
+  for (int m = 0; m < NR; ++m) s[m] = t[m] = V{};
+  for (int64_t r = 0; r < R; ++r) {
+    const V p = vload<V>(a + r * lda), q = vload<V>(a + r * lda + W);
+#pragma GCC unroll 8
+    for (int m = 0; m < NR; ++m) {
+      const T x = e[m * lde + r];
+      s[m] += x * p;
+      t[m] += x * q;
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < NR; ++m) {
+    lo[m] = s[m];
+    hi[m] = t[m];
+  }
+}
+
 // Expand one tile: for m < nrows, out[m][:C] += D(sum_r coef[m * ldc + r] * mp[r][:]) (row m's
 // dropout offsets start at base[m]); mp: M packed (R, CP), CP a multiple of L (zero padded);
 // coef already holds every scale factor (rows m >= nrows: any finite values).
@@ -241,35 +268,20 @@ VFM_ALWAYS_INLINE void expand_tile(const T* coef, int64_t ldc, int nrows, const 
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::L, W = Vec<T>::W;
   const T ds = static_cast<T>(d.scale);
-  const T *c0p = coef, *c1p = coef + ldc, *c2p = coef + 2 * ldc, *c3p = coef + 3 * ldc, *c4p = coef + 4 * ldc,
-          *c5p = coef + 5 * ldc;
   for (int64_t c0 = 0; c0 < CP; c0 += L) {
-    V a0 = {}, b0 = {}, a1 = {}, b1 = {}, a2 = {}, b2 = {}, a3 = {}, b3 = {}, a4 = {}, b4 = {}, a5 = {}, b5 = {};
-    for (int64_t r = 0; r < R; ++r) {
-      const V p = vload<V>(mp + r * CP + c0), q = vload<V>(mp + r * CP + c0 + W);
-      T x;
-      x = c0p[r]; a0 += x * p; b0 += x * q;
-      x = c1p[r]; a1 += x * p; b1 += x * q;
-      x = c2p[r]; a2 += x * p; b2 += x * q;
-      x = c3p[r]; a3 += x * p; b3 += x * q;
-      x = c4p[r]; a4 += x * p; b4 += x * q;
-      x = c5p[r]; a5 += x * p; b5 += x * q;
-    }
-    T tmp[kMR][L];
-    vstore(tmp[0], a0); vstore(tmp[0] + W, b0);
-    vstore(tmp[1], a1); vstore(tmp[1] + W, b1);
-    vstore(tmp[2], a2); vstore(tmp[2] + W, b2);
-    vstore(tmp[3], a3); vstore(tmp[3] + W, b3);
-    vstore(tmp[4], a4); vstore(tmp[4] + W, b4);
-    vstore(tmp[5], a5); vstore(tmp[5] + W, b5);
+    V lo[kMR], hi[kMR];
+    expand_rows<T, kMR>(coef, ldc, R, mp + c0, CP, lo, hi);
     const int64_t n = std::min<int64_t>(L, C - c0);
     for (int m = 0; m < nrows; ++m) {
+      T tmp[L];
+      vstore(tmp, lo[m]);
+      vstore(tmp + W, hi[m]);
       T* o = out[m] + c0;
       if (d.active) {
-        drop_add_row<T>(d, base[m] + static_cast<uint64_t>(c0), tmp[m], ds, n, o);
+        drop_add_row<T>(d, base[m] + static_cast<uint64_t>(c0), tmp, ds, n, o);
       } else {
 #pragma omp simd
-        for (int64_t q = 0; q < n; ++q) o[q] += tmp[m][q];
+        for (int64_t q = 0; q < n; ++q) o[q] += tmp[q];
       }
     }
   }
@@ -284,26 +296,15 @@ VFM_ALWAYS_INLINE void expand_store_tile(const T* coef, int64_t ldc, int nrows, 
                                          int64_t CP, T alpha, const T* const* add, T* const* out) {
   using V = typename Vec<T>::type;
   constexpr int L = Vec<T>::L, W = Vec<T>::W;
-  const T *c0p = coef, *c1p = coef + ldc, *c2p = coef + 2 * ldc, *c3p = coef + 3 * ldc, *c4p = coef + 4 * ldc,
-          *c5p = coef + 5 * ldc;
   const V av = V{} + alpha;
   for (int64_t c0 = 0; c0 < CP; c0 += L) {
-    V a0 = {}, b0 = {}, a1 = {}, b1 = {}, a2 = {}, b2 = {}, a3 = {}, b3 = {}, a4 = {}, b4 = {}, a5 = {}, b5 = {};
-    for (int64_t r = 0; r < R; ++r) {
-      const V p = vload<V>(mp + r * CP + c0), q = vload<V>(mp + r * CP + c0 + W);
-      T x;
-      x = c0p[r]; a0 += x * p; b0 += x * q;
-      x = c1p[r]; a1 += x * p; b1 += x * q;
-      x = c2p[r]; a2 += x * p; b2 += x * q;
-      x = c3p[r]; a3 += x * p; b3 += x * q;
-      x = c4p[r]; a4 += x * p; b4 += x * q;
-      x = c5p[r]; a5 += x * p; b5 += x * q;
-    }
+    V lo[kMR], hi[kMR];
+    expand_rows<T, kMR>(coef, ldc, R, mp + c0, CP, lo, hi);
     const bool full = c0 + L <= C;
-    auto put = [&](int m, V a, V b) {
-      if (m >= nrows) return;
-      a = a * av;
-      b = b * av;
+#pragma GCC unroll 8
+    for (int m = 0; m < kMR; ++m) {  // unrolled: lo and hi stay in registers
+      if (m >= nrows) break;
+      V a = lo[m] * av, b = hi[m] * av;
       if (full) {
         if (add != nullptr) {
           a += vload<V>(add[m] + c0);
@@ -311,19 +312,13 @@ VFM_ALWAYS_INLINE void expand_store_tile(const T* coef, int64_t ldc, int nrows, 
         }
         vstore(out[m] + c0, a);
         vstore(out[m] + c0 + W, b);
-        return;
+        continue;
       }
       T tmp[L];
       vstore(tmp, a);
       vstore(tmp + W, b);
       for (int64_t q = 0; q < C - c0; ++q) out[m][c0 + q] = tmp[q] + (add != nullptr ? add[m][c0 + q] : T(0));
-    };
-    put(0, a0, b0);
-    put(1, a1, b1);
-    put(2, a2, b2);
-    put(3, a3, b3);
-    put(4, a4, b4);
-    put(5, a5, b5);
+    }
   }
 }
 
@@ -420,48 +415,6 @@ VFM_ALWAYS_INLINE void reduce_block(const T* c, int64_t ldc, const T* const* u, 
       vstore(a + v, s);
     }
   }
-}
-
-// The 4-row, 2-vector expand step shared by the fused dropout backward kernels:
-// lo[m] / hi[m] = sum_r e[m * R + r] * a[r * lda + {0, W} + lanes] for the kRG rows m.
-template <typename T>
-VFM_ALWAYS_INLINE void expand_rows4(const T* e, int64_t R, const T* a, int64_t lda, typename Vec<T>::type* lo,
-                                    typename Vec<T>::type* hi) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::W;
-  const T *e0 = e, *e1 = e0 + R, *e2 = e1 + R, *e3 = e2 + R;
-  V a0 = {}, b0 = {}, a1 = {}, b1 = {}, a2 = {}, b2 = {}, a3 = {}, b3 = {};
-  for (int64_t r = 0; r < R; ++r) {
-    const V p0 = vload<V>(a + r * lda), p1 = vload<V>(a + r * lda + W);
-    a0 += e0[r] * p0; b0 += e0[r] * p1;
-    a1 += e1[r] * p0; b1 += e1[r] * p1;
-    a2 += e2[r] * p0; b2 += e2[r] * p1;
-    a3 += e3[r] * p0; b3 += e3[r] * p1;
-  }
-  lo[0] = a0; lo[1] = a1; lo[2] = a2; lo[3] = a3;
-  hi[0] = b0; hi[1] = b1; hi[2] = b2; hi[3] = b3;
-}
-
-// The 6-row, 2-vector expand step: lo[m] / hi[m] = sum_r e[m * R + r] * a[r * lda + {0, W} + lanes]
-// for the kMR rows m (12 accumulators: each pair of loads of a feeds 12 FMAs).
-template <typename T>
-VFM_ALWAYS_INLINE void expand_rows6(const T* e, int64_t R, const T* a, int64_t lda, typename Vec<T>::type* lo,
-                                    typename Vec<T>::type* hi) {
-  using V = typename Vec<T>::type;
-  constexpr int W = Vec<T>::W;
-  const T *e0 = e, *e1 = e0 + R, *e2 = e1 + R, *e3 = e2 + R, *e4 = e3 + R, *e5 = e4 + R;
-  V a0 = {}, b0 = {}, a1 = {}, b1 = {}, a2 = {}, b2 = {}, a3 = {}, b3 = {}, a4 = {}, b4 = {}, a5 = {}, b5 = {};
-  for (int64_t r = 0; r < R; ++r) {
-    const V p0 = vload<V>(a + r * lda), p1 = vload<V>(a + r * lda + W);
-    a0 += e0[r] * p0; b0 += e0[r] * p1;
-    a1 += e1[r] * p0; b1 += e1[r] * p1;
-    a2 += e2[r] * p0; b2 += e2[r] * p1;
-    a3 += e3[r] * p0; b3 += e3[r] * p1;
-    a4 += e4[r] * p0; b4 += e4[r] * p1;
-    a5 += e5[r] * p0; b5 += e5[r] * p1;
-  }
-  lo[0] = a0; lo[1] = a1; lo[2] = a2; lo[3] = a3; lo[4] = a4; lo[5] = a5;
-  hi[0] = b0; hi[1] = b1; hi[2] = b2; hi[3] = b3; hi[4] = b4; hi[5] = b5;
 }
 
 }  // namespace lora
