@@ -21,6 +21,7 @@
 #endif
 
 #define VFM_ALWAYS_INLINE inline __attribute__((always_inline))
+#define VFM_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace vfm_cpu {
 namespace lora {
@@ -108,53 +109,51 @@ VFM_ALWAYS_INLINE Vec<float>::type select8(I8 keep, Vec<float>::type x) {
   return (Vec<float>::type)(keep & (I8)x);
 }
 
-// u[j] = keep(base + j) ? v[j] * s : 0 for j in [0, n).
-template <typename T>
-VFM_ALWAYS_INLINE void drop_row(const Drop& d, uint64_t base, const T* v, T s, int64_t n, T* u) {
-  const uint64_t end = base + static_cast<uint64_t>(n);
+// The walk over the keep-mask of offsets base + j, j in [0, n), shared by the dropout row
+// helpers below: whole 8-lane vectors (float only) call vec8(j0, keep) with all-ones lanes where
+// kept, the rest one(j, keep).  Offsets with one high word run on 32-bit lanes; otherwise every
+// element is hashed on its own.
+template <typename T, typename FV, typename FS>
+VFM_ALWAYS_INLINE void keep_walk(const Drop& d, uint64_t base, int64_t n, const FV& vec8, const FS& one) {
   if (n == 0) return;
+  const uint64_t end = base + static_cast<uint64_t>(n);
   if ((base >> 32) == ((end - 1) >> 32)) {  // one high word: a loop on 32-bit lanes
     const uint32_t hi_mix = d.k1 ^ (static_cast<uint32_t>(base >> 32) * 0x9E3779B9u);
     const uint32_t lo0 = static_cast<uint32_t>(base), k0 = d.k0, thr = d.thr;
     int64_t j0 = 0;
     if constexpr (sizeof(T) == 4) {
-      typedef Vec<float>::type V;
       U8 lo = iota8(lo0);
-      for (; j0 + 8 <= n; j0 += 8, lo += 8u) vstore(u + j0, select8(keep8(lo, k0, hi_mix, thr), vload<V>(v + j0) * s));
+      for (; j0 + 8 <= n; j0 += 8, lo += 8u) vec8(j0, keep8(lo, k0, hi_mix, thr));
     }
 #pragma omp simd
-    for (int64_t j = j0; j < n; ++j) {
-      const uint32_t h = fmix32(fmix32((lo0 + static_cast<uint32_t>(j)) ^ k0) ^ hi_mix);
-      u[j] = h >= thr ? v[j] * s : T(0);
-    }
+    for (int64_t j = j0; j < n; ++j) one(j, fmix32(fmix32((lo0 + static_cast<uint32_t>(j)) ^ k0) ^ hi_mix) >= thr);
   } else {
-    for (int64_t j = 0; j < n; ++j) u[j] = hash_at(d, base + static_cast<uint64_t>(j)) >= d.thr ? v[j] * s : T(0);
+    for (int64_t j = 0; j < n; ++j) one(j, hash_at(d, base + static_cast<uint64_t>(j)) >= d.thr);
   }
+}
+
+// u[j] = keep(base + j) ? v[j] * s : 0 for j in [0, n).
+template <typename T>
+VFM_ALWAYS_INLINE void drop_row(const Drop& d, uint64_t base, const T* v, T s, int64_t n, T* u) {
+  typedef Vec<float>::type V;
+  keep_walk<T>(
+      d, base, n,
+      [&](int64_t j, I8 keep) VFM_ALWAYS_INLINE_LAMBDA {
+        if constexpr (sizeof(T) == 4) vstore(u + j, select8(keep, vload<V>(v + j) * s));
+      },
+      [&](int64_t j, bool keep) VFM_ALWAYS_INLINE_LAMBDA { u[j] = keep ? v[j] * s : T(0); });
 }
 
 // o[j] += keep(base + j) ? t[j] * s : 0 for j in [0, n).
 template <typename T>
 VFM_ALWAYS_INLINE void drop_add_row(const Drop& d, uint64_t base, const T* t, T s, int64_t n, T* o) {
-  const uint64_t end = base + static_cast<uint64_t>(n);
-  if (n == 0) return;
-  if ((base >> 32) == ((end - 1) >> 32)) {
-    const uint32_t hi_mix = d.k1 ^ (static_cast<uint32_t>(base >> 32) * 0x9E3779B9u);
-    const uint32_t lo0 = static_cast<uint32_t>(base), k0 = d.k0, thr = d.thr;
-    int64_t j0 = 0;
-    if constexpr (sizeof(T) == 4) {
-      typedef Vec<float>::type V;
-      U8 lo = iota8(lo0);
-      for (; j0 + 8 <= n; j0 += 8, lo += 8u)
-        vstore(o + j0, vload<V>(o + j0) + select8(keep8(lo, k0, hi_mix, thr), vload<V>(t + j0) * s));
-    }
-#pragma omp simd
-    for (int64_t j = j0; j < n; ++j) {
-      const uint32_t h = fmix32(fmix32((lo0 + static_cast<uint32_t>(j)) ^ k0) ^ hi_mix);
-      o[j] += h >= thr ? t[j] * s : T(0);
-    }
-  } else {
-    for (int64_t j = 0; j < n; ++j) o[j] += hash_at(d, base + static_cast<uint64_t>(j)) >= d.thr ? t[j] * s : T(0);
-  }
+  typedef Vec<float>::type V;
+  keep_walk<T>(
+      d, base, n,
+      [&](int64_t j, I8 keep) VFM_ALWAYS_INLINE_LAMBDA {
+        if constexpr (sizeof(T) == 4) vstore(o + j, vload<V>(o + j) + select8(keep, vload<V>(t + j) * s));
+      },
+      [&](int64_t j, bool keep) VFM_ALWAYS_INLINE_LAMBDA { o[j] += keep ? t[j] * s : T(0); });
 }
 
 // Row w of the fused backward: u[j] = keep(base + j) ? v[j] * s : 0 and km[j] = keep ? all ones : 0
@@ -163,34 +162,19 @@ template <typename T>
 VFM_ALWAYS_INLINE void mask_row(const Drop& d, uint64_t base, const T* v, T s, int64_t n, T* u,
                                 typename Vec<T>::iscalar* km) {
   using IT = typename Vec<T>::iscalar;
-  const uint64_t end = base + static_cast<uint64_t>(n);
-  if (n == 0) return;
-  if ((base >> 32) == ((end - 1) >> 32)) {
-    const uint32_t hi_mix = d.k1 ^ (static_cast<uint32_t>(base >> 32) * 0x9E3779B9u);
-    const uint32_t lo0 = static_cast<uint32_t>(base), k0 = d.k0, thr = d.thr;
-    int64_t j0 = 0;
-    if constexpr (sizeof(T) == 4) {
-      typedef Vec<float>::type V;
-      U8 lo = iota8(lo0);
-      for (; j0 + 8 <= n; j0 += 8, lo += 8u) {
-        const I8 keep = keep8(lo, k0, hi_mix, thr);
-        vstore(km + j0, keep);
-        vstore(u + j0, select8(keep, vload<V>(v + j0) * s));
-      }
-    }
-#pragma omp simd
-    for (int64_t j = j0; j < n; ++j) {
-      const uint32_t h = fmix32(fmix32((lo0 + static_cast<uint32_t>(j)) ^ k0) ^ hi_mix);
-      u[j] = h >= thr ? v[j] * s : T(0);
-      km[j] = h >= thr ? IT(-1) : IT(0);
-    }
-  } else {
-    for (int64_t j = 0; j < n; ++j) {
-      const bool keep = hash_at(d, base + static_cast<uint64_t>(j)) >= d.thr;
-      u[j] = keep ? v[j] * s : T(0);
-      km[j] = keep ? IT(-1) : IT(0);
-    }
-  }
+  typedef Vec<float>::type V;
+  keep_walk<T>(
+      d, base, n,
+      [&](int64_t j, I8 keep) VFM_ALWAYS_INLINE_LAMBDA {
+        if constexpr (sizeof(T) == 4) {
+          vstore(km + j, keep);
+          vstore(u + j, select8(keep, vload<V>(v + j) * s));
+        }
+      },
+      [&](int64_t j, bool keep) VFM_ALWAYS_INLINE_LAMBDA {
+        u[j] = keep ? v[j] * s : T(0);
+        km[j] = keep ? IT(-1) : IT(0);
+      });
 }
 
 constexpr int kMR = 6;      // rows per shrink / expand tile
