@@ -26,7 +26,9 @@
 namespace vfm_cpu {
 namespace lora {
 
-VFM_ALWAYS_INLINE uint32_t fmix32(uint32_t h) {
+// The contract's finaliser on one 32-bit word (H = uint32_t) or on eight lanes (H = U8 below).
+template <typename H>
+VFM_ALWAYS_INLINE H fmix32(H h) {
   h ^= h >> 16;
   h *= 0x85EBCA6Bu;
   h ^= h >> 13;
@@ -84,19 +86,10 @@ VFM_ALWAYS_INLINE void vstore(T* p, const V& v) {
 typedef uint32_t U8 __attribute__((vector_size(32)));
 typedef int32_t I8 __attribute__((vector_size(32)));
 
-VFM_ALWAYS_INLINE U8 fmix32v(U8 h) {
-  h ^= h >> 16;
-  h *= 0x85EBCA6Bu;
-  h ^= h >> 13;
-  h *= 0xC2B2AE35u;
-  h ^= h >> 16;
-  return h;
-}
-
 // All-ones lanes where the offsets with low words lo (lanes) and the high word folded into
 // hi_mix = k1 ^ (hi * 0x9E3779B9) are kept, zero lanes where they are dropped.
 VFM_ALWAYS_INLINE I8 keep8(U8 lo, uint32_t k0, uint32_t hi_mix, uint32_t thr) {
-  const U8 h = fmix32v(fmix32v(lo ^ k0) ^ hi_mix);
+  const U8 h = fmix32(fmix32(lo ^ k0) ^ hi_mix);
   return h >= thr;
 }
 
