@@ -98,6 +98,56 @@ def test_double_backward_is_refused(kind):
         torch.autograd.grad(y.sum(), [t["x"]], create_graph=True)
 
 
+# ------------------------------------------------------------------ inference fast path --
+@pytest.mark.parametrize("kind", ["lora", "dora", "adalora", "multi"])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "nothing_requires_grad"])
+def test_calls_without_autograd_skip_the_function_and_match_the_formula(kind, backend, mode):
+    """With nothing to differentiate the kernels run without the autograd.Function (no node, no
+    saved tensors): same values as the formula and as the differentiable call, in every backend."""
+    import vfm
+    from vfm.ops import lora_ops
+    if backend not in vfm.available_backends("lora_linear", "cpu"):
+        pytest.skip(f"{backend} backend unavailable")
+    t = make(dtype=torch.float32)
+    want = call(kind, t, 0.25, plain=True)
+    with vfm.use_backend(backend):
+        graded = call(kind, t, 0.25)
+        eager = {"lora": lora_ops.EagerLoRALinear, "dora": lora_ops.EagerDoRALinear,
+                 "adalora": lora_ops.EagerAdaLoRALinear, "multi": lora_ops.EagerLoRALinearMulti}[kind]
+        applied = []
+        original = eager.apply
+        eager.apply = lambda *args: applied.append(1) or original(*args)
+        try:
+            if mode == "no_grad":
+                with torch.no_grad():
+                    got = call(kind, t, 0.25)
+            elif mode == "inference_mode":
+                with torch.inference_mode():
+                    got = call(kind, t, 0.25)
+            else:
+                frozen = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+                got = call(kind, frozen, 0.25)
+            assert not applied, "the autograd.Function ran although nothing needs a gradient"
+            call(kind, t, 0.25)  # and with inputs requiring grad it does run
+            assert applied
+        finally:
+            eager.apply = original
+    assert got.grad_fn is None and not got.requires_grad
+    torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, graded.detach(), rtol=0, atol=0)
+
+
+def test_forward_mode_ad_is_still_refused():
+    import torch.autograd.forward_ad as fwAD
+    t = make(dtype=torch.float64)
+    x, w, b, a, bb = (t[n].detach() for n in ("x", "w", "b", "a", "bb"))
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="jvp"):
+            lora_linear(dual, w, b, a, bb, 0.5)
+
+
 # ----------------------------------------------------------------- opcheck and compile --
 def _op_inputs(p):
     t = make(dtype=torch.float32, lead=(6,), d_in=5, d_out=7, r=3, k=2)

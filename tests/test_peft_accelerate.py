@@ -283,6 +283,25 @@ def test_fallbacks_are_logged_and_give_peft_numbers(caplog):
     assert sum(n for (o, _b), n in _registry.CALLS.items() if o == "lora_linear") > before
 
 
+def test_hooked_layers_run_peft_forward_and_their_hooks_fire(caplog):
+    """A forward hook on the base layer, or accelerate's _hf_hook attribute on an adapter's lora_A,
+    sends that layer through PEFT's forward (vfm would bypass the hook); the others stay on vfm."""
+    reference, fast, _ = pair("lora")
+    swapped = [m for m in fast.modules() if type(m) in vfm.peft._UNSWAP]
+    hooked_base, hooked_adapter = swapped[0], swapped[1]
+    fired = []
+    hooked_base.get_base_layer().register_forward_hook(lambda mod, inp, out: fired.append(out.shape))
+    hooked_adapter.lora_A["default"]._hf_hook = object()  # what accelerate's add_hook_to_module sets
+    ids = batch(n=2)
+    before = sum(n for (o, _b), n in _registry.CALLS.items() if o == "lora_linear")
+    with caplog.at_level(logging.INFO, logger="vfm.peft"):
+        assert_same_step(reference, fast, ids, train=True)
+    assert fired, "the base layer's forward hook did not run"
+    assert "forward hooks" in caplog.text and "not plain hook-free" in caplog.text
+    calls = sum(n for (o, _b), n in _registry.CALLS.items() if o == "lora_linear") - before
+    assert calls == 2 * (len(swapped) - 2)  # every other layer ran on vfm (forward and backward)
+
+
 def test_layers_it_cannot_take_over_are_reported():
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS + ["embed_tokens"])
     model = get_peft_model(llama(), cfg)

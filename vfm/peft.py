@@ -90,7 +90,9 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_hf_hook", None) is not None)
+    # accelerate's add_hook_to_module stores _hf_hook as a plain attribute (the instance __dict__);
+    # reading it there spares nn.Module.__getattr__'s AttributeError on every forward
+    return bool(module._forward_hooks or module._forward_pre_hooks or module.__dict__.get("_hf_hook") is not None)
 
 
 def _static_reason(layer: nn.Module) -> Optional[str]:

@@ -225,10 +225,11 @@ VFM_LORA_INSTANTIATE(double, f64)
 
 // One adapter: row chunk c of nchunk (one per thread, at least ~64K multiply-adds each) covers
 // rows [N c / nchunk, N (c + 1) / nchunk) and sums into its own (R, CP) partial; returns
-// sum_c partial[c][:, :C] (R, C).  body(i0, i1, acc) runs one chunk.
+// scale * sum_c partial[c][:, :C] (R, C), summed and scaled in one loop here (no extra parallel
+// region or dispatcher call for 2 x R x C adds).  body(i0, i1, acc) runs one chunk.
 namespace {
 template <typename T, typename F>
-at::Tensor sum_row_chunks(int64_t N, int64_t C, int64_t R, int64_t CP, int64_t work_per_row,
+at::Tensor sum_row_chunks(int64_t N, int64_t C, int64_t R, int64_t CP, int64_t work_per_row, T scale,
                           const at::TensorOptions& opt, const F& body) {
   const int64_t min_rows = std::max<int64_t>(kRG, grain_rows(work_per_row));
   const int64_t nchunk = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / min_rows));
@@ -237,14 +238,13 @@ at::Tensor sum_row_chunks(int64_t N, int64_t C, int64_t R, int64_t CP, int64_t w
   at::parallel_for(0, nchunk, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) body(N * c / nchunk, N * (c + 1) / nchunk, qp + c * R * CP);
   });
-  if (nchunk == 1) return CP == C ? part[0] : part[0].narrow(1, 0, C).contiguous();
-  at::Tensor res = at::empty({R, C}, opt);  // summed here: no extra parallel region for 2 x R x C adds
+  at::Tensor res = at::empty({R, C}, opt);
   T* rp = res.data_ptr<T>();
   for (int64_t r = 0; r < R; ++r)
     for (int64_t j = 0; j < C; ++j) {
       T s = qp[r * CP + j];
       for (int64_t c = 1; c < nchunk; ++c) s += qp[(c * R + r) * CP + j];
-      rp[r * C + j] = s;
+      rp[r * C + j] = s * scale;
     }
   return res;
 }
@@ -272,11 +272,10 @@ at::Tensor lora_reduce_cpu(const at::Tensor& coef_in, const at::Tensor& src_in, 
       const scalar_t* cp = coef.data_ptr<scalar_t>();
       const scalar_t* sp = src.data_ptr<scalar_t>();
       const int64_t ld = row_stride(src);
-      res = sum_row_chunks<scalar_t>(N, C, R, CP, C * R, src.options(), [&](int64_t i0, int64_t i1, scalar_t* acc) {
+      const scalar_t s = adapter_scales<scalar_t>(scales, 1, alpha)[0];
+      res = sum_row_chunks<scalar_t>(N, C, R, CP, C * R, s, src.options(), [&](int64_t i0, int64_t i1, scalar_t* acc) {
         reduce_rows_k(d, cp, sp, ld, C, R, CP, i0, i1, acc);
       });
-      const scalar_t s = adapter_scales<scalar_t>(scales, 1, alpha)[0];
-      if (s != scalar_t(1)) res.mul_(s);
     });
     return res;
   }
@@ -324,14 +323,13 @@ at::Tensor lora_dx_ga_cpu(at::Tensor dx, const at::Tensor& coef_in, const at::Te
     at::Tensor res;
     AT_DISPATCH_FLOATING_TYPES(dx.scalar_type(), "lora_dx_ga_", [&] {
       const int64_t CP = round_up(C, lora::Vec<scalar_t>::L);
-      const at::Tensor ap = CP == C ? m.reshape({R, C}).contiguous() : at::zeros({R, CP}, dx.options());
-      if (CP != C) ap.narrow(1, 0, C).copy_(m.squeeze(0));
+      const at::Tensor ap = pack_padded<scalar_t>(m.select(0, 0), CP);
       scalar_t* dp = dx.data_ptr<scalar_t>();
       const scalar_t* cp = coef.data_ptr<scalar_t>();
       const scalar_t* pp = ap.data_ptr<scalar_t>();
       const scalar_t* sp = src.data_ptr<scalar_t>();
       const int64_t ldd = row_stride(dx), ld = row_stride(src);
-      res = sum_row_chunks<scalar_t>(N, C, R, CP, 2 * C * R, dx.options(), [&](int64_t i0, int64_t i1, scalar_t* acc) {
+      res = sum_row_chunks<scalar_t>(N, C, R, CP, 2 * C * R, scalar_t(1), dx.options(), [&](int64_t i0, int64_t i1, scalar_t* acc) {
         dx_ga_rows_k(d, dp, ldd, cp, pp, CP, sp, ld, C, R, i0, i1, acc);
       });
     });
@@ -344,8 +342,7 @@ at::Tensor lora_dx_ga_cpu(at::Tensor dx, const at::Tensor& coef_in, const at::Te
     const at::Tensor coef = coef_in.contiguous();
     AT_DISPATCH_FLOATING_TYPES(dx.scalar_type(), "lora_dx_ga_", [&] {
       const int64_t CP = round_up(C, lora::Vec<scalar_t>::L);
-      at::Tensor ap = at::zeros({K, R, CP}, dx.options());
-      ap.narrow(2, 0, C).copy_(m);
+      const at::Tensor ap = pack_padded<scalar_t>(m, CP);
       const int64_t jp = panel_width<scalar_t>(C, R, K);
       const int64_t npanel = (C + jp - 1) / jp;
       scalar_t* dp = dx.data_ptr<scalar_t>();
@@ -384,14 +381,13 @@ std::tuple<at::Tensor, at::Tensor> lora_expand_reduce_cpu(const at::Tensor& coef
   if (N == 0 || C == 0 || R == 0) return {dx.zero_(), at::zeros({R, C}, src.options())};
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "lora_expand_reduce", [&] {
     const int64_t CP = round_up(C, lora::Vec<scalar_t>::L);
-    const at::Tensor ap = CP == C ? mats.contiguous() : at::zeros({R, CP}, src.options());
-    if (CP != C) ap.narrow(1, 0, C).copy_(mats);
+    const at::Tensor ap = pack_padded<scalar_t>(mats, CP);
     scalar_t* dp = dx.data_ptr<scalar_t>();
     const scalar_t* cp = coef.data_ptr<scalar_t>();
     const scalar_t* pp = ap.data_ptr<scalar_t>();
     const scalar_t* sp = src.data_ptr<scalar_t>();
     const int64_t ld = row_stride(src);
-    res = sum_row_chunks<scalar_t>(N, C, R, CP, 2 * C * R, src.options(), [&](int64_t i0, int64_t i1, scalar_t* acc) {
+    res = sum_row_chunks<scalar_t>(N, C, R, CP, 2 * C * R, scalar_t(1), src.options(), [&](int64_t i0, int64_t i1, scalar_t* acc) {
       expand_reduce_rows_k(d, dp, C, cp, pp, CP, sp, ld, C, R, i0, i1, acc);
     });
   });
@@ -414,18 +410,16 @@ std::tuple<at::Tensor, at::Tensor> lora_shrink_reduce_cpu(const at::Tensor& src_
   at::Tensor out = at::empty({N, R}, src.options()), res;
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "lora_shrink_reduce", [&] {
     const int64_t RP = round_up(R, lora::Vec<scalar_t>::L), CP = round_up(C, lora::Vec<scalar_t>::L);
-    at::Tensor mt = at::zeros({C, RP}, src.options());
-    mt.narrow(1, 0, R).copy_(mats.t());
+    const at::Tensor mt = pack_padded<scalar_t>(mats.t(), RP);
     const scalar_t* sp = src.data_ptr<scalar_t>();
     const scalar_t* mp = mt.data_ptr<scalar_t>();
     const scalar_t* cp = coef.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const scalar_t a = static_cast<scalar_t>(alpha);
     const int64_t ld = row_stride(src);
-    res = sum_row_chunks<scalar_t>(N, C, R, CP, 2 * C * R, src.options(), [&](int64_t i0, int64_t i1, scalar_t* acc) {
+    res = sum_row_chunks<scalar_t>(N, C, R, CP, 2 * C * R, a, src.options(), [&](int64_t i0, int64_t i1, scalar_t* acc) {
       shrink_reduce_k(sp, ld, C, mp, RP, R, cp, CP, a, i0, i1, op, acc);
     });
-    if (a != scalar_t(1)) res.mul_(a);
   });
   return {out, res};
 }

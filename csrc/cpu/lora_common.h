@@ -103,6 +103,32 @@ inline void check_2d(const at::Tensor& t, const char* op, const char* name) {
               " must be float32 or float64, got ", t.scalar_type());
 }
 
+// A fresh (K, rows, ld) buffer holding src (K, rows, cols; any strides) zero padded to ld >= cols
+// columns, in one loop: zeros + narrow + copy_ would be several dispatcher calls per packed factor,
+// which is most of a small call's cost.
+template <typename T>
+at::Tensor pack_padded(const at::Tensor& src, int64_t ld) {
+  TORCH_CHECK(src.dim() == 2 || src.dim() == 3, "lora kernels: pack_padded takes a 2-D or 3-D tensor");
+  const bool stack = src.dim() == 3;
+  const int64_t K = stack ? src.size(0) : 1, rows = src.size(stack ? 1 : 0), cols = src.size(stack ? 2 : 1);
+  const int64_t sk = stack ? src.stride(0) : 0, s0 = src.stride(stack ? 1 : 0), s1 = src.stride(stack ? 2 : 1);
+  TORCH_CHECK(ld >= cols, "lora kernels: pack_padded needs ld >= cols");
+  at::Tensor out = stack ? at::empty({K, rows, ld}, src.options()) : at::empty({rows, ld}, src.options());
+  const T* p = src.data_ptr<T>();
+  T* d = out.data_ptr<T>();
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t i = 0; i < rows; ++i, d += ld) {
+      const T* s = p + k * sk + i * s0;
+      if (s1 == 1) {
+        std::copy(s, s + cols, d);
+      } else {
+        for (int64_t j = 0; j < cols; ++j) d[j] = s[j * s1];
+      }
+      std::fill(d + cols, d + ld, T(0));
+    }
+  return out;
+}
+
 inline at::Tensor unit_col(const at::Tensor& x) { return x.stride(1) == 1 || x.size(1) <= 1 ? x : x.contiguous(); }
 inline int64_t row_stride(const at::Tensor& x) { return x.size(0) > 1 ? x.stride(0) : x.size(1); }
 

@@ -163,8 +163,7 @@ at::Tensor lora_shrink_cpu(const at::Tensor& src_in, const at::Tensor& mats_in, 
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "lora_shrink", [&] {
     const int64_t RP = round_up(R, lora::Vec<scalar_t>::L);
     // M^T packed per adapter: mt[k][j][r] = mats[k][r][j], zero padded to RP ranks.
-    at::Tensor mt = at::zeros({K, C, RP}, src.options());
-    mt.narrow(2, 0, R).copy_(m.transpose(1, 2));
+    const at::Tensor mt = pack_padded<scalar_t>(m.transpose(1, 2), RP);
     const std::vector<scalar_t> ks = adapter_scales<scalar_t>(scales, K, alpha);
     const scalar_t* sp = src.data_ptr<scalar_t>();
     const scalar_t* mp = mt.data_ptr<scalar_t>();
@@ -196,8 +195,7 @@ void lora_expand_cpu(at::Tensor out, const at::Tensor& coef_in, const at::Tensor
   const at::Tensor coef = coef_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lora_expand_", [&] {
     const int64_t CP = round_up(C, lora::Vec<scalar_t>::L);
-    at::Tensor mp = at::zeros({K, R, CP}, out.options());
-    mp.narrow(2, 0, C).copy_(m);
+    const at::Tensor mp = pack_padded<scalar_t>(m, CP);
     const std::vector<scalar_t> ks = adapter_scales<scalar_t>(scales, K, alpha);
     scalar_t* op = out.data_ptr<scalar_t>();
     const scalar_t* cp = coef.data_ptr<scalar_t>();
@@ -244,10 +242,8 @@ std::tuple<at::Tensor, at::Tensor> lora_shrink_expand_cpu(const at::Tensor& src_
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "lora_shrink_expand", [&] {
     constexpr int64_t L = lora::Vec<scalar_t>::L;
     const int64_t RP = round_up(R, L), OP = round_up(O, L);
-    at::Tensor mt = at::zeros({C, RP}, src.options());  // A^T packed, zero padded to RP ranks
-    mt.narrow(1, 0, R).copy_(a.t());
-    at::Tensor bp = at::zeros({R, OP}, src.options());  // B^T packed, zero padded to OP columns
-    bp.narrow(1, 0, O).copy_(bt);
+    const at::Tensor mt = pack_padded<scalar_t>(a.t(), RP);  // A^T packed, zero padded to RP ranks
+    const at::Tensor bp = pack_padded<scalar_t>(bt, OP);    // B^T packed, zero padded to OP columns
     const scalar_t* sp = src.data_ptr<scalar_t>();
     const scalar_t* mp = mt.data_ptr<scalar_t>();
     const scalar_t* pp = bp.data_ptr<scalar_t>();
@@ -281,8 +277,7 @@ at::Tensor lora_merge_cpu(const at::Tensor& weight, const at::Tensor& b_in, cons
   at::Tensor out = at::empty({O, C}, w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "lora_merge", [&] {
     const int64_t CP = round_up(C, lora::Vec<scalar_t>::L);
-    at::Tensor ap = at::zeros({R, CP}, w.options());  // A packed, zero padded to CP columns
-    ap.narrow(1, 0, C).copy_(a);
+    const at::Tensor ap = pack_padded<scalar_t>(a, CP);  // A packed, zero padded to CP columns
     const scalar_t* wp = w.data_ptr<scalar_t>();
     const scalar_t* bp = b.data_ptr<scalar_t>();
     const scalar_t* pp = ap.data_ptr<scalar_t>();

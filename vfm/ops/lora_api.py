@@ -7,6 +7,7 @@ import numbers
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from vfm.ops import lora_ops as _ops
@@ -65,6 +66,8 @@ def _same_devices(x: Tensor, **tensors) -> None:
 
 
 def _rows(x: Tensor, in_f: int) -> Tensor:
+    if x.dim() == 2 and (x.stride(-1) == 1 or x.shape[0] * in_f == 0):
+        return x  # already (N, in): no new view object to build on every call
     x2d = x.reshape(-1, in_f)  # a view whenever possible: x itself is what backward saves
     return x2d if x2d.stride(-1) == 1 or x2d.shape[0] * in_f == 0 else x2d.contiguous()
 
@@ -125,17 +128,31 @@ def _autocast(tensors: dict) -> tuple:
     return cast, device_type
 
 
+def _nothing_to_differentiate(args: tuple) -> bool:
+    """True when no autograd record is needed: grad mode off or no input requiring grad, and no
+    forward-mode AD level open (dual tensors still go through the autograd.Function, which refuses them)."""
+    if getattr(_forward_ad, "_current_level", 0) >= 0:
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not any(isinstance(a, Tensor) and a.requires_grad for a in args)
+
+
 def _run(eager_fn, op, x2d: Tensor, args: tuple, device_type: Optional[str]):
     if device_type is not None:
         with torch.autocast(device_type, enabled=False):
             return _run(eager_fn, op, x2d, args, None)
     if _ops._is_eager_tensor(x2d):
+        if _nothing_to_differentiate(args):
+            # inference: the kernels directly (autograd.Function.apply costs tens of microseconds per
+            # call, most of a small layer's forward); the results are the same tensors apply returns
+            return _ops.kernels(eager_fn.OP, x2d).forward(*args)
         return eager_fn.apply(*args)
     return op(*args)
 
 
 def _output(y: Tensor, x: Tensor) -> Tensor:
-    return y.reshape(tuple(x.shape[:-1]) + (y.shape[-1],))
+    return y if x.dim() == 2 else y.reshape(tuple(x.shape[:-1]) + (y.shape[-1],))
 
 
 # ------------------------------------------------------------------------------ public --

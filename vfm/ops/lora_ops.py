@@ -138,6 +138,8 @@ lora_linear_op.register_autograd(_lora_backward, setup_context=_lora_setup)
 class EagerLoRALinear(torch.autograd.Function):
     """Eager path of ``vfm::lora_linear``: the same kernels without the custom-op dispatcher."""
 
+    OP = LORA  # the registry name: lora_api calls its kernels directly when nothing needs a gradient
+
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
         y, xa = kernels(LORA, x).forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
@@ -211,6 +213,8 @@ dora_linear_op.register_autograd(_dora_backward, setup_context=_dora_setup)
 
 class EagerDoRALinear(torch.autograd.Function):
     """Eager path of ``vfm::dora_linear``."""
+
+    OP = DORA  # the registry name: lora_api calls its kernels directly when nothing needs a gradient
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed):
@@ -287,6 +291,8 @@ adalora_linear_op.register_autograd(_adalora_backward, setup_context=_adalora_se
 class EagerAdaLoRALinear(torch.autograd.Function):
     """Eager path of ``vfm::adalora_linear``."""
 
+    OP = ADALORA  # the registry name: lora_api calls its kernels directly when nothing needs a gradient
+
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_e, lora_b, scale, ranknum, dropout_p, seed):
         y, xa = kernels(ADALORA, x).forward(x, weight, bias, lora_a, lora_e, lora_b, scale, ranknum, dropout_p, seed)
@@ -360,6 +366,8 @@ lora_linear_multi_op.register_autograd(_multi_backward, setup_context=_multi_set
 
 class EagerLoRALinearMulti(torch.autograd.Function):
     """Eager path of ``vfm::lora_linear_multi``."""
+
+    OP = MULTI  # the registry name: lora_api calls its kernels directly when nothing needs a gradient
 
     @staticmethod
     def forward(ctx, x, weight, bias, a_stack, b_stack, scalings, adapter_ids, dropout_p, seed):
