@@ -4,9 +4,10 @@ Overhead = time / time of the frozen base linear alone - 1, vfm against PEFT, at
 (BENCH_TARGETS.md).  Run: ``python -m pytest benches/bench_lora.py --benchmark-columns=median``.
 CPU: 1024 x 1024, N = 2048, r = 16, fp32.  GPU: 4096 x 4096 and 4096 x 14336, N = 8192, bf16.
 The input requires grad (as inside a model) and the upstream gradient is dense.
-``python benches/bench_lora.py [rounds] [threads]`` instead runs every provider once per round,
-interleaved, and prints median overheads: on a shared, noisy machine that compares them under the
-same load.
+``python benches/bench_lora.py [rounds] [threads] [DINxDOUT] [rows]`` instead runs every provider
+once per round, interleaved, and prints median overheads: on a shared, noisy machine that compares
+them under the same load (threads 0 keeps torch's default; the shape and rows default to the
+targets' first shape).
 """
 
 import pytest
@@ -77,7 +78,7 @@ def test_lora_layer(benchmark, provider, dropout, shape):
     benchmark.extra_info.update(n_rows=N_ROWS, d_in=d_in, d_out=d_out, r=RANK, dtype=str(DTYPE))
 
 
-def interleaved(rounds: int = 15, shape=None, threads=None) -> dict:
+def interleaved(rounds: int = 15, shape=None, threads=None, n_rows=None) -> dict:
     """Overheads measured in interleaved rounds (base, PEFT and vfm steps one after another).
 
     On a shared, noisy machine separate pytest-benchmark tests run minutes apart under different
@@ -96,8 +97,8 @@ def interleaved(rounds: int = 15, shape=None, threads=None) -> dict:
     steps = {}
     for provider, dropout in cases:
         model = _model(provider, d_in, d_out, dropout)
-        x = torch.randn(N_ROWS, d_in, device=DEVICE, dtype=DTYPE, requires_grad=True)
-        g = torch.randn(N_ROWS, d_out, device=DEVICE, dtype=DTYPE)
+        x = torch.randn(n_rows or N_ROWS, d_in, device=DEVICE, dtype=DTYPE, requires_grad=True)
+        g = torch.randn(n_rows or N_ROWS, d_out, device=DEVICE, dtype=DTYPE)
         steps[(provider, dropout)] = _step(model, x, g)
         for _ in range(2):
             steps[(provider, dropout)]()
@@ -121,12 +122,20 @@ def _low(ts) -> float:
     return s[(len(s) - 1) // 10]
 
 
-if __name__ == "__main__":  # python benches/bench_lora.py [rounds] [threads]: the interleaved overheads
+if __name__ == "__main__":  # python benches/bench_lora.py [rounds] [threads] [DINxDOUT] [rows]: interleaved overheads
     import sys
 
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 15
-    threads = int(sys.argv[2]) if len(sys.argv) > 2 else None
-    print(f"{rounds} interleaved rounds, {threads or torch.get_num_threads()} thread(s)")
-    for (provider, dropout), (sec, over, over_low) in interleaved(rounds, threads=threads).items():
-        print(f"{provider:12s} dropout {dropout:.1f}: median {sec * 1e3:8.1f} ms  overhead {over:+.1%}  "
+    threads = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2] != "0" else None
+    try:
+        shape = tuple(int(v) for v in sys.argv[3].lower().split("x")) if len(sys.argv) > 3 else SHAPES[0]
+        n_rows = int(sys.argv[4]) if len(sys.argv) > 4 else N_ROWS
+    except ValueError:
+        shape, n_rows = (), 0
+    if len(shape) != 2 or min(shape) < 1 or n_rows < 1:
+        sys.exit(f"bench_lora: shape must be DINxDOUT and rows a positive integer, got {sys.argv[3:5]}")
+    print(f"{rounds} interleaved rounds, {threads or torch.get_num_threads()} thread(s), {shape[0]}x{shape[1]}, "
+          f"N={n_rows}, r={RANK}, {DTYPE}")
+    for (provider, dropout), (sec, over, over_low) in interleaved(rounds, shape, threads, n_rows).items():
+        print(f"{provider:12s} dropout {dropout:.1f}: median {sec * 1e3:8.2f} ms  overhead {over:+.1%}  "
               f"(10th percentiles: {over_low:+.1%})")

@@ -124,11 +124,12 @@ def _adapter_reason(layer: nn.Module, name: str) -> Optional[str]:
             return f"adapter {name!r} has rank 0"
         tensors = (layer.lora_A[name], layer.lora_E[name], layer.lora_B[name])
     else:
+        mods = layer._modules  # the hot path: dict reads instead of nn.Module.__getattr__
         variant = getattr(layer, "lora_variant", {}).get(name)
         dora = _is_dora(layer, name)
         if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant"):
             return f"LoRA variant {type(variant).__name__} of adapter {name!r} is not supported"
-        a, b = layer.lora_A[name], layer.lora_B[name]
+        a, b = mods["lora_A"][name], mods["lora_B"][name]
         if type(a) is not nn.Linear or type(b) is not nn.Linear or _hooked(a) or _hooked(b):
             return f"lora_A/lora_B of adapter {name!r} are not plain hook-free nn.Linear modules"
         if dora:
@@ -143,7 +144,7 @@ def _adapter_reason(layer: nn.Module, name: str) -> Optional[str]:
         return f"adapter {name!r} weights are not plain tensors (partitioned or distributed)"
     if len({t.dtype for t in tensors}) != 1:
         return f"adapter {name!r} weights have mixed dtypes {sorted(str(t.dtype) for t in tensors)}"
-    drop = layer.lora_dropout[name]
+    drop = layer._modules["lora_dropout"][name]
     if type(drop) not in (nn.Identity, nn.Dropout) or _hooked(drop):
         return f"dropout module {type(drop).__name__} of adapter {name!r} is not nn.Dropout/nn.Identity"
     return None
@@ -154,7 +155,15 @@ def _is_dora(layer: nn.Module, name: str) -> bool:
 
 
 def _active(layer: nn.Module) -> List[str]:
-    return [n for n in layer.active_adapters if n in layer.lora_A]
+    adapters = layer._modules["lora_A"]
+    return [n for n in layer.active_adapters if n in adapters]
+
+
+def _base(layer: nn.Module) -> nn.Module:
+    """``layer.get_base_layer()`` without its attribute probing when the base is not itself an adapter
+    layer (never, for a layer accelerate swapped: _static_reason refuses nesting)."""
+    base = layer._modules["base_layer"]
+    return layer.get_base_layer() if isinstance(base, BaseTunerLayer) else base
 
 
 def _state_reason(layer: nn.Module, active: Optional[List[str]] = None, base: Optional[nn.Module] = None
@@ -171,7 +180,7 @@ def _state_reason(layer: nn.Module, active: Optional[List[str]] = None, base: Op
     active = _active(layer) if active is None else active
     if len(active) != 1:
         return f"{len(active)} active adapters (vfm runs exactly one)"
-    if _hooked(layer.get_base_layer() if base is None else base):
+    if _hooked(_base(layer) if base is None else base):
         return "the base layer has forward hooks (e.g. accelerate offloading) that vfm would bypass"
     return _adapter_reason(layer, active[0])
 
@@ -190,7 +199,8 @@ def _call_reason(layer: nn.Module, x, args, kwargs, active: List[str], base: nn.
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         return f"input dtype {x.dtype} differs from the base weight's {weight.dtype}"
     name = active[0]
-    adapter_dtype = (layer.lora_A[name] if isinstance(layer, _PeftSVDLinear) else layer.lora_A[name].weight).dtype
+    lora_a = layer._modules["lora_A"][name]
+    adapter_dtype = (lora_a if isinstance(layer, _PeftSVDLinear) else lora_a.weight).dtype
     if adapter_dtype != x.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
         return "input dtype casting is disabled and the adapter dtype differs from the input's"
     return None
@@ -209,14 +219,14 @@ def _base_weight(base: nn.Module):
 
 
 def _dropout_args(layer: nn.Module, name: str):
-    drop = layer.lora_dropout[name]
+    drop = layer._modules["lora_dropout"][name]
     if isinstance(drop, nn.Dropout):
         return float(drop.p), bool(drop.training)
     return 0.0, False
 
 
 def _vfm_forward(layer: nn.Module, peft_cls: type, x, args, kwargs):
-    active, base = _active(layer), layer.get_base_layer()
+    active, base = _active(layer), _base(layer)
     why = _call_reason(layer, x, args, kwargs, active, base)
     if why is not None:
         _note_fallback(layer, why)
@@ -228,12 +238,14 @@ def _vfm_forward(layer: nn.Module, peft_cls: type, x, args, kwargs):
     if isinstance(layer, _PeftSVDLinear):
         return adalora_linear(x, weight, bias, layer.lora_A[name], layer.lora_E[name], layer.lora_B[name], scaling,
                               layer.ranknum[name], dropout_p=p, training=training)
-    lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    mods = layer._modules
+    lora_a_mod, lora_b_mod = mods["lora_A"][name], mods["lora_B"][name]
+    lora_a, lora_b = lora_a_mod.weight, lora_b_mod.weight
     if _is_dora(layer, name):  # the only variant _adapter_reason lets through
         magnitude = layer.lora_magnitude_vector[name].weight
         return dora_linear(x, weight, bias, lora_a, lora_b, magnitude, scaling, dropout_p=p,
                            training=training and layer.training)
-    lora_bias = layer.lora_B[name].bias
+    lora_bias = lora_b_mod.bias
     if lora_bias is not None:  # lora_bias=True: B(A x) + b_B, scaled, is the same as a base-bias shift
         shift = (lora_bias * scaling).to(weight.dtype)
         bias = shift if bias is None else bias + shift
