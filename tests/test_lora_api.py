@@ -100,7 +100,7 @@ def test_double_backward_is_refused(kind):
 
 # ------------------------------------------------------------------ inference fast path --
 @pytest.mark.parametrize("kind", ["lora", "dora", "adalora", "multi"])
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "nothing_requires_grad"])
 def test_calls_without_autograd_skip_the_function_and_match_the_formula(kind, backend, mode):
     """With nothing to differentiate the kernels run without the autograd.Function (no node, no

@@ -99,11 +99,17 @@ def forced_backend() -> Optional[str]:
     return _forced()
 
 
+_LOADED = [False]
+
+
 def _ensure_loaded() -> None:
-    # Importing the op modules registers their backends.
+    # Importing the op modules registers their backends (once: every op call passes here).
+    if _LOADED[0]:
+        return
     from vfm.ops import knowledge_ce  # noqa: F401
     from vfm.ops import lora_ops  # noqa: F401
     from vfm.ops import flce_ops  # noqa: F401
+    _LOADED[0] = True
 
 
 def unavailable_reasons(op: str, device) -> Dict[str, str]:
@@ -142,7 +148,7 @@ def available_backends(op: Optional[str] = None, device=None) -> List[str]:
         raise ValueError(f"available_backends: unknown op {op!r}; known: {sorted(_OPS)}")
     ops = [op] if op is not None else sorted(_OPS)
     found = []
-    for name in _preference(device) + ["triton"]:
+    for name in _preference(device) + ("triton",):
         if name in found:
             continue
         if any(name in _OPS[o].impls and not _OPS[o].checks[name](device) for o in ops):
@@ -150,10 +156,13 @@ def available_backends(op: Optional[str] = None, device=None) -> List[str]:
     return found
 
 
-def _preference(device: torch.device) -> List[str]:
+_CPU_PREFERENCE = ("cpp", "torch")
+
+
+def _preference(device: torch.device) -> Tuple[str, ...]:
     if device.type == "cuda":
-        return list(CUDA_PREFERENCE) + ["torch"]
-    return ["cpp", "torch"]
+        return tuple(CUDA_PREFERENCE) + ("torch",)
+    return _CPU_PREFERENCE
 
 
 def resolve(op: str, device: torch.device, unsupported: Callable[[str], Optional[str]]) -> Tuple[str, Callable]:
