@@ -138,6 +138,53 @@ def test_calls_without_autograd_skip_the_function_and_match_the_formula(kind, ba
     torch.testing.assert_close(got, graded.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("case", ["plain", "zero_magnitude", "output_changed_in_place", "bias", "dropout"])
+def test_dora_magnitude_gradient_from_the_output(backend, case, monkeypatch):
+    """Without bias and dropout, grad_magnitude comes from DoRA's output (no GEMM); a zero magnitude,
+    an output changed in place after the forward, a bias or dropout take the GEMM formula.  Every
+    gradient is compared with the torch reference backend in float64."""
+    import vfm
+    from vfm.ops import lora_cpp_variants, lora_triton
+    if backend not in vfm.available_backends("dora_linear", "cpu"):
+        pytest.skip(f"{backend} backend unavailable")
+    dtype = torch.float32 if backend == "triton" else torch.float64  # the interpreter's kernels: fp32
+    t = make(dtype=dtype, bias=case == "bias", lead=(5, 7), d_in=9, d_out=11, r=3)
+    if case == "zero_magnitude":
+        with torch.no_grad():
+            t["m"][[2, 7]] = 0.0
+    p = 0.25 if case == "dropout" else 0.0
+    module = lora_cpp_variants if backend == "cpp" else lora_triton
+    used = []
+    original = module.dora_magnitude_grad_from_output
+    monkeypatch.setattr(module, "dora_magnitude_grad_from_output",
+                        lambda *a: used.append(a[1] is not None) or original(*a))
+    grad_y = torch.randn(5, 7, 11, dtype=dtype, generator=torch.Generator().manual_seed(4))
+    names = ["x", "w", "a", "bb", "m"] + (["b"] if case == "bias" else [])
+    results = {}
+    for name in ("torch", backend):
+        for v in t.values():
+            if isinstance(v, torch.Tensor):
+                v.grad = None
+        with vfm.use_backend(name):
+            y = call("dora", t, p, seed=11)
+            if case == "output_changed_in_place":
+                y.mul_(1.0)  # the same values, but y's version changed after the forward
+            (y * grad_y).sum().backward()
+        results[name] = [y.detach().clone()] + [t[n].grad.clone() for n in names]
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    for label, got, want in zip(["y"] + names, results[backend], results["torch"]):
+        torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{case} {label}: {m}")
+    if case in ("bias", "dropout"):
+        assert not any(used), "grad_magnitude from the output with a bias or dropout"
+    else:
+        assert used == [case == "plain" or case == "zero_magnitude"], used
+    if case == "plain":
+        assert original(grad_y.reshape(-1, 11), results[backend][0].reshape(-1, 11), t["m"].detach()) is not None
+    if case == "zero_magnitude":
+        assert original(grad_y.reshape(-1, 11), results[backend][0].reshape(-1, 11), t["m"].detach()) is None
+
+
 def test_forward_mode_ad_is_still_refused():
     import torch.autograd.forward_ad as fwAD
     t = make(dtype=torch.float64)
@@ -178,7 +225,7 @@ def test_opcheck(op, p):
     bwd_args = {
         "lora_linear": lambda needs: (grad_y, x, w, args[3], args[4], outs[1], 0.5, p, args[7], needs),
         "dora_linear": lambda needs: (grad_y, x, w, args[3], args[4], args[5], outs[1], outs[2], 0.5, p, args[8],
-                                      needs),
+                                      needs, outs[0] if needs[5] else None),
         "adalora_linear": lambda needs: (grad_y, x, w, args[3], args[4], args[5], args[7], outs[1], 0.5, p,
                                          args[9], needs),
         "lora_linear_multi": lambda needs: (grad_y, x, w, args[3], args[4], args[5], args[6], outs[1], p, args[8],

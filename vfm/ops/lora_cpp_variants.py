@@ -12,7 +12,8 @@ C++ kernels of ``csrc/cpu/lora_dropout.cpp`` (mask regenerated from (seed, offse
 * ``dora_linear``: with W' = W + scale * B A (whose row norms PEFT's DoRA needs anyway) and
   g = magnitude / ||W'||, the forward is ``y = x (g W')^T + b`` without dropout and
   ``y = x W^T + b + D(x) (g W' - W)^T`` with it (the same sum as PEFT's extra base pass), so
-  every (N, out) term is a GEMM; the magnitude's gradient is rowsum(W' * grad_y^T D(x)) / ||W'||,
+  every (N, out) term is a GEMM; without dropout and bias the magnitude's gradient comes from the
+  output, colsum(grad_y * y) / magnitude (no GEMM), else it is rowsum(W' * grad_y^T D(x)) / ||W'||,
   sharing grad_y^T D(x) with the weight's gradient.  D(x) is materialised by the C++ kernel for
   the extra base pass (as the reference does) and dropped after the call.
 * ``lora_linear_multi``: rows grouped by adapter id with a counting sort in C++ (id -1 rows take
@@ -38,6 +39,7 @@ from vfm.ops.lora_reference import (
     adalora_forward_torch,
     dora_backward_torch,
     dora_forward_torch,
+    dora_magnitude_grad_from_output,
     lora_multi_backward_torch,
     lora_multi_forward_torch,
 )
@@ -103,17 +105,21 @@ def dora_forward_cpp(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_
         return y, xa, wn
 
 
-def dora_backward_cpp(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, scale, dropout_p, seed, needs):
+def dora_backward_cpp(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, scale, dropout_p, seed, needs,
+                      y=None):
     if not native(x, lora_a, grad_y):
         return dora_backward_torch(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, scale, dropout_p, seed,
                                    needs)
     need_x, need_w, need_bias, need_a, need_b, need_m = needs
+    # y given (no bias, no dropout): grad_magnitude from the output, not from grad_y^T x (a GEMM)
+    gm = dora_magnitude_grad_from_output(grad_y, y, magnitude) if need_m and dropout_p <= 0.0 else None
+    need_pu = need_w or (need_m and gm is None)
     ops = torch.ops.vfm_C
     g = (magnitude / wn)[:, None]
     w_adapted = _adapted_weight(weight, lora_a, lora_b, scale)
     dropping = dropout_p > 0.0
-    u = ops.lora_dropout_apply(x, *drop_args(dropout_p, seed)) if dropping and (need_a or need_m or need_w) else x
-    gx = gw = ga = gm = None
+    u = ops.lora_dropout_apply(x, *drop_args(dropout_p, seed)) if dropping and (need_a or need_pu) else x
+    gx = gw = ga = None
     if need_x:
         if dropping:
             gx = torch.mm(grad_y, weight)
@@ -121,7 +127,7 @@ def dora_backward_cpp(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, scal
             gx.add_(ops.lora_dropout_apply(low, *drop_args(dropout_p, seed)))
         else:
             gx = torch.mm(grad_y, w_adapted * g)
-    p_u = torch.mm(grad_y.t(), u) if (need_w or need_m) else None  # grad_y^T D(x), (out, in)
+    p_u = torch.mm(grad_y.t(), u) if need_pu else None  # grad_y^T D(x), (out, in)
     if need_w:
         gw = p_u * g if not dropping else torch.mm(grad_y.t(), x).add_(p_u * (g - 1))
     gbias = grad_y.sum(0) if need_bias else None
@@ -129,7 +135,7 @@ def dora_backward_cpp(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, scal
         gxa = torch.mm(grad_y, lora_b * g).mul_(scale)
         ga = torch.mm(gxa.t(), u)
     gb = torch.mm(grad_y.t(), xa).mul_(g * scale) if need_b else None
-    if need_m:
+    if need_m and gm is None:
         gm = (w_adapted * p_u).sum(1).div_(wn)
     return gx, gw, gbias, ga, gb, gm
 

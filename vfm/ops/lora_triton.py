@@ -51,6 +51,7 @@ from vfm.ops.lora_reference import (
     adalora_backward_torch,
     adalora_forward_torch,
     dora_backward_torch,
+    dora_magnitude_grad_from_output,
     dora_forward_torch,
     dora_weight_norm,
     lora_backward_torch,
@@ -239,16 +240,20 @@ def dora_forward_triton(x, weight, bias, lora_a, lora_b, magnitude, scale, dropo
     return y, xa, wn
 
 
-def dora_backward_triton(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, scale, dropout_p, seed, needs):
+def dora_backward_triton(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, scale, dropout_p, seed, needs,
+                         y=None):
     if lora_a.dtype not in KERNEL_DTYPES:
         return dora_backward_torch(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, scale, dropout_p, seed,
                                    needs)
     need_x, need_w, need_bias, need_a, need_b, need_m = needs
+    # y given (no bias, no dropout): grad_magnitude from the output (one host sync for the
+    # magnitude == 0 check), not from the extra GEMM x W^T below
+    gm = dora_magnitude_grad_from_output(grad_y, y, magnitude) if need_m and dropout_p <= 0.0 else None
     k = _k()
     drop = k.dropout_args(dropout_p, seed)
     adt = lora_a.dtype
     g = magnitude / wn
-    u = k.dropout_apply(x, adt, drop) if drop.active and (need_a or need_m or need_w) else None
+    u = k.dropout_apply(x, adt, drop) if drop.active and (need_a or (need_m and gm is None) or need_w) else None
     gxa = _grad_low(grad_y, lora_b * g[:, None], scale) if (need_x or need_a) else None  # scale * (gy*g) B
     gx = gw = None
     if drop.active:
@@ -267,8 +272,7 @@ def dora_backward_triton(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, s
     gbias = grad_y.sum(0) if need_bias else None
     ga = _grad_a(gxa, x, drop) if need_a else None
     gb = _grad_b(grad_y, xa, scale).mul_(g[:, None]) if need_b else None
-    gm = None
-    if need_m:  # the extra GEMM u W^T; the low-rank term and the column sums are fused in one kernel
+    if need_m and gm is None:  # the extra GEMM u W^T; the low-rank term and the column sums are fused in one kernel
         h = F.linear(u if u is not None else x.to(adt), weight.to(adt))
         gm = _kd().dora_magnitude_grad(grad_y, h, xa, lora_b, scale, wn)
     return gx, gw, gbias, ga, gb, gm
