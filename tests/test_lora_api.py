@@ -141,9 +141,9 @@ def test_calls_without_autograd_skip_the_function_and_match_the_formula(kind, ba
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("case", ["plain", "zero_magnitude", "output_changed_in_place", "bias", "dropout"])
 def test_dora_magnitude_gradient_from_the_output(backend, case, monkeypatch):
-    """Without bias and dropout, grad_magnitude comes from DoRA's output (no GEMM); a zero magnitude,
-    an output changed in place after the forward, a bias or dropout take the GEMM formula.  Every
-    gradient is compared with the torch reference backend in float64."""
+    """Without dropout, grad_magnitude comes from DoRA's output (no GEMM), minus the bias's share; a
+    zero magnitude, an output changed in place after the forward or dropout take the GEMM formula.
+    Every gradient is compared with the torch reference backend (float64; the interpreter: float32)."""
     import vfm
     from vfm.ops import lora_cpp_variants, lora_triton
     if backend not in vfm.available_backends("dora_linear", "cpu"):
@@ -175,14 +175,28 @@ def test_dora_magnitude_gradient_from_the_output(backend, case, monkeypatch):
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
     for label, got, want in zip(["y"] + names, results[backend], results["torch"]):
         torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{case} {label}: {m}")
-    if case in ("bias", "dropout"):
-        assert not any(used), "grad_magnitude from the output with a bias or dropout"
+    if case == "dropout":
+        assert not any(used), "grad_magnitude from the output with dropout"
     else:
-        assert used == [case == "plain" or case == "zero_magnitude"], used
+        assert used == [case != "output_changed_in_place"], used
     if case == "plain":
         assert original(grad_y.reshape(-1, 11), results[backend][0].reshape(-1, 11), t["m"].detach()) is not None
     if case == "zero_magnitude":
         assert original(grad_y.reshape(-1, 11), results[backend][0].reshape(-1, 11), t["m"].detach()) is None
+
+
+def test_dora_magnitude_gradient_from_the_output_refuses_a_16_bit_output_with_a_bias():
+    from vfm.ops.lora_reference import dora_magnitude_grad_from_output
+    g = torch.Generator().manual_seed(0)
+    gy, y = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    m, b = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
+    want = (gy * (y - b)).sum(0) / m
+    torch.testing.assert_close(dora_magnitude_grad_from_output(gy, y, m, b), want)
+    torch.testing.assert_close(dora_magnitude_grad_from_output(gy, y, m), (gy * y).sum(0) / m)
+    bf = torch.bfloat16
+    assert dora_magnitude_grad_from_output(gy.to(bf), y.to(bf), m.to(bf), b.to(bf)) is None
+    assert dora_magnitude_grad_from_output(gy.to(bf), y.to(bf), m.to(bf)) is not None
+    assert dora_magnitude_grad_from_output(gy, y.double(), m) is None  # dtypes differ
 
 
 def test_forward_mode_ad_is_still_refused():

@@ -106,13 +106,13 @@ def dora_forward_cpp(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_
 
 
 def dora_backward_cpp(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, scale, dropout_p, seed, needs,
-                      y=None):
+                      y=None, bias=None):
     if not native(x, lora_a, grad_y):
         return dora_backward_torch(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, scale, dropout_p, seed,
                                    needs)
     need_x, need_w, need_bias, need_a, need_b, need_m = needs
-    # y given (no bias, no dropout): grad_magnitude from the output, not from grad_y^T x (a GEMM)
-    gm = dora_magnitude_grad_from_output(grad_y, y, magnitude) if need_m and dropout_p <= 0.0 else None
+    # y given (no dropout): grad_magnitude from the output, not from grad_y^T x (a GEMM)
+    gm = dora_magnitude_grad_from_output(grad_y, y, magnitude, bias) if need_m and dropout_p <= 0.0 else None
     need_pu = need_w or (need_m and gm is None)
     ops = torch.ops.vfm_C
     g = (magnitude / wn)[:, None]

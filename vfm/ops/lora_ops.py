@@ -179,40 +179,46 @@ def _(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed):
 def dora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
                             magnitude: Tensor, xa: Tensor, weight_norm: Tensor, scale: float, dropout_p: float,
                             seed: Tensor, needs: List[bool],
-                            y: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """y: the forward's output when there is no bias and no dropout (grad_magnitude from it), else None."""
+                            y: Optional[Tensor] = None,
+                            bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """y, bias: the forward's output and the base bias without dropout (grad_magnitude from them), else None."""
     grads = kernels(DORA, x).backward(grad_y, x, weight, lora_a, lora_b, magnitude, xa, weight_norm, scale,
-                                      dropout_p, seed, tuple(needs), y)
+                                      dropout_p, seed, tuple(needs), y, bias)
     return _empty_if_none(grads, x)
 
 
 @dora_linear_backward_op.register_fake
-def _(grad_y, x, weight, lora_a, lora_b, magnitude, xa, weight_norm, scale, dropout_p, seed, needs, y=None):
+def _(grad_y, x, weight, lora_a, lora_b, magnitude, xa, weight_norm, scale, dropout_p, seed, needs, y=None,
+      bias=None):
     return (_grad_like(needs[0], x, x), _grad_like(needs[1], x, weight),
             _grad_like(needs[2], x, grad_y, (grad_y.shape[1],)),
             _grad_like(needs[3], x, lora_a), _grad_like(needs[4], x, lora_b), _grad_like(needs[5], x, magnitude))
 
 
 def _dora_output_for_backward(bias, dropout_p, y):
-    """DoRA's output is what grad_magnitude is computed from when there is no bias and no dropout."""
-    return y if bias is None and dropout_p <= 0.0 else None
+    """DoRA's output is what grad_magnitude is computed from without dropout (with a bias, in 32- and
+    64-bit floats only: see dora_magnitude_grad_from_output)."""
+    if dropout_p > 0.0 or (bias is not None and y.dtype not in (torch.float32, torch.float64)):
+        return None
+    return y
 
 
 def _dora_setup(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed = inputs
     ctx.scale, ctx.dropout_p = scale, dropout_p
-    ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, output[1], output[2], seed,
-                          _dora_output_for_backward(bias, dropout_p, output[0]))
+    out = _dora_output_for_backward(bias, dropout_p, output[0])
+    ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, output[1], output[2], seed, out,
+                          bias if out is not None else None)
 
 
 def _dora_backward(ctx, grad_y, grad_xa, grad_wn):
-    x, weight, lora_a, lora_b, magnitude, xa, wn, seed, y = ctx.saved_tensors
+    x, weight, lora_a, lora_b, magnitude, xa, wn, seed, y, bias = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:6])
     if grad_y is None or not any(needs):
         return (None,) * 9
     _no_double_backward("dora_linear")
     grads = torch.ops.vfm.dora_linear_backward(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, ctx.scale,
-                                               ctx.dropout_p, seed, needs, y)
+                                               ctx.dropout_p, seed, needs, y, bias)
     return _none_if_unneeded(grads, needs) + (None,) * 3
 
 
@@ -228,11 +234,11 @@ class EagerDoRALinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed):
         y, xa, wn = kernels(DORA, x).forward(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed)
         ctx.scale, ctx.dropout_p = scale, dropout_p
-        ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, xa, wn, seed)
+        out = _dora_output_for_backward(bias, dropout_p, y)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, xa, wn, seed, bias if out is not None else None)
         # The output, for grad_magnitude: kept as a detached alias (it shares y's version counter)
         # rather than saved, so that an in-place change of y after the forward makes the backward
         # fall back to the formula without y instead of raising.
-        out = _dora_output_for_backward(bias, dropout_p, y)
         ctx.y, ctx.y_version = (None, 0) if out is None else (out.detach(), out._version)
         ctx.mark_non_differentiable(xa, wn)
         ctx.set_materialize_grads(False)
@@ -240,14 +246,14 @@ class EagerDoRALinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_xa, grad_wn):
-        x, weight, lora_a, lora_b, magnitude, xa, wn, seed = ctx.saved_tensors
+        x, weight, lora_a, lora_b, magnitude, xa, wn, seed, bias = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:6])
         if grad_y is None or not any(needs):
             return (None,) * 9
         _no_double_backward("dora_linear")
         y = ctx.y if ctx.y is not None and ctx.y._version == ctx.y_version else None
         grads = kernels(DORA, x).backward(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, ctx.scale,
-                                          ctx.dropout_p, seed, needs, y)
+                                          ctx.dropout_p, seed, needs, y, bias)
         return _none_if_unneeded(grads, needs) + (None,) * 3
 
 

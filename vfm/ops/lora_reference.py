@@ -281,27 +281,36 @@ def dora_forward_torch(x, weight, bias, lora_a, lora_b, magnitude, scale, dropou
     return _add_into(y, delta), xa, wn
 
 
-def dora_magnitude_grad_from_output(grad_y: Tensor, y: Optional[Tensor], magnitude: Tensor) -> Optional[Tensor]:
+def dora_magnitude_grad_from_output(grad_y: Tensor, y: Optional[Tensor], magnitude: Tensor,
+                                    bias: Optional[Tensor] = None) -> Optional[Tensor]:
     """grad_magnitude from DoRA's own output, without the (N, in) x (in, out) product, or None.
 
-    Without dropout and without a bias, y = g * (x W'^T) with g = magnitude / ||W'||, so
-    grad_magnitude = sum_i grad_y[i] * (x W'^T)[i] / ||W'|| = sum_i grad_y[i] * y[i] / magnitude:
-    the column sums of grad_y * y (products in y's dtype, sums in float32 at least).  None (the caller then
-    computes it the reference way) when y is not given, is in another dtype than the magnitude,
-    or some magnitude is exactly 0 (y carries no information about that column).
+    Without dropout, y = g * (x W'^T) + b with g = magnitude / ||W'||, so
+    grad_magnitude = sum_i grad_y[i] * (x W'^T)[i] / ||W'|| = sum_i grad_y[i] * (y[i] - b) / magnitude:
+    the column sums of grad_y * y minus b times those of grad_y (products in y's dtype, sums in
+    float32 at least).  None (the caller then computes it the reference way) when y is not given,
+    is in another dtype than the magnitude, some magnitude is exactly 0 (y carries no information
+    about that column), or there is a bias and y is a 16-bit float (y - b would cancel digits y
+    does not have when the bias dominates).
     """
     if y is None or y.dtype != magnitude.dtype or y.shape != grad_y.shape:
+        return None
+    if bias is not None and (y.dtype not in (torch.float32, torch.float64) or bias.shape != y.shape[1:]):
         return None
     if bool((magnitude == 0).any()):
         return None
     acc = torch.float32 if y.dtype in (torch.float16, torch.bfloat16) else y.dtype
-    return (grad_y.to(y.dtype) * y).sum(0, dtype=acc).div_(magnitude).to(magnitude.dtype)
+    gy = grad_y.to(y.dtype)
+    total = (gy * y).sum(0, dtype=acc)
+    if bias is not None:
+        total.sub_(gy.sum(0, dtype=acc) * bias.to(acc))
+    return total.div_(magnitude).to(magnitude.dtype)
 
 
 def dora_backward_torch(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, scale, dropout_p, seed, needs,
-                        y=None):
-    """The reference backward; ``y`` (DoRA's output, passed by the op when there is no bias and no
-    dropout) is not used here: the reference keeps the defining formula for every gradient."""
+                        y=None, bias=None):
+    """The reference backward; ``y`` and ``bias`` (DoRA's output and the base bias, passed by the op
+    without dropout) are not used here: the reference keeps the defining formula for every gradient."""
     need_x, need_w, need_bias, need_a, need_b, need_m = needs
     drop = _Dropout(seed, dropout_p, x)
     adt = lora_a.dtype

@@ -241,14 +241,14 @@ def dora_forward_triton(x, weight, bias, lora_a, lora_b, magnitude, scale, dropo
 
 
 def dora_backward_triton(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, scale, dropout_p, seed, needs,
-                         y=None):
+                         y=None, bias=None):
     if lora_a.dtype not in KERNEL_DTYPES:
         return dora_backward_torch(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, scale, dropout_p, seed,
                                    needs)
     need_x, need_w, need_bias, need_a, need_b, need_m = needs
-    # y given (no bias, no dropout): grad_magnitude from the output (one host sync for the
+    # y given (no dropout): grad_magnitude from the output (one host sync for the
     # magnitude == 0 check), not from the extra GEMM x W^T below
-    gm = dora_magnitude_grad_from_output(grad_y, y, magnitude) if need_m and dropout_p <= 0.0 else None
+    gm = dora_magnitude_grad_from_output(grad_y, y, magnitude, bias) if need_m and dropout_p <= 0.0 else None
     k = _k()
     drop = k.dropout_args(dropout_p, seed)
     adt = lora_a.dtype
