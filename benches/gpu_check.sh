@@ -7,7 +7,8 @@
 #   3. prints the knowledge cross-entropy table: vfm[triton] and vfm[cuda] beside torch eager,
 #      torch.compile and Liger-Kernel (carried as a wheel in .whl/ when the machine lacks it),
 #   4. times the LoRA layer (triton backend, then cuda) against PEFT's, then DoRA, torch.compile on
-#      PEFT and many adapters per batch against their targets (benches/bench_lora_variants.py),
+#      PEFT (not run here: minutes of compiling) and many adapters per batch against their targets
+#      (benches/bench_lora_variants.py),
 #   5. times the fused linear loss against eager, torch's linear_cross_entropy, Liger and
 #      Cut Cross-Entropy (wheels in .whl/).
 # Every stage writes under $OUT as it goes (default ./out), has its own time limit, and a failed
@@ -57,8 +58,8 @@ timeout 60 $PY -m pytest benches/bench_lora.py -q -p no:cacheprovider --benchmar
 VFM_BACKEND=cuda timeout 40 $PY -m pytest benches/bench_lora.py -q -p no:cacheprovider -k vfm \
   --benchmark-columns=median,min --benchmark-sort=name 2>&1 | tail -12 | tee "$OUT/bench_lora_cuda.txt"
 
-log "4b/5 LoRA variants: DoRA, torch.compile on PEFT, K = 4/16/64 adapters per batch (4096x4096, N=8192)"
-timeout 170 $PY benches/bench_lora_variants.py 10 2>&1 | tee "$OUT/bench_lora_variants.txt"
+log "4b/5 LoRA variants: DoRA and K = 4/16/64 adapters per batch (4096x4096, N=8192; torch.compile on PEFT: --cases compile)"
+timeout 100 $PY benches/bench_lora_variants.py 5 --cases dora,multi 2>&1 | tee "$OUT/bench_lora_variants.txt"
 
 log "5/5 fused linear knowledge CE (N=8192, H=4096, V=128256, bf16)"
 timeout 150 $PY benches/bench_fused_linear.py --device cuda --repeat 5 --json "$OUT/bench_fused_linear.json" 2>&1 \
