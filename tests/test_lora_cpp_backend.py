@@ -265,6 +265,55 @@ def test_grouped_kernels_against_plain_loops():
         torch.testing.assert_close(fused_ga[a], coef[rows].t() @ u[rows])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("n,c,o,r,k", [(19, 45, 37, 18, 3), (7, 16, 8, 4, 1), (1, 3, 2, 1, 2), (0, 5, 4, 2, 2)])
+def test_grouped_shrink_expand_against_plain_loops(dtype, p, with_bias, n, c, o, r, k):
+    """vfm_C::lora_shrink_expand_grouped: xa_i = D(x_i) A_k^T and y_i = b + alpha s_k xa_i B_k^T per row,
+    rows of id -1 get xa = 0 and y = b (or 0); the mask is the reference's dropout_keep_mask."""
+    g = torch.Generator().manual_seed(n + c + k)
+    x = torch.randn(n, c, generator=g, dtype=dtype)
+    a = torch.randn(k, r, c, generator=g, dtype=dtype)
+    b = torch.randn(k, o, r, generator=g, dtype=dtype)
+    bias = torch.randn(o, generator=g, dtype=dtype) if with_bias else None
+    ids = torch.randint(-1, k, (n,), generator=g)
+    if n > 1:
+        ids[0] = -1
+    sc = torch.rand(k, generator=g)
+    thr, ds = (dropout_threshold(p), 1.0 / (1.0 - p)) if p else (0, 1.0)
+    u = torch.where(dropout_keep_mask(13, n, c, p), x * ds, torch.zeros((), dtype=dtype)) if p else x
+    y, xa = torch.ops.vfm_C.lora_shrink_expand_grouped(x, a, b.transpose(1, 2), ids, sc, bias, 0.5, 13, thr, ds)
+    assert y.shape == (n, o) and xa.shape == (n, r)
+    tol = TOL_V[dtype]
+    for i in range(n):
+        j = int(ids[i])
+        base = bias if bias is not None else torch.zeros(o, dtype=dtype)
+        if j < 0:
+            assert torch.equal(xa[i], torch.zeros(r, dtype=dtype)) and torch.equal(y[i], base)
+            continue
+        want_xa = u[i].double() @ a[j].double().t()
+        torch.testing.assert_close(xa[i].double(), want_xa, **tol)
+        torch.testing.assert_close(y[i].double(), base.double() + 0.5 * float(sc[j]) * (want_xa @ b[j].double().t()),
+                                   **tol)
+
+
+def test_grouped_shrink_expand_bad_input_names_the_shapes():
+    ops = torch.ops.vfm_C
+    x, a, bt = torch.randn(4, 5), torch.randn(2, 3, 5), torch.randn(2, 3, 6)
+    ids = torch.tensor([0, 1, -1, 1])
+    with pytest.raises(RuntimeError, match="do not match"):
+        ops.lora_shrink_expand_grouped(x, a, torch.randn(3, 3, 6), ids, None, None, 1.0, 0, 0, 1.0)
+    with pytest.raises(RuntimeError, match="outside"):
+        ops.lora_shrink_expand_grouped(x, a, bt, torch.tensor([0, 2, 0, 0]), None, None, 1.0, 0, 0, 1.0)
+    with pytest.raises(RuntimeError, match="ids must have shape"):
+        ops.lora_shrink_expand_grouped(x, a, bt, ids[:3], None, None, 1.0, 0, 0, 1.0)
+    with pytest.raises(RuntimeError, match="dtypes differ"):
+        ops.lora_shrink_expand_grouped(x, a.double(), bt, ids, None, None, 1.0, 0, 0, 1.0)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.lora_shrink_expand_grouped(x, a, bt, ids, None, torch.randn(5), 1.0, 0, 0, 1.0)
+
+
 @pytest.mark.parametrize("op", ["dora_linear", "adalora_linear", "lora_linear_multi"])
 def test_registry_prefers_cpp_for_every_low_rank_op(op):
     assert vfm.available_backends(op, "cpu")[0] == "cpp"

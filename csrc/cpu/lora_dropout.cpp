@@ -17,6 +17,9 @@
 //     -> (y (N, O), xa (N, R)): lora_linear's whole rank-r forward for one adapter in one pass over
 //     src: xa = D?(src) a^T, y = bias + alpha * xa bt (fresh; the base GEMM accumulates onto it)
 // * lora_merge(weight (O, C), b (O, R), a (R, C), alpha) -> weight + alpha * b a (one pass over W)
+// * lora_shrink_expand_grouped(src (N, C), a (K, R, C), bt (K, R, O), ids (N,), scales?, bias?, alpha, seed,
+//     threshold, dscale) -> (y, xa): lora_linear_multi's rank-r forward in one pass over src (rows of
+//     id -1: xa = 0, y = bias or 0)
 //
 // D? is the contract's dropout when threshold > 0 (keep iff hash(seed, i * C + j) >= threshold,
 // kept values times dscale), the identity when threshold == 0; it applies to src (shrink,
@@ -92,6 +95,41 @@ VFM_ALWAYS_INLINE void expand_range(const Drop& d, T* out, int64_t ldo, const T*
   }
 }
 
+// Grouped rows (tiles of one adapter each): xa[i] = D?(src_i) A_k^T and y[i] = bias + alpha_k xa[i] B_k^T
+// stored from registers (lora_linear_multi's forward rank-r part; the base GEMM then accumulates).
+// mt: A_k^T packed (K, C, RP); bp: B_k^T packed (K, R, OP); ubuf: kMR * C scratch for D(src) rows.
+template <typename T>
+VFM_ALWAYS_INLINE void shrink_expand_range(const Drop& d, const T* src, int64_t ld, int64_t C, const T* mt,
+                                           int64_t RP, int64_t R, const T* bp, int64_t O, int64_t OP,
+                                           const T* bias, const Groups* g, const Tile* tiles, int64_t t0,
+                                           int64_t t1, const T* ks, T* xa, T* y, int64_t ldy, T* ubuf) {
+  const T ds = static_cast<T>(d.scale);
+  std::vector<T> cbuf(kMR * R);
+  const T* brows[kMR] = {bias, bias, bias, bias, bias, bias};
+  for (int64_t t = t0; t < t1; ++t) {
+    const Tile& tile = tiles[t];
+    const int n = static_cast<int>(tile.n);
+    const T* u[kMR];
+    T* o[kMR];
+    T* yo[kMR];
+    for (int m = 0; m < kMR; ++m) {
+      const int64_t i = g->row(tile.t0 + std::min(m, n - 1));
+      if (d.active && m < n) {
+        lora::drop_row<T>(d, static_cast<uint64_t>(i) * static_cast<uint64_t>(C), src + i * ld, ds, C, ubuf + m * C);
+        u[m] = ubuf + m * C;
+      } else {
+        u[m] = d.active ? u[0] : src + i * ld;
+      }
+      o[m] = xa + i * R;
+      yo[m] = y + i * ldy;
+    }
+    lora::shrink_tile<T>(u, n, mt + tile.k * C * RP, C, RP, R, T(1), o);
+    for (int m = 0; m < kMR; ++m) std::copy(o[m], o[m] + R, cbuf.data() + m * R);
+    lora::expand_store_tile<T>(cbuf.data(), R, n, bp + tile.k * R * OP, R, O, OP, ks[tile.k],
+                               bias != nullptr ? brows : nullptr, yo);
+  }
+}
+
 #define VFM_LORA_INSTANTIATE(T, SFX)                                                                               \
   VFM_LORA_CLONES void shrink_##SFX(const Drop& d, const T* src, int64_t ld, int64_t C, const T* mt, int64_t RP,   \
                                     int64_t R, const Groups* g, const Tile* tiles, int64_t t0, int64_t t1,        \
@@ -114,6 +152,18 @@ VFM_ALWAYS_INLINE void expand_range(const Drop& d, T* out, int64_t ldo, const T*
                                            const T* bias, T alpha, int64_t i0, int64_t i1, T* xa, T* y,           \
                                            int64_t ldy, T* ubuf) {                                                \
     lora::shrink_expand_rows<T>(d, src, ld, C, mt, RP, R, bp, O, OP, bias, alpha, i0, i1, xa, y, ldy, ubuf);       \
+  }                                                                                                                \
+  VFM_LORA_CLONES void shrink_expand_grouped_##SFX(const Drop& d, const T* src, int64_t ld, int64_t C, const T* mt,\
+                                                   int64_t RP, int64_t R, const T* bp, int64_t O, int64_t OP,     \
+                                                   const T* bias, const Groups* g, const Tile* tiles, int64_t t0, \
+                                                   int64_t t1, const T* ks, T* xa, T* y, int64_t ldy, T* ubuf) {  \
+    shrink_expand_range<T>(d, src, ld, C, mt, RP, R, bp, O, OP, bias, g, tiles, t0, t1, ks, xa, y, ldy, ubuf);     \
+  }                                                                                                                \
+  inline void shrink_expand_grouped_k(const Drop& d, const T* src, int64_t ld, int64_t C, const T* mt, int64_t RP, \
+                                      int64_t R, const T* bp, int64_t O, int64_t OP, const T* bias,                \
+                                      const Groups* g, const Tile* tiles, int64_t t0, int64_t t1, const T* ks,     \
+                                      T* xa, T* y, int64_t ldy, T* ubuf) {                                         \
+    shrink_expand_grouped_##SFX(d, src, ld, C, mt, RP, R, bp, O, OP, bias, g, tiles, t0, t1, ks, xa, y, ldy, ubuf); \
   }                                                                                                                \
   VFM_LORA_CLONES void merge_##SFX(const T* w, int64_t ldw, const T* b, const T* ap, int64_t R, int64_t C,         \
                                    int64_t CP, T alpha, int64_t i0, int64_t i1, T* out, int64_t ldo) {            \
@@ -261,6 +311,64 @@ std::tuple<at::Tensor, at::Tensor> lora_shrink_expand_cpu(const at::Tensor& src_
   return {y, xa};
 }
 
+// lora_linear_multi's forward rank-r part, one pass over x: rows grouped by adapter id (-1: none),
+// xa[i] = D?(x_i) A_k^T and y[i] = bias + alpha * scales[k] * xa[i] B_k^T (a fresh (N, O) tensor the
+// base GEMM then accumulates onto); rows with id -1 get xa = 0 and y = bias (or 0).
+std::tuple<at::Tensor, at::Tensor> lora_shrink_expand_grouped_cpu(const at::Tensor& src_in, const at::Tensor& a,
+                                                                  const at::Tensor& bt, const at::Tensor& ids,
+                                                                  const c10::optional<at::Tensor>& scales,
+                                                                  const c10::optional<at::Tensor>& bias, double alpha,
+                                                                  int64_t seed, int64_t threshold, double dscale) {
+  check_2d(src_in, "lora_shrink_expand_grouped", "src");
+  TORCH_CHECK(a.device().is_cpu() && bt.device().is_cpu() && a.dim() == 3 && bt.dim() == 3,
+              "lora_shrink_expand_grouped: a and bt must be (K, R, C) and (K, R, O) CPU tensors, got ", a.sizes(),
+              " and ", bt.sizes());
+  TORCH_CHECK(a.scalar_type() == src_in.scalar_type() && bt.scalar_type() == src_in.scalar_type(),
+              "lora_shrink_expand_grouped: src, a and bt dtypes differ");
+  const int64_t N = src_in.size(0), C = src_in.size(1), K = a.size(0), R = a.size(1), O = bt.size(2);
+  TORCH_CHECK(a.size(2) == C && bt.size(0) == K && bt.size(1) == R, "lora_shrink_expand_grouped: shapes src ",
+              src_in.sizes(), ", a ", a.sizes(), ", bt ", bt.sizes(), " do not match");
+  at::Tensor b;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == O &&
+                    bias->scalar_type() == src_in.scalar_type(),
+                "lora_shrink_expand_grouped: bias must be a CPU tensor of shape (", O, ") and src's dtype, got ",
+                bias->sizes(), " ", bias->scalar_type());
+    b = bias->contiguous();
+  }
+  const at::Tensor src = unit_col(src_in);
+  const Groups g = group_rows(ids, N, K);  // checks ids: shape (N,), values in [-1, K)
+  at::Tensor xa = at::empty({N, R}, src.options()), y = at::empty({N, O}, src.options());
+  if (N == 0) return {y, xa};
+  const int64_t covered = g.start[K];
+  if (covered < N || R == 0 || C == 0 || O == 0) {  // rows of no adapter (or nothing to add): bias / 0 first
+    xa.zero_();
+    if (b.defined()) y.copy_(b.expand({N, O})); else y.zero_();
+  }
+  if (covered == 0 || R == 0 || C == 0 || O == 0) return {y, xa};
+  const std::vector<Tile> tiles = row_tiles(g);
+  const Drop d = make_drop(seed, threshold, dscale);
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "lora_shrink_expand_grouped", [&] {
+    constexpr int64_t L = lora::Vec<scalar_t>::L;
+    const int64_t RP = round_up(R, L), OP = round_up(O, L);
+    const at::Tensor mt = pack_padded<scalar_t>(a.transpose(1, 2), RP);  // A_k^T packed, zero padded
+    const at::Tensor bp = pack_padded<scalar_t>(bt, OP);                 // B_k^T packed, zero padded
+    const std::vector<scalar_t> ks = adapter_scales<scalar_t>(scales, K, alpha);
+    const scalar_t* sp = src.data_ptr<scalar_t>();
+    const scalar_t* bb = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+    scalar_t* xp = xa.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const int64_t ld = row_stride(src);
+    at::parallel_for(0, static_cast<int64_t>(tiles.size()), grain_rows(kMR * (C * RP + R * OP) / 8),
+                     [&](int64_t t0, int64_t t1) {
+      std::vector<scalar_t> ubuf(d.active ? kMR * C : 0);
+      shrink_expand_grouped_k(d, sp, ld, C, mt.data_ptr<scalar_t>(), RP, R, bp.data_ptr<scalar_t>(), O, OP, bb, &g,
+                              tiles.data(), t0, t1, ks.data(), xp, yp, O, ubuf.data());
+    });
+  });
+  return {y, xa};
+}
+
 // W + alpha * B A (out, in): the merged weight of a call without dropout, in one pass over W.
 at::Tensor lora_merge_cpu(const at::Tensor& weight, const at::Tensor& b_in, const at::Tensor& a, double alpha) {
   check_2d(weight, "lora_merge", "weight");
@@ -325,11 +433,14 @@ TORCH_LIBRARY_FRAGMENT(vfm_C, m) {
   m.def("lora_shrink_expand(Tensor src, Tensor a, Tensor bt, Tensor? bias, float alpha, int seed, int threshold, "
         "float dscale) -> (Tensor, Tensor)");
   m.def("lora_merge(Tensor weight, Tensor b, Tensor a, float alpha) -> Tensor");
+  m.def("lora_shrink_expand_grouped(Tensor src, Tensor a, Tensor bt, Tensor ids, Tensor? scales, Tensor? bias, "
+        "float alpha, int seed, int threshold, float dscale) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vfm_C, CPU, m) {
   m.impl("lora_shrink_expand", &vfm_cpu::lora_shrink_expand_cpu);
   m.impl("lora_merge", &vfm_cpu::lora_merge_cpu);
+  m.impl("lora_shrink_expand_grouped", &vfm_cpu::lora_shrink_expand_grouped_cpu);
   m.impl("lora_dropout_xa", &vfm_cpu::lora_dropout_xa_cpu);
   m.impl("lora_dropout_dx_", &vfm_cpu::lora_dropout_dx_cpu);
   m.impl("lora_shrink", &vfm_cpu::lora_shrink_cpu);

@@ -39,7 +39,7 @@ from vfm import _registry
 from vfm.ops.lora_reference import LowRankKernels, dropout_threshold, lora_backward_torch, lora_forward_torch
 
 _OPS = ("lora_shrink", "lora_expand_", "lora_reduce", "lora_dx_ga_", "lora_dropout_apply", "lora_shrink_reduce",
-        "lora_shrink_expand", "lora_expand_reduce", "lora_merge")
+        "lora_shrink_expand", "lora_expand_reduce", "lora_merge", "lora_shrink_expand_grouped")
 KERNEL_DTYPES = (torch.float32, torch.float64)
 _STATUS: Optional[Tuple[bool, str]] = None
 

@@ -18,7 +18,9 @@ C++ kernels of ``csrc/cpu/lora_dropout.cpp`` (mask regenerated from (seed, offse
   the extra base pass (as the reference does) and dropped after the call.
 * ``lora_linear_multi``: rows grouped by adapter id with a counting sort in C++ (id -1 rows take
   no adapter), register-tiled loops per adapter segment, OpenMP over row tiles and over
-  (adapter, column panel) tasks; no Python loop over rows or adapters.
+  (adapter, column panel) tasks; no Python loop over rows or adapters.  The forward's rank-r part
+  is one pass over x (``lora_shrink_expand_grouped``: y stored from registers, then the base GEMM
+  accumulates onto it).
 
 Calls the kernels do not take (x not float32 / float64, adapters in another dtype than x) run the
 reference implementation, as in :mod:`vfm.ops.lora_cpp`.
@@ -144,10 +146,11 @@ def dora_backward_cpp(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, scal
 def lora_multi_forward_cpp(x, weight, bias, a_stack, b_stack, scalings, adapter_ids, dropout_p, seed):
     if not native(x, a_stack):
         return lora_multi_forward_torch(x, weight, bias, a_stack, b_stack, scalings, adapter_ids, dropout_p, seed)
-    ops = torch.ops.vfm_C
-    xa = ops.lora_shrink(x, a_stack, adapter_ids, None, 1.0, *drop_args(dropout_p, seed))
-    y = F.linear(x, weight, bias)
-    ops.lora_expand_(y, xa, b_stack.transpose(1, 2), adapter_ids, scalings, 1.0, 0, 0, 1.0)
+    # the rank-r part in one pass over x (rows grouped by adapter, y stored from registers), then the
+    # base GEMM accumulates onto y (no read-modify-write pass over y)
+    y, xa = torch.ops.vfm_C.lora_shrink_expand_grouped(x, a_stack, b_stack.transpose(1, 2), adapter_ids, scalings,
+                                                       bias, 1.0, *drop_args(dropout_p, seed))
+    y.addmm_(x, weight.t())
     return y, xa
 
 
