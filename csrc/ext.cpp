@@ -60,8 +60,9 @@ TORCH_LIBRARY(vfm_C, m) {
       "int threshold, float dscale) -> Tensor");
   // D(x) as a new contiguous tensor.
   m.def("lora_dropout_apply(Tensor x, int seed, int threshold, float dscale) -> Tensor");
-  // Backward with dropout, fused: dx (N, C) += D(coef_i M_k) in place; returns (K, R, C) (or (R, C)
-  // without ids) = sum_{i in adapter k} coef_i^T D(src_i).  Each mask element is hashed once.
+  // Backward pair fused: dx (N, C) += D(coef_i M_k) in place; returns (K, R, C) (or (R, C) without
+  // ids) = sum_{i in adapter k} coef_i^T D(src_i).  Each mask element is hashed once; threshold 0:
+  // no dropout.
   m.def(
       "lora_dx_ga_(Tensor(a!) dx, Tensor coef, Tensor mats, Tensor src, Tensor? ids, int seed, int threshold, "
       "float dscale) -> Tensor");

@@ -265,6 +265,32 @@ def test_grouped_kernels_against_plain_loops():
         torch.testing.assert_close(fused_ga[a], coef[rows].t() @ u[rows])
 
 
+@pytest.mark.parametrize("grouped", [True, False])
+def test_fused_dx_ga_without_dropout_equals_expand_and_reduce(grouped):
+    """lora_dx_ga_ with threshold 0 (the multi-adapter backward without dropout): dx += coef_i M_k and
+    sum_i coef_i^T src_i, exactly as lora_expand_ and lora_reduce compute them."""
+    g = torch.Generator().manual_seed(8)
+    n, c, r, k = 29, 37, 5, (3 if grouped else 1)
+    x = torch.randn(n, c, generator=g, dtype=torch.float64)
+    mats = torch.randn(k, r, c, generator=g, dtype=torch.float64)
+    coef = torch.randn(n, r, generator=g, dtype=torch.float64)
+    ids = torch.randint(-1, k, (n,), generator=g) if grouped else None
+    m = mats if grouped else mats[0]
+    acc = torch.randn(n, c, generator=g, dtype=torch.float64)
+    ops = torch.ops.vfm_C
+    fused_dx = acc.clone()
+    fused_ga = ops.lora_dx_ga_(fused_dx, coef, m, x, ids, 0, 0, 1.0)
+    dx = acc.clone()
+    ops.lora_expand_(dx, coef, m, ids, None, 1.0, 0, 0, 1.0)
+    ga = ops.lora_reduce(coef, x, k, ids, None, 1.0, 0, 0, 1.0)
+    torch.testing.assert_close(fused_dx, dx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused_ga, ga, rtol=1e-12, atol=1e-12)
+    if grouped:  # and against the plain sums
+        for a in range(k):
+            rows = ids == a
+            torch.testing.assert_close(fused_ga[a], coef[rows].t() @ x[rows])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("p", [0.0, 0.25])
 @pytest.mark.parametrize("with_bias", [False, True])

@@ -108,7 +108,10 @@ VFM_ALWAYS_INLINE void dx_ga_range(const Drop& d, T* dx, int64_t ldd, const T* c
           const T* x = src + i * ld + c0;
           const uint64_t base = static_cast<uint64_t>(i) * static_cast<uint64_t>(C) + c0;
           const uint64_t end = base + static_cast<uint64_t>(w);
-          if ((base >> 32) == ((end - 1) >> 32)) {
+          if (!d.active) {  // no dropout: every element kept, nothing to hash
+            std::copy(x, x + w, um);
+            std::fill(km, km + w, T(1));
+          } else if ((base >> 32) == ((end - 1) >> 32)) {
             const uint32_t hi_mix = d.k1 ^ (static_cast<uint32_t>(base >> 32) * 0x9E3779B9u);
             const uint32_t lo0 = static_cast<uint32_t>(base), k0 = d.k0, thr = d.thr;
 #pragma omp simd
@@ -314,8 +317,7 @@ at::Tensor lora_dx_ga_cpu(at::Tensor dx, const at::Tensor& coef_in, const at::Te
                   src_in.size(1) == C,
               "lora_dx_ga_: shapes dx ", dx.sizes(), ", coef ", coef_in.sizes(), ", mats ", mats_in.sizes(), ", src ",
               src_in.sizes(), " do not match");
-  const Drop d = make_drop(seed, threshold, dscale);
-  TORCH_CHECK(d.active, "lora_dx_ga_: needs dropout (threshold > 0); use lora_expand_ and lora_reduce without it");
+  const Drop d = make_drop(seed, threshold, dscale);  // threshold 0: no dropout (one pass all the same)
   if (!ids.has_value() && N > 0 && C > 0 && R > 0) {  // one adapter: row chunks, one partial sum each
     TORCH_CHECK(K == 1, "lora_dx_ga_: without adapter ids there must be one adapter, got K = ", K);
     const at::Tensor src = unit_col(src_in);

@@ -10,8 +10,8 @@
 // * lora_reduce(coef (N, R), src (N, C), K, ids?, scales?, alpha, ...) -> (K, R, C) (or (R, C)
 //     without ids): res[k] = alpha * scales[k] * sum_{i: ids[i] = k} coef_i^T D?(src_i)
 // * lora_dx_ga_(dx (N, C), coef (N, R), mats, src (N, C), ids?, seed, threshold, dscale) -> (K, R, C):
-//     the backward pair with dropout fused (each mask element hashed once): dx[i] += D(coef_i M_k)
-//     in place, and returns sum_{i in k} coef_i^T D(src_i)
+//     the backward pair fused (each mask element hashed once; threshold 0: no dropout):
+//     dx[i] += D(coef_i M_k) in place, and returns sum_{i in k} coef_i^T D(src_i)
 // * lora_dropout_apply(x, seed, threshold, dscale) -> D(x) (a new contiguous tensor)
 // * lora_shrink_expand(src (N, C), a (R, C), bt (R, O), bias?, alpha, seed, threshold, dscale)
 //     -> (y (N, O), xa (N, R)): lora_linear's whole rank-r forward for one adapter in one pass over

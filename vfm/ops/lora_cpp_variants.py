@@ -168,7 +168,7 @@ def lora_multi_backward_cpp(grad_y, x, weight, a_stack, b_stack, scalings, adapt
     gx = ga = None
     if need_x:
         gx = torch.mm(grad_y, weight)
-    if need_x and need_a and dropout_p > 0.0:  # one pass, each mask element hashed once
+    if need_x and need_a:  # one pass over x and grad_x (each mask element hashed once)
         ga = ops.lora_dx_ga_(gx, gxa, a_stack, x, adapter_ids, *drop)
     else:
         if need_x:
