@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 import vfm
 import vfm.peft
+from bench_lora import _One  # the one-layer model of the LoRA bench (benches/ is on sys.path)
 from vfm.functional import lora_linear_multi
 
 peft = pytest.importorskip("peft")
@@ -54,15 +55,6 @@ for _k, _t, _loop, _bmm in zip(KS, ("<= +20%", "<= +25%", "<= +35%"), ("+97%", "
     TARGETS[(f"multi K={_k}", "vfm")] = _t
     TARGETS[(f"multi K={_k}", "torch loop")] = _loop + " measured"
     TARGETS[(f"multi K={_k}", "torch gathered")] = _bmm + " measured"
-
-
-class _One(torch.nn.Module):
-    def __init__(self, d_in, d_out):
-        super().__init__()
-        self.proj = torch.nn.Linear(d_in, d_out, bias=False)
-
-    def forward(self, x):
-        return self.proj(x)
 
 
 def _inputs(d_in, d_out, n_rows):

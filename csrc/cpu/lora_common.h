@@ -129,6 +129,16 @@ at::Tensor pack_padded(const at::Tensor& src, int64_t ld) {
   return out;
 }
 
+// The optional (O,) bias of a forward op, contiguous (undefined when absent), checked against src.
+inline at::Tensor checked_bias(const c10::optional<at::Tensor>& bias, int64_t O, const at::Tensor& src, const char* op) {
+  if (!bias.has_value()) return at::Tensor();
+  TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == O &&
+                  bias->scalar_type() == src.scalar_type(),
+              op, ": bias must be a CPU tensor of shape (", O, ") and src's dtype, got ", bias->sizes(), " ",
+              bias->scalar_type());
+  return bias->contiguous();
+}
+
 inline at::Tensor unit_col(const at::Tensor& x) { return x.stride(1) == 1 || x.size(1) <= 1 ? x : x.contiguous(); }
 inline int64_t row_stride(const at::Tensor& x) { return x.size(0) > 1 ? x.stride(0) : x.size(1); }
 

@@ -103,30 +103,15 @@ VFM_ALWAYS_INLINE void shrink_expand_range(const Drop& d, const T* src, int64_t 
                                            int64_t RP, int64_t R, const T* bp, int64_t O, int64_t OP,
                                            const T* bias, const Groups* g, const Tile* tiles, int64_t t0,
                                            int64_t t1, const T* ks, T* xa, T* y, int64_t ldy, T* ubuf) {
-  const T ds = static_cast<T>(d.scale);
   std::vector<T> cbuf(kMR * R);
   const T* brows[kMR] = {bias, bias, bias, bias, bias, bias};
+  int64_t rows[kMR];
   for (int64_t t = t0; t < t1; ++t) {
     const Tile& tile = tiles[t];
     const int n = static_cast<int>(tile.n);
-    const T* u[kMR];
-    T* o[kMR];
-    T* yo[kMR];
-    for (int m = 0; m < kMR; ++m) {
-      const int64_t i = g->row(tile.t0 + std::min(m, n - 1));
-      if (d.active && m < n) {
-        lora::drop_row<T>(d, static_cast<uint64_t>(i) * static_cast<uint64_t>(C), src + i * ld, ds, C, ubuf + m * C);
-        u[m] = ubuf + m * C;
-      } else {
-        u[m] = d.active ? u[0] : src + i * ld;
-      }
-      o[m] = xa + i * R;
-      yo[m] = y + i * ldy;
-    }
-    lora::shrink_tile<T>(u, n, mt + tile.k * C * RP, C, RP, R, T(1), o);
-    for (int m = 0; m < kMR; ++m) std::copy(o[m], o[m] + R, cbuf.data() + m * R);
-    lora::expand_store_tile<T>(cbuf.data(), R, n, bp + tile.k * R * OP, R, O, OP, ks[tile.k],
-                               bias != nullptr ? brows : nullptr, yo);
+    for (int m = 0; m < kMR; ++m) rows[m] = g->row(tile.t0 + std::min(m, n - 1));
+    lora::shrink_expand_tile<T>(d, src, ld, C, mt + tile.k * C * RP, RP, R, bp + tile.k * R * OP, O, OP,
+                                bias != nullptr ? brows : nullptr, ks[tile.k], rows, n, xa, y, ldy, ubuf, cbuf.data());
   }
 }
 
@@ -271,14 +256,7 @@ std::tuple<at::Tensor, at::Tensor> lora_shrink_expand_cpu(const at::Tensor& src_
   const int64_t N = src_in.size(0), C = src_in.size(1), R = a.size(0), O = bt.size(1);
   TORCH_CHECK(a.size(1) == C && bt.size(0) == R, "lora_shrink_expand: shapes src ", src_in.sizes(), ", a ", a.sizes(),
               ", bt ", bt.sizes(), " do not match");
-  at::Tensor b;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == O &&
-                    bias->scalar_type() == src_in.scalar_type(),
-                "lora_shrink_expand: bias must be a CPU tensor of shape (", O, ") and src's dtype, got ",
-                bias->sizes(), " ", bias->scalar_type());
-    b = bias->contiguous();
-  }
+  const at::Tensor b = checked_bias(bias, O, src_in, "lora_shrink_expand");
   const at::Tensor src = unit_col(src_in);
   at::Tensor xa = at::empty({N, R}, src.options()), y = at::empty({N, O}, src.options());
   if (N == 0) return {y, xa};
@@ -328,14 +306,7 @@ std::tuple<at::Tensor, at::Tensor> lora_shrink_expand_grouped_cpu(const at::Tens
   const int64_t N = src_in.size(0), C = src_in.size(1), K = a.size(0), R = a.size(1), O = bt.size(2);
   TORCH_CHECK(a.size(2) == C && bt.size(0) == K && bt.size(1) == R, "lora_shrink_expand_grouped: shapes src ",
               src_in.sizes(), ", a ", a.sizes(), ", bt ", bt.sizes(), " do not match");
-  at::Tensor b;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == O &&
-                    bias->scalar_type() == src_in.scalar_type(),
-                "lora_shrink_expand_grouped: bias must be a CPU tensor of shape (", O, ") and src's dtype, got ",
-                bias->sizes(), " ", bias->scalar_type());
-    b = bias->contiguous();
-  }
+  const at::Tensor b = checked_bias(bias, O, src_in, "lora_shrink_expand_grouped");
   const at::Tensor src = unit_col(src_in);
   const Groups g = group_rows(ids, N, K);  // checks ids: shape (N,), values in [-1, K)
   at::Tensor xa = at::empty({N, R}, src.options()), y = at::empty({N, O}, src.options());

@@ -93,32 +93,49 @@ VFM_ALWAYS_INLINE void dx_ga_rows(const Drop& d, T* dx, int64_t ldd, const T* co
 // rows; mt: A^T packed (C, RP)) and y[i] = bias + alpha * xa_i B^T stored from the registers while
 // the tile's xa rows are in L1 (bp: B^T packed (R, OP)), so that the base GEMM can accumulate onto
 // y afterwards; ubuf: kMR * C scratch for the dropped rows.
+// One tile of up to kMR rows (indices rows[0..kMR), the last real row repeated past n):
+// xa rows = D?(src) A^T, then y rows = bias + alpha * xa B^T stored from registers while the
+// tile's xa rows are in L1.  brows: kMR pointers to the bias (or nullptr); ubuf: kMR * C scratch
+// for D(src) rows; cbuf: kMR * R scratch.
+template <typename T>
+VFM_ALWAYS_INLINE void shrink_expand_tile(const Drop& d, const T* src, int64_t ld, int64_t C, const T* mt,
+                                          int64_t RP, int64_t R, const T* bp, int64_t O, int64_t OP,
+                                          const T* const* brows, T alpha, const int64_t* rows, int n, T* xa, T* y,
+                                          int64_t ldy, T* ubuf, T* cbuf) {
+  const T ds = static_cast<T>(d.scale);
+  const T* u[kMR];
+  T* o[kMR];
+  T* yo[kMR];
+  for (int m = 0; m < kMR; ++m) {
+    const int64_t i = rows[m];
+    if (d.active && m < n) {
+      lora::drop_row<T>(d, static_cast<uint64_t>(i) * static_cast<uint64_t>(C), src + i * ld, ds, C, ubuf + m * C);
+      u[m] = ubuf + m * C;
+    } else {
+      u[m] = d.active ? u[0] : src + i * ld;
+    }
+    o[m] = xa + i * R;
+    yo[m] = y + i * ldy;
+  }
+  lora::shrink_tile<T>(u, n, mt, C, RP, R, T(1), o);
+  for (int m = 0; m < kMR; ++m) std::copy(o[m], o[m] + R, cbuf + m * R);
+  lora::expand_store_tile<T>(cbuf, R, n, bp, R, O, OP, alpha, brows, yo);
+}
+
+// Rows [i0, i1) of lora_linear's forward rank-r part (one adapter): shrink_expand_tile over tiles
+// of kMR consecutive rows.
 template <typename T>
 VFM_ALWAYS_INLINE void shrink_expand_rows(const Drop& d, const T* src, int64_t ld, int64_t C, const T* mt,
                                           int64_t RP, int64_t R, const T* bp, int64_t O, int64_t OP, const T* bias,
                                           T alpha, int64_t i0, int64_t i1, T* xa, T* y, int64_t ldy, T* ubuf) {
-  const T ds = static_cast<T>(d.scale);
-  std::vector<T> cbuf(kMR * R);  // the tile's xa rows, the last one repeated past the range's end
+  std::vector<T> cbuf(kMR * R);
   const T* brows[kMR] = {bias, bias, bias, bias, bias, bias};
+  int64_t rows[kMR];
   for (int64_t t = i0; t < i1; t += kMR) {
     const int n = static_cast<int>(std::min<int64_t>(kMR, i1 - t));
-    const T* u[kMR];
-    T* o[kMR];
-    T* yo[kMR];
-    for (int m = 0; m < kMR; ++m) {
-      const int64_t i = t + std::min(m, n - 1);
-      if (d.active && m < n) {
-        lora::drop_row<T>(d, static_cast<uint64_t>(i) * static_cast<uint64_t>(C), src + i * ld, ds, C, ubuf + m * C);
-        u[m] = ubuf + m * C;
-      } else {
-        u[m] = d.active ? u[0] : src + i * ld;
-      }
-      o[m] = xa + i * R;
-      yo[m] = y + i * ldy;
-    }
-    lora::shrink_tile<T>(u, n, mt, C, RP, R, T(1), o);
-    for (int m = 0; m < kMR; ++m) std::copy(o[m], o[m] + R, cbuf.data() + m * R);
-    lora::expand_store_tile<T>(cbuf.data(), R, n, bp, R, O, OP, alpha, bias != nullptr ? brows : nullptr, yo);
+    for (int m = 0; m < kMR; ++m) rows[m] = t + std::min(m, n - 1);
+    shrink_expand_tile<T>(d, src, ld, C, mt, RP, R, bp, O, OP, bias != nullptr ? brows : nullptr, alpha, rows, n, xa,
+                          y, ldy, ubuf, cbuf.data());
   }
 }
 
