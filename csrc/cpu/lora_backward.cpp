@@ -368,11 +368,7 @@ at::Tensor lora_dx_ga_cpu(at::Tensor dx, const at::Tensor& coef_in, const at::Te
 std::tuple<at::Tensor, at::Tensor> lora_expand_reduce_cpu(const at::Tensor& coef_in, const at::Tensor& mats,
                                                           const at::Tensor& src_in, int64_t seed, int64_t threshold,
                                                           double dscale) {
-  check_2d(coef_in, "lora_expand_reduce", "coef");
-  check_2d(mats, "lora_expand_reduce", "mats");
-  check_2d(src_in, "lora_expand_reduce", "src");
-  TORCH_CHECK(coef_in.scalar_type() == src_in.scalar_type() && mats.scalar_type() == src_in.scalar_type(),
-              "lora_expand_reduce: coef, mats and src dtypes differ");
+  check_2d_same("lora_expand_reduce", coef_in, "coef", mats, "mats", src_in, "src");
   const int64_t N = src_in.size(0), C = src_in.size(1), R = mats.size(0);
   TORCH_CHECK(mats.size(1) == C && coef_in.size(0) == N && coef_in.size(1) == R, "lora_expand_reduce: shapes coef ",
               coef_in.sizes(), ", mats ", mats.sizes(), ", src ", src_in.sizes(), " do not match");
@@ -398,11 +394,7 @@ std::tuple<at::Tensor, at::Tensor> lora_expand_reduce_cpu(const at::Tensor& coef
 
 std::tuple<at::Tensor, at::Tensor> lora_shrink_reduce_cpu(const at::Tensor& src_in, const at::Tensor& mats,
                                                           const at::Tensor& coef_in, double alpha) {
-  check_2d(src_in, "lora_shrink_reduce", "src");
-  check_2d(mats, "lora_shrink_reduce", "mats");
-  check_2d(coef_in, "lora_shrink_reduce", "coef");
-  TORCH_CHECK(mats.scalar_type() == src_in.scalar_type() && coef_in.scalar_type() == src_in.scalar_type(),
-              "lora_shrink_reduce: src, mats and coef dtypes differ");
+  check_2d_same("lora_shrink_reduce", src_in, "src", mats, "mats", coef_in, "coef");
   const int64_t N = src_in.size(0), C = src_in.size(1), R = mats.size(0);
   TORCH_CHECK(mats.size(1) == C && coef_in.size(0) == N && coef_in.size(1) == R, "lora_shrink_reduce: shapes src ",
               src_in.sizes(), ", mats ", mats.sizes(), ", coef ", coef_in.sizes(), " do not match");

@@ -139,6 +139,16 @@ inline at::Tensor checked_bias(const c10::optional<at::Tensor>& bias, int64_t O,
   return bias->contiguous();
 }
 
+// Three 2-D float32 / float64 CPU operands of one op, in one dtype ("op: a, b and c dtypes differ").
+inline void check_2d_same(const char* op, const at::Tensor& t0, const char* n0, const at::Tensor& t1, const char* n1,
+                          const at::Tensor& t2, const char* n2) {
+  check_2d(t0, op, n0);
+  check_2d(t1, op, n1);
+  check_2d(t2, op, n2);
+  TORCH_CHECK(t1.scalar_type() == t0.scalar_type() && t2.scalar_type() == t0.scalar_type(), op, ": ", n0, ", ", n1,
+              " and ", n2, " dtypes differ");
+}
+
 inline at::Tensor unit_col(const at::Tensor& x) { return x.stride(1) == 1 || x.size(1) <= 1 ? x : x.contiguous(); }
 inline int64_t row_stride(const at::Tensor& x) { return x.size(0) > 1 ? x.stride(0) : x.size(1); }
 

@@ -248,11 +248,7 @@ std::tuple<at::Tensor, at::Tensor> lora_shrink_expand_cpu(const at::Tensor& src_
                                                           const at::Tensor& bt, const c10::optional<at::Tensor>& bias,
                                                           double alpha, int64_t seed, int64_t threshold,
                                                           double dscale) {
-  check_2d(src_in, "lora_shrink_expand", "src");
-  check_2d(a, "lora_shrink_expand", "a");
-  check_2d(bt, "lora_shrink_expand", "bt");
-  TORCH_CHECK(a.scalar_type() == src_in.scalar_type() && bt.scalar_type() == src_in.scalar_type(),
-              "lora_shrink_expand: src, a and bt dtypes differ");
+  check_2d_same("lora_shrink_expand", src_in, "src", a, "a", bt, "bt");
   const int64_t N = src_in.size(0), C = src_in.size(1), R = a.size(0), O = bt.size(1);
   TORCH_CHECK(a.size(1) == C && bt.size(0) == R, "lora_shrink_expand: shapes src ", src_in.sizes(), ", a ", a.sizes(),
               ", bt ", bt.sizes(), " do not match");
@@ -342,11 +338,7 @@ std::tuple<at::Tensor, at::Tensor> lora_shrink_expand_grouped_cpu(const at::Tens
 
 // W + alpha * B A (out, in): the merged weight of a call without dropout, in one pass over W.
 at::Tensor lora_merge_cpu(const at::Tensor& weight, const at::Tensor& b_in, const at::Tensor& a, double alpha) {
-  check_2d(weight, "lora_merge", "weight");
-  check_2d(b_in, "lora_merge", "b");
-  check_2d(a, "lora_merge", "a");
-  TORCH_CHECK(b_in.scalar_type() == weight.scalar_type() && a.scalar_type() == weight.scalar_type(),
-              "lora_merge: weight, b and a dtypes differ");
+  check_2d_same("lora_merge", weight, "weight", b_in, "b", a, "a");
   const int64_t O = weight.size(0), C = weight.size(1), R = a.size(0);
   TORCH_CHECK(b_in.size(0) == O && b_in.size(1) == R && a.size(1) == C, "lora_merge: shapes weight ", weight.sizes(),
               ", b ", b_in.sizes(), ", a ", a.sizes(), " do not match");
