@@ -294,7 +294,8 @@ def test_fused_dx_ga_without_dropout_equals_expand_and_reduce(grouped):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("p", [0.0, 0.25])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("n,c,o,r,k", [(19, 45, 37, 18, 3), (7, 16, 8, 4, 1), (1, 3, 2, 1, 2), (0, 5, 4, 2, 2)])
+@pytest.mark.parametrize("n,c,o,r,k", [(19, 45, 37, 18, 3), (7, 16, 8, 4, 1), (1, 3, 2, 1, 2), (0, 5, 4, 2, 2),
+                                         (21, 64, 64, 16, 2)])  # rank 16, whole vectors
 def test_grouped_shrink_expand_against_plain_loops(dtype, p, with_bias, n, c, o, r, k):
     """vfm_C::lora_shrink_expand_grouped: xa_i = D(x_i) A_k^T and y_i = b + alpha s_k xa_i B_k^T per row,
     rows of id -1 get xa = 0 and y = b (or 0); the mask is the reference's dropout_keep_mask."""

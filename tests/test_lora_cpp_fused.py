@@ -78,8 +78,10 @@ def _close(got, ref, dtype, what):
 # ------------------------------------------------------------------ lora_shrink_expand --
 # (N, C, R, O): N not a multiple of 6; C with a vector tail; R neither a multiple of 4 nor of 6
 # except 16; O with a tail, and O = 1.  131 x 1030 has enough 6-row tiles (22) for parallel_for's
-# grain to give both threads a share, in float32 and float64.
-SE_SHAPES = [(23, 301, 16, 29), (131, 1030, 7, 17), (1, 17, 5, 33), (13, 40, 3, 1)]
+# grain to give both threads a share, in float32 and float64.  R = 16 with O = 1024 (the benchmark's
+# layer width, rows of B^T 4 KiB apart in float32) and with O = 20 (one whole vector and a tail).
+SE_SHAPES = [(23, 301, 16, 29), (131, 1030, 7, 17), (1, 17, 5, 33), (13, 40, 3, 1), (25, 64, 16, 1024),
+             (7, 33, 16, 20)]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -139,8 +141,9 @@ def test_shrink_expand_empty(dtype, p, n, c, r, o):
 # ------------------------------------------------------------------ lora_expand_reduce --
 # (N, C, R): 53 rows at 2 threads split into two chunks of 26/27 rows (partial 12-row blocks);
 # C = 1030 crosses several column blocks, 301 and 17 leave vector tails.
-# 48 columns: a whole number of vectors in both dtypes (A read in place, not padded).
-ER_SHAPES = [(23, 301, 16), (53, 1030, 7), (1, 17, 5), (29, 40, 3), (30, 48, 3)]
+# 48 columns: a whole number of vectors in both dtypes.  R = 16 with 1024 columns (the benchmark's
+# layer width: eight 128-column blocks) and with 20 (one whole vector and a tail).
+ER_SHAPES = [(23, 301, 16), (53, 1030, 7), (1, 17, 5), (29, 40, 3), (30, 48, 3), (37, 1024, 16), (13, 20, 16)]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -201,7 +204,7 @@ def test_expand_reduce_empty(dtype, p, n, c, r):
 # --------------------------------------------------------------------------- lora_merge --
 # (O, C, R): O not a multiple of 6, C with tails / several vector widths, odd ranks; 97 x 1030
 # (17 tiles of 6 rows) is split between 2 threads.
-MERGE_SHAPES = [(23, 301, 16), (97, 1030, 7), (1, 17, 5), (40, 24, 3)]
+MERGE_SHAPES = [(23, 301, 16), (97, 1030, 7), (1, 17, 5), (40, 24, 3), (30, 1024, 16)]  # 1024: the benchmark's width
 
 
 @pytest.mark.parametrize("threads", [1, 2])
