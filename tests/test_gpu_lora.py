@@ -107,6 +107,18 @@ def test_gpu_dora_bf16(p):
            dict(dropout_p=p, seed=9), gy, torch.bfloat16, torch.bfloat16, 3)
 
 
+@pytest.mark.parametrize("zero_columns", [False, True])
+def test_gpu_dora_bf16_no_bias_magnitude_grad_from_the_output(zero_columns):
+    """bf16 without a bias (the benchmark's case): grad_magnitude from the output, and with some zero
+    magnitudes the per-column kernel fills those columns in (no host sync)."""
+    x, w, _, a, bb, gy = _factors(4099, 1024, 1536, 16, seed=13)
+    mag = torch.linalg.vector_norm(w, dim=1) * (1 + 0.1 * torch.rand(1536, device="cuda"))
+    if zero_columns:
+        mag[[0, 700, 1535]] = 0.0
+    _check("dora_linear", dora_linear, [x, w, None, a, bb, mag], [True, False, False, True, True, True], [2.0],
+           dict(dropout_p=0.0, seed=9), gy, torch.bfloat16, torch.bfloat16, 3)
+
+
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_gpu_adalora_bf16(p):
     x, w, b, a, bb, gy = _factors(8192, 4096, 4096, 16, seed=8)

@@ -141,9 +141,11 @@ def test_calls_without_autograd_skip_the_function_and_match_the_formula(kind, ba
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("case", ["plain", "zero_magnitude", "output_changed_in_place", "bias", "dropout"])
 def test_dora_magnitude_gradient_from_the_output(backend, case, monkeypatch):
-    """Without dropout, grad_magnitude comes from DoRA's output (no GEMM), minus the bias's share; a
-    zero magnitude, an output changed in place after the forward or dropout take the GEMM formula.
-    Every gradient is compared with the torch reference backend (float64; the interpreter: float32)."""
+    """Without dropout, grad_magnitude comes from DoRA's output (no GEMM), minus the bias's share; an
+    output changed in place after the forward or dropout take the GEMM formula, and so does a zero
+    magnitude on cpp (a host check), while triton keeps the output formula and a kernel fills in the
+    zero columns (no host sync).  Every gradient is compared with the torch reference backend
+    (float64; the interpreter: float32)."""
     import vfm
     from vfm.ops import lora_cpp_variants, lora_triton
     if backend not in vfm.available_backends("dora_linear", "cpu"):
@@ -158,7 +160,13 @@ def test_dora_magnitude_gradient_from_the_output(backend, case, monkeypatch):
     used = []
     original = module.dora_magnitude_grad_from_output
     monkeypatch.setattr(module, "dora_magnitude_grad_from_output",
-                        lambda *a: used.append(a[1] is not None) or original(*a))
+                        lambda *a, **k: used.append(a[1] is not None) or original(*a, **k))
+    gemm_path = []  # triton: the kernel of the GEMM formula and the zero-column kernel
+    if backend == "triton":
+        from vfm.kernels import lora_dora
+        for name in ("dora_magnitude_grad", "dora_zero_magnitude_grad_"):
+            fn = getattr(lora_dora, name)
+            monkeypatch.setattr(lora_dora, name, lambda *a, _f=fn, _n=name, **k: gemm_path.append(_n) or _f(*a, **k))
     grad_y = torch.randn(5, 7, 11, dtype=dtype, generator=torch.Generator().manual_seed(4))
     names = ["x", "w", "a", "bb", "m"] + (["b"] if case == "bias" else [])
     results = {}
@@ -183,6 +191,9 @@ def test_dora_magnitude_gradient_from_the_output(backend, case, monkeypatch):
         assert original(grad_y.reshape(-1, 11), results[backend][0].reshape(-1, 11), t["m"].detach()) is not None
     if case == "zero_magnitude":
         assert original(grad_y.reshape(-1, 11), results[backend][0].reshape(-1, 11), t["m"].detach()) is None
+    if backend == "triton":
+        from_output = case in ("plain", "zero_magnitude", "bias")
+        assert gemm_path == (["dora_zero_magnitude_grad_"] if from_output else ["dora_magnitude_grad"]), gemm_path
 
 
 def test_dora_magnitude_gradient_from_the_output_refuses_a_16_bit_output_with_a_bias():

@@ -147,6 +147,30 @@ def test_dora_weight_norm_kernel_transposed_weight():
     torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("zeros", [[], [0], [3, 69], list(range(70))])
+def test_dora_zero_magnitude_kernel_fills_only_zero_columns(zeros):
+    """dora_zero_magnitude_grad_ writes sum_i grad_y[i, j] * (x W^T + scale * xa B^T)[i, j] / wn[j] for the
+    columns of a zero magnitude (float64 formula on the same inputs), and leaves every other entry as it
+    was; x is a transposed view, and N and in are not multiples of the kernel's blocks."""
+    from vfm.kernels.lora_dora import dora_zero_magnitude_grad_
+
+    g = _gen(21)
+    n, d_in, d_out, r = 131, 75, 70, 5
+    x = torch.randn(d_in, n, generator=g).t()  # (N, in), stride(1) != 1
+    w, a, b = torch.randn(d_out, d_in, generator=g), torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)
+    gy, wn = torch.randn(n, d_out, generator=g), torch.rand(d_out, generator=g) + 0.5
+    mag = torch.rand(d_out, generator=g) + 0.5
+    mag[zeros] = 0.0
+    xa = x @ a.t()
+    sentinel = torch.full((d_out,), 123.0)
+    got = dora_zero_magnitude_grad_(sentinel.clone().to(DEV), mag.to(DEV), gy.to(DEV), x.to(DEV), w.to(DEV),
+                                    xa.to(DEV), b.to(DEV), 0.7, wn.to(DEV)).cpu()
+    want = sentinel.clone().double()
+    full = (gy.double() * (x.double() @ w.double().t() + 0.7 * xa.double() @ b.double().t())).sum(0) / wn.double()
+    want[zeros] = full[zeros]
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------- AdaLoRA --
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_adalora_matches_torch_with_masked_ranks(p):

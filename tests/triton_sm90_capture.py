@@ -86,7 +86,7 @@ def _flce(dtype, teacher):
         flce(hidden, weight, target, **opts).backward()
 
 
-def _lora(kind, dtype, adt, p, rank=8, base_accumulates=True):
+def _lora(kind, dtype, adt, p, rank=8, base_accumulates=True, with_bias=True):
     import torch
 
     import vfm
@@ -96,7 +96,7 @@ def _lora(kind, dtype, adt, p, rank=8, base_accumulates=True):
     n, d_in, d_out = 48, 256, 384
     x = torch.randn(n, d_in, generator=g).to(dtype).requires_grad_(True)
     w = (torch.randn(d_out, d_in, generator=g) * 0.05).to(dtype).requires_grad_(True)
-    bias = torch.randn(d_out, generator=g).to(dtype).requires_grad_(True)
+    bias = torch.randn(d_out, generator=g).to(dtype).requires_grad_(True) if with_bias else None
     a = (torch.randn(rank, d_in, generator=g) * 0.1).to(adt).requires_grad_(True)
     b = (torch.randn(d_out, rank, generator=g) * 0.1).to(adt).requires_grad_(True)
     kw = dict(dropout_p=p, seed=1234)
@@ -168,6 +168,8 @@ def _scenarios():
         sc[f"{kind}-{dt}-{'dropout' if p else 'p0'}"] = (lambda k=kind, d=dtype, a=adt, p=p: _lora(k, d, a, p))
     sc["lora-bf16-dropout-base_first"] = lambda: _lora("lora", bf, bf, 0.1, base_accumulates=False)
     sc["lora-bf16-dropout-rank64"] = lambda: _lora("lora", bf, bf, 0.1, rank=64)
+    # DoRA without a bias in 16 bits: grad_magnitude from the output, the zero-magnitude kernel in bf16
+    sc["dora-bf16-p0-no_bias"] = lambda: _lora("dora", bf, bf, 0.0, with_bias=False)
     return sc
 
 

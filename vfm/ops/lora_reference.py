@@ -282,7 +282,7 @@ def dora_forward_torch(x, weight, bias, lora_a, lora_b, magnitude, scale, dropou
 
 
 def dora_magnitude_grad_from_output(grad_y: Tensor, y: Optional[Tensor], magnitude: Tensor,
-                                    bias: Optional[Tensor] = None) -> Optional[Tensor]:
+                                    bias: Optional[Tensor] = None, *, zero_ok: bool = False) -> Optional[Tensor]:
     """grad_magnitude from DoRA's own output, without the (N, in) x (in, out) product, or None.
 
     Without dropout, y = g * (x W'^T) + b with g = magnitude / ||W'||, so
@@ -291,20 +291,23 @@ def dora_magnitude_grad_from_output(grad_y: Tensor, y: Optional[Tensor], magnitu
     float32 at least).  None (the caller then computes it the reference way) when y is not given,
     is in another dtype than the magnitude, some magnitude is exactly 0 (y carries no information
     about that column), or there is a bias and y is a 16-bit float (y - b would cancel digits y
-    does not have when the bias dominates).
+    does not have when the bias dominates).  ``zero_ok=True`` skips the zero check (no host sync):
+    the entries of a zero magnitude are then finite placeholders the caller must overwrite (the
+    triton backend's :func:`~vfm.kernels.lora_dora.dora_zero_magnitude_grad_`).
     """
     if y is None or y.dtype != magnitude.dtype or y.shape != grad_y.shape:
         return None
     if bias is not None and (y.dtype not in (torch.float32, torch.float64) or bias.shape != y.shape[1:]):
         return None
-    if bool((magnitude == 0).any()):
+    if not zero_ok and bool((magnitude == 0).any()):
         return None
     acc = torch.float32 if y.dtype in (torch.float16, torch.bfloat16) else y.dtype
     gy = grad_y.to(y.dtype)
     total = (gy * y).sum(0, dtype=acc)
     if bias is not None:
         total.sub_(gy.sum(0, dtype=acc) * bias.to(acc))
-    return total.div_(magnitude).to(magnitude.dtype)
+    divisor = torch.where(magnitude == 0, torch.ones_like(magnitude), magnitude) if zero_ok else magnitude
+    return total.div_(divisor).to(magnitude.dtype)
 
 
 def dora_backward_torch(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, scale, dropout_p, seed, needs,

@@ -26,9 +26,13 @@ A and cost nothing beyond the rank padding (r is padded to 16 for ``tl.dot``; ra
 compacted, which would need a host synchronisation).  DoRA follows the reference's maths: its
 per-column gain g = magnitude / ||W + scale B A|| is applied in the expand kernel's epilogue
 (y = g * (x W^T) + b + g * scale * xa B^T), the weight norm is one pass over W
-(:mod:`vfm.kernels.lora_dora`), and the magnitude's gradient fuses the low-rank term and the column
-sums after the one extra GEMM the contract asks for; under dropout PEFT's extra base pass needs
-D(x) materialised (one Triton pass) for the cuBLAS product u W^T.
+(:mod:`vfm.kernels.lora_dora`).  Without dropout the magnitude's gradient comes from the output
+(column sums of grad_y * y, minus the bias's share; no GEMM), and the columns of a zero magnitude,
+which the output says nothing about, get the defining sum from a kernel that computes it for them
+only (one program per column, the others return at once: no host synchronisation to find them).
+With dropout, or when y was changed in place after the forward, the low-rank term and the column
+sums are fused after one extra GEMM; under dropout PEFT's extra base pass needs D(x) materialised
+(one Triton pass) for the cuBLAS product u W^T.
 
 x of dtype float64 is refused at backend selection (vfm.ops.lora_ops).  Adapters in float64 on a
 float32 / half base run the reference's maths inside this backend (the kernels take fp32 / fp16 /
@@ -246,9 +250,14 @@ def dora_backward_triton(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, s
         return dora_backward_torch(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, scale, dropout_p, seed,
                                    needs)
     need_x, need_w, need_bias, need_a, need_b, need_m = needs
-    # y given (no dropout): grad_magnitude from the output (one host sync for the
-    # magnitude == 0 check), not from the extra GEMM x W^T below
-    gm = dora_magnitude_grad_from_output(grad_y, y, magnitude, bias) if need_m and dropout_p <= 0.0 else None
+    # y given (no dropout): grad_magnitude from the output, not from the extra GEMM x W^T below; the
+    # columns of a zero magnitude (if any: no host sync to find out) get the defining sum from a kernel
+    # that computes it for those columns only
+    gm = dora_magnitude_grad_from_output(grad_y, y, magnitude, bias, zero_ok=True) \
+        if need_m and dropout_p <= 0.0 else None
+    if gm is not None:
+        gm = _kd().dora_zero_magnitude_grad_(gm.contiguous(), magnitude.contiguous(), grad_y, x, weight, xa, lora_b,
+                                             scale, wn)
     k = _k()
     drop = k.dropout_args(dropout_p, seed)
     adt = lora_a.dtype
