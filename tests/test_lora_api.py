@@ -161,12 +161,13 @@ def test_dora_magnitude_gradient_from_the_output(backend, case, monkeypatch):
     original = module.dora_magnitude_grad_from_output
     monkeypatch.setattr(module, "dora_magnitude_grad_from_output",
                         lambda *a, **k: used.append(a[1] is not None) or original(*a, **k))
-    gemm_path = []  # triton: the kernel of the GEMM formula and the zero-column kernel
+    magnitude_kernels = []  # triton: which grad_magnitude kernels ran (GEMM formula, zero columns)
     if backend == "triton":
         from vfm.kernels import lora_dora
         for name in ("dora_magnitude_grad", "dora_zero_magnitude_grad_"):
             fn = getattr(lora_dora, name)
-            monkeypatch.setattr(lora_dora, name, lambda *a, _f=fn, _n=name, **k: gemm_path.append(_n) or _f(*a, **k))
+            monkeypatch.setattr(lora_dora, name,
+                                lambda *a, _f=fn, _n=name, **k: magnitude_kernels.append(_n) or _f(*a, **k))
     grad_y = torch.randn(5, 7, 11, dtype=dtype, generator=torch.Generator().manual_seed(4))
     names = ["x", "w", "a", "bb", "m"] + (["b"] if case == "bias" else [])
     results = {}
@@ -193,7 +194,8 @@ def test_dora_magnitude_gradient_from_the_output(backend, case, monkeypatch):
         assert original(grad_y.reshape(-1, 11), results[backend][0].reshape(-1, 11), t["m"].detach()) is None
     if backend == "triton":
         from_output = case in ("plain", "zero_magnitude", "bias")
-        assert gemm_path == (["dora_zero_magnitude_grad_"] if from_output else ["dora_magnitude_grad"]), gemm_path
+        assert magnitude_kernels == (["dora_zero_magnitude_grad_"] if from_output else ["dora_magnitude_grad"]), \
+            magnitude_kernels
 
 
 def test_dora_magnitude_gradient_from_the_output_refuses_a_16_bit_output_with_a_bias():

@@ -157,7 +157,8 @@ def test_dora_zero_magnitude_kernel_fills_only_zero_columns(zeros):
     g = _gen(21)
     n, d_in, d_out, r = 131, 75, 70, 5
     x = torch.randn(d_in, n, generator=g).t()  # (N, in), stride(1) != 1
-    w, a, b = torch.randn(d_out, d_in, generator=g), torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)
+    w, a = torch.randn(d_out, d_in, generator=g), torch.randn(r, d_in, generator=g)
+    b = torch.randn(d_out, r, generator=g)
     gy, wn = torch.randn(n, d_out, generator=g), torch.rand(d_out, generator=g) + 0.5
     mag = torch.rand(d_out, generator=g) + 0.5
     mag[zeros] = 0.0
