@@ -210,6 +210,12 @@ def test_dora_magnitude_gradient_from_the_output_refuses_a_16_bit_output_with_a_
     assert dora_magnitude_grad_from_output(gy.to(bf), y.to(bf), m.to(bf), b.to(bf)) is None
     assert dora_magnitude_grad_from_output(gy.to(bf), y.to(bf), m.to(bf)) is not None
     assert dora_magnitude_grad_from_output(gy, y.double(), m) is None  # dtypes differ
+    z = m.clone()
+    z[[0, 2]] = 0.0
+    assert dora_magnitude_grad_from_output(gy, y, z, b) is None  # the host check: a zero magnitude
+    got = dora_magnitude_grad_from_output(gy, y, z, b, zero_ok=True)  # no check: placeholders at the zeros
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[[1, 3]], want[[1, 3]])
 
 
 def test_forward_mode_ad_is_still_refused():
