@@ -265,10 +265,7 @@ def test_fallbacks_are_logged_and_give_peft_numbers(caplog):
     reference.eval()
     fast.eval()
     with caplog.at_level(logging.INFO, logger="vfm.peft"):
-        names = ["default", "other", "__base__", "default"]
-        torch.testing.assert_close(fast(input_ids=ids, adapter_names=names).logits,
-                                   reference(input_ids=ids, adapter_names=names).logits)
-        assert "adapter_names" in caplog.text
+        # (mixed-adapter batches, adapter_names=, run on vfm: tests/test_peft_mixed.py)
         for model in (reference, fast):
             model.base_model.set_adapter(["default", "other"])
         torch.testing.assert_close(fast(input_ids=ids).logits, reference(input_ids=ids).logits)

@@ -7,11 +7,15 @@ adapter.  Everything else is PEFT's own code: state_dict keys, ``save_pretrained
 ``from_pretrained``, ``merge`` / ``unmerge`` / ``merge_and_unload``, ``set_adapter``,
 ``disable_adapter()``.  :func:`restore` swaps the classes back.
 
+Mixed-adapter batches (``model(..., adapter_names=[...])``, one adapter per item) run every named LoRA
+adapter of a layer in one :func:`~vfm.functional.lora_linear_multi` call instead of PEFT's loop over
+them (:mod:`vfm._peft_mixed`).
+
 Whatever a swapped layer cannot compute itself goes to PEFT's forward, with the reason logged once
-per layer (logger ``"vfm.peft"``): merged or disabled adapters, ``adapter_names`` (mixed-adapter
-batches), several active adapters, extra forward arguments, LoRA variants other than DoRA, DoRA
-with ``lora_bias``, input/weight dtypes PEFT itself would reject, and forward hooks on the wrapped
-layers (accelerate's offloading hooks, for instance).  Layers it never takes over (listed with the
+per layer (logger ``"vfm.peft"``): merged or disabled adapters, several active adapters, extra
+forward arguments, LoRA variants other than DoRA (and in mixed batches any variant, ``lora_bias`` or
+active dropout), DoRA with ``lora_bias``, input/weight dtypes PEFT itself would reject, and forward
+hooks on the wrapped layers (accelerate's offloading hooks, for instance).  Layers it never takes over (listed with the
 reason in the report): embeddings, convolutions, quantized or otherwise non-Linear base layers
 (bitsandbytes, GPTQ, ...), weights that are not plain tensors (DeepSpeed ZeRO-3, DTensor), and
 nested adapter layers.
@@ -42,6 +46,7 @@ from peft.tuners.adalora.layer import SVDLinear as _PeftSVDLinear
 from peft.tuners.lora.layer import Linear as _PeftLoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from vfm import _peft_mixed as _mixed
 from vfm.ops.lora_api import adalora_linear, dora_linear, lora_linear
 
 logger = logging.getLogger("vfm.peft")
@@ -226,6 +231,9 @@ def _dropout_args(layer: nn.Module, name: str):
 
 
 def _vfm_forward(layer: nn.Module, peft_cls: type, x, args, kwargs):
+    if kwargs.get("adapter_names") is not None and not args and peft_cls is _PeftLoraLinear and \
+            isinstance(x, torch.Tensor) and all(v is None for k, v in kwargs.items() if k != "adapter_names"):
+        return _mixed.mixed_batch_forward(layer, peft_cls, x, kwargs["adapter_names"], kwargs, _MIXED_HELPERS)
     active, base = _active(layer), _base(layer)
     why = _call_reason(layer, x, args, kwargs, active, base)
     if why is not None:
@@ -271,6 +279,8 @@ class AdaLoraSVDLinear(_PeftSVDLinear):
     def _get_name(self) -> str:
         return _PeftSVDLinear.__name__
 
+
+_MIXED_HELPERS = (_adapter_reason, _hooked, _base, _base_weight, _note_fallback)
 
 _SWAP = {_PeftLoraLinear: LoraLinear, _PeftSVDLinear: AdaLoraSVDLinear}
 _UNSWAP = {v: k for k, v in _SWAP.items()}

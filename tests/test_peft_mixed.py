@@ -1,0 +1,227 @@
+"""PEFT's mixed-adapter batches (``adapter_names=``) on layers swapped by vfm.peft.accelerate.
+
+The reference is PEFT's own mixed-batch forward (a Python loop over the adapters named in the batch)
+on an identical copy of the model; vfm runs the same batch through one lora_linear_multi call per
+layer.  Models are tiny, randomly initialised Llama / GPT-2 built in code.
+"""
+
+import copy
+import logging
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft.tuners.lora import LoraLayer  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+import vfm.peft  # noqa: E402
+from vfm import _peft_mixed, _registry  # noqa: E402
+from test_peft_accelerate import N_LAYERS, batch, llama, peft_config, perturb_adapters  # noqa: E402
+
+NAMES = ["b", "default", "__base__", "c", "b", "default"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def multi_calls() -> int:
+    return sum(n for (op, _backend), n in _registry.CALLS.items() if op == "lora_linear_multi")
+
+
+def three_adapters(base=None, **extra):
+    """PEFT model with adapters of ranks 4 / 2 / 6: "default" everywhere, "b" on three projections only
+    (the other layers have no "b": PEFT leaves those items to the base layer), "c" rsLoRA on all."""
+    reference = get_peft_model(base if base is not None else llama(), peft_config("lora", **extra))
+    reference.add_adapter("b", LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj", "down_proj"]))
+    reference.add_adapter("c", LoraConfig(r=6, lora_alpha=6, use_rslora=True,
+                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"]))
+    perturb_adapters(reference)
+    fast = copy.deepcopy(reference)
+    report = vfm.peft.accelerate(fast)
+    assert report.num_accelerated == N_LAYERS
+    reference.eval()
+    fast.eval()
+    return reference, fast
+
+
+def assert_close_logits(fast, reference, ids, names, **kwargs):
+    out_f = fast(input_ids=ids, adapter_names=names, **kwargs).logits
+    out_r = reference(input_ids=ids, adapter_names=names, **kwargs).logits
+    torch.testing.assert_close(out_f, out_r, rtol=0, atol=1e-5 * out_r.abs().max().item())
+    return out_f
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_mixed_batch_matches_peft_and_runs_one_grouped_call_per_layer(bias, caplog):
+    reference, fast = three_adapters(llama(bias=bias))
+    ids = batch(n=len(NAMES))
+    before = multi_calls()
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="vfm.peft"):
+        out = assert_close_logits(fast, reference, ids, NAMES)
+    assert multi_calls() - before == N_LAYERS
+    assert "PEFT's forward" not in caplog.text
+    # the adapters do act: every item differs from the base model's output except the "__base__" one
+    with fast.disable_adapter(), torch.no_grad():
+        plain = fast(input_ids=ids).logits
+    differs = [not torch.allclose(out[i], plain[i]) for i in range(len(NAMES))]
+    assert differs == [name != "__base__" for name in NAMES]
+
+
+@pytest.mark.parametrize("all_trainable", [False, True])
+def test_mixed_batch_gradients_match_peft(all_trainable):
+    """Mixed batches are an eval-mode feature in PEFT, but gradients still flow (e.g. for attribution).
+    PEFT leaves only the active adapter ("default") trainable; the other case makes all three trainable."""
+    reference, fast = three_adapters()
+    if all_trainable:
+        for model in (reference, fast):
+            for name, p in model.named_parameters():
+                p.requires_grad_("lora_" in name)
+    ids = batch(n=len(NAMES))
+    losses = [m(input_ids=ids, labels=ids, adapter_names=NAMES).loss for m in (reference, fast)]
+    for loss in losses:
+        loss.backward()
+    named = dict(reference.named_parameters())
+    checked = 0
+    for name, p in fast.named_parameters():
+        ref = named[name]
+        assert (p.grad is None) == (ref.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, ref.grad, rtol=0, atol=1e-4 * (ref.grad.abs().max().item() or 1.0),
+                                       msg=lambda m: f"{name}: {m}")
+            checked += "lora_" in name
+    # A and B of default, and with all_trainable of c and b (b on 3 of the 7 projections, 2 layers)
+    assert checked == 2 * (N_LAYERS + (N_LAYERS + 6 if all_trainable else 0))
+
+
+def test_mixed_batch_generate_matches_peft():
+    reference, fast = three_adapters()
+    ids = batch(n=len(NAMES), t=5)
+    mask = torch.ones_like(ids)
+    outs = [m.generate(input_ids=ids, attention_mask=mask, adapter_names=NAMES, max_new_tokens=4, do_sample=False,
+                       pad_token_id=0) for m in (reference, fast)]
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_mixed_batch_follows_changes_of_the_adapters():
+    """The stacked factors are cached per layer; in-place updates, new scalings and loaded state must show."""
+    reference, fast = three_adapters()
+    ids = batch(n=len(NAMES))
+    with torch.no_grad():
+        assert_close_logits(fast, reference, ids, NAMES)
+        for model in (reference, fast):  # an optimizer-style in-place update of one factor
+            model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["c"].weight.mul_(-3.0)
+        assert_close_logits(fast, reference, ids, NAMES)
+        for model in (reference, fast):
+            for module in model.modules():
+                if isinstance(module, LoraLayer) and "b" in module.scaling:
+                    module.set_scale("b", 2.5)
+        assert_close_logits(fast, reference, ids, NAMES)
+        perturb_adapters(reference, seed=9)
+        fast.load_state_dict(reference.state_dict())
+        assert_close_logits(fast, reference, ids, NAMES)
+        # other names and orders: the per-layer index and the shared row-index cache
+        for names in (["c", "c", "b", "b", "__base__", "default"], ["default"] * 6, ["b"] * 6):
+            assert_close_logits(fast, reference, ids, names)
+
+
+def test_mixed_batch_of_base_items_only_is_the_base_layer():
+    reference, fast = three_adapters()
+    ids = batch(n=3)
+    before = multi_calls()
+    with torch.no_grad():
+        out = assert_close_logits(fast, reference, ids, ["__base__"] * 3)
+        with fast.disable_adapter():
+            torch.testing.assert_close(out, fast(input_ids=ids).logits)
+    assert multi_calls() == before
+
+
+def test_mixed_batch_on_gpt2_conv1d_layers():
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=16,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    reference = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                                fan_in_fan_out=True))
+    reference.add_adapter("b", LoraConfig(r=3, lora_alpha=5, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
+    perturb_adapters(reference)
+    fast = copy.deepcopy(reference)
+    assert vfm.peft.accelerate(fast).num_accelerated == 2 * 4
+    reference.eval()
+    fast.eval()
+    before = multi_calls()
+    with torch.no_grad():
+        assert_close_logits(fast, reference, batch(n=4), ["b", "__base__", "default", "b"])
+    assert multi_calls() - before == 2 * 4
+
+
+def test_mixed_batch_errors_are_peft_errors():
+    reference, fast = three_adapters()
+    ids = batch(n=3)
+    for model in (reference, fast):
+        with pytest.raises(ValueError, match="Length of `adapter_names`"):
+            model(input_ids=ids, adapter_names=["default"] * 2)
+        with pytest.raises(ValueError, match="non-existing adapter"):
+            model(input_ids=ids, adapter_names=["default", "nope", "c"])
+        model.base_model.merge_adapter(["default"])
+        with pytest.raises(ValueError, match="merged adapters"):
+            model(input_ids=ids, adapter_names=["default", "c", "b"])
+        model.base_model.unmerge_adapter()
+    dora_ref = get_peft_model(llama(), peft_config("dora"))
+    dora_fast = copy.deepcopy(dora_ref)
+    vfm.peft.accelerate(dora_fast)
+    for model in (dora_ref.eval(), dora_fast.eval()):
+        with pytest.raises(ValueError, match="DoRA"):
+            model(input_ids=ids, adapter_names=["default"] * 3)
+
+
+def test_mixed_batch_fallbacks_are_logged_and_give_peft_numbers(caplog):
+    # lora_bias: a per-adapter bias on lora_B; the grouped call has one bias for all rows
+    reference, fast = three_adapters(lora_bias=True)
+    ids = batch(n=len(NAMES))
+    before = multi_calls()
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="vfm.peft"):
+        assert_close_logits(fast, reference, ids, NAMES)
+        assert "lora_bias" in caplog.text and "mixed-adapter batch" in caplog.text
+        assert multi_calls() == before
+        # a batch without the lora_bias adapter ("default") runs on vfm
+        assert_close_logits(fast, reference, ids, ["b", "c", "__base__", "c", "b", "b"])
+    assert multi_calls() - before == N_LAYERS
+
+
+def test_mixed_batch_with_active_dropout_is_left_to_peft(caplog):
+    """PEFT refuses adapter_names on a model in training mode; a layer called directly in training mode
+    with active dropout draws PEFT's masks, so vfm leaves it to PEFT."""
+    reference, fast = three_adapters(dropout=0.2)
+    layer = fast.base_model.model.model.layers[0].self_attn.q_proj
+    layer.train()
+    x = torch.randn(3, 4, 32)
+    before = multi_calls()
+    with caplog.at_level(logging.INFO, logger="vfm.peft"):
+        layer(x, adapter_names=["default", "c", "__base__"])
+    assert "active dropout" in caplog.text
+    assert multi_calls() == before
+    layer.eval()
+    ref_layer = reference.base_model.model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(layer(x, adapter_names=["default", "c", "__base__"]),
+                               ref_layer(x, adapter_names=["default", "c", "__base__"]), rtol=1e-5, atol=1e-6)
+    assert multi_calls() == before + 1
+
+
+def test_row_index_tensor_is_shared_between_layers():
+    reference, fast = three_adapters()
+    _peft_mixed._IDS_CACHE.clear()
+    with torch.no_grad():
+        fast(input_ids=batch(n=len(NAMES)), adapter_names=NAMES)
+    # layers with "b" and layers without it map the items differently: two index tensors for 14 layers
+    assert len(_peft_mixed._IDS_CACHE) == 2
+    keys = sorted(k[0] for k in _peft_mixed._IDS_CACHE)
+    assert keys == sorted([(0, 1, -1, 2, 0, 1), (-1, 0, -1, 1, -1, 0)])
