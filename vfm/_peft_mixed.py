@@ -68,8 +68,8 @@ def _used(layer: nn.Module, adapter_names: Sequence[str]) -> Tuple[List[str], Tu
     return used, tuple(per_item)
 
 
-def _reason(layer: nn.Module, names: List[str], x: torch.Tensor, adapter_reason, hooked, base) -> Optional[str]:
-    """Why this mixed batch needs PEFT's forward (None when the grouped call reproduces it)."""
+def _layer_reason(layer: nn.Module, x: torch.Tensor, hooked, base: nn.Module) -> Optional[str]:
+    """Why the layer's state or the input needs PEFT's forward (checked on every call)."""
     if layer.disable_adapters:
         return "adapters are disabled"
     if hooked(base):
@@ -78,57 +78,100 @@ def _reason(layer: nn.Module, names: List[str], x: torch.Tensor, adapter_reason,
         return "non-floating input"
     if x.dtype != base.weight.dtype and not torch.is_autocast_enabled(x.device.type):
         return f"input dtype {x.dtype} differs from the base weight's {base.weight.dtype}"
+    return None
+
+
+def _hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _fingerprint(layer: nn.Module, names: List[str]) -> Tuple[tuple, list]:
+    """Everything the adapters' checks and stacks depend on, per named adapter: the objects (by id;
+    they are returned too, for the cache to keep alive so that no id is reused), their types and
+    hooks, the factors' version counters and storage, the dropout state and the scaling."""
+    mods = layer._modules
+    am, bm, dm = mods["lora_A"]._modules, mods["lora_B"]._modules, mods["lora_dropout"]._modules
+    variants = getattr(layer, "lora_variant", {})
+    scaling = layer.scaling
+    key, keep = [], []
+    for n in names:
+        a, b, drop = am[n], bm[n], dm[n]
+        wa, wb, bb = a._parameters.get("weight"), b._parameters.get("weight"), b._parameters.get("bias")
+        keep += (a, b, drop, wa, wb, bb)
+        key.append((n, id(a), id(b), id(drop), id(wa), id(wb), id(bb), type(a), type(b), type(drop),
+                    _hooks(a) or _hooks(b) or _hooks(drop), drop.training, getattr(drop, "p", None),
+                    n in variants, float(scaling[n]),
+                    None if wa is None else (wa._version, wa.data_ptr(), wa.dtype, wa.requires_grad),
+                    None if wb is None else (wb._version, wb.data_ptr(), wb.dtype, wb.requires_grad)))
+    return tuple(key), keep
+
+
+def _adapters_reason(layer: nn.Module, names: List[str], adapter_reason) -> Tuple[Optional[str], Optional[torch.dtype]]:
+    """Why the named adapters need PEFT's mixed-batch forward (None when the grouped call reproduces it),
+    and their common dtype."""
     mods = layer._modules
     dtypes = set()
     for name in names:
         if name in getattr(layer, "lora_variant", {}):
-            return f"adapter {name!r} is a LoRA variant (mixed batches run plain LoRA adapters only)"
+            return f"adapter {name!r} is a LoRA variant (mixed batches run plain LoRA adapters only)", None
         why = adapter_reason(layer, name)
         if why is not None:
-            return why
+            return why, None
         if mods["lora_B"][name].bias is not None:
-            return f"adapter {name!r} has lora_bias=True (a per-adapter bias)"
+            return f"adapter {name!r} has lora_bias=True (a per-adapter bias)", None
         drop = mods["lora_dropout"][name]
         if isinstance(drop, nn.Dropout) and drop.training and drop.p > 0:
-            return f"adapter {name!r} has active dropout (PEFT runs mixed batches in eval mode)"
+            return f"adapter {name!r} has active dropout (PEFT runs mixed batches in eval mode)", None
         dtypes.add(mods["lora_A"][name].weight.dtype)
     if len(dtypes) > 1:
-        return f"the adapters in the batch have different dtypes {sorted(str(d) for d in dtypes)}"
-    if dtypes and next(iter(dtypes)) != x.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
-        return "input dtype casting is disabled and the adapter dtype differs from the input's"
-    return None
+        return f"the adapters in the batch have different dtypes {sorted(str(d) for d in dtypes)}", None
+    return None, dtypes.pop()
 
 
-def _factors(layer: nn.Module, names: List[str]) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[float]]:
+def _new_stacks(like: torch.Tensor, n: int, rank: int, in_f: int, out_f: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Zero (n, rank, in) and (n, out, rank) stacks.  On the CPU (float32 / float64) they are views of
+    buffers in the layout the C++ kernels pack the factors into (A_k^T and B_k^T row-major, the rank
+    padded to one vector chunk), so that a cached stack is never packed again; elsewhere plain
+    contiguous stacks (the GPU kernels read the factors along in / out)."""
+    if like.device.type == "cpu" and like.dtype in (torch.float32, torch.float64):
+        chunk = 64 // like.element_size()  # floats of one 64-byte chunk: 16 float32, 8 float64
+        rank = -(-rank // chunk) * chunk
+        a_t = like.new_zeros((n, in_f, rank))
+        b_t = like.new_zeros((n, rank, out_f))
+        return a_t.transpose(1, 2), b_t.transpose(1, 2)
+    return like.new_zeros((n, rank, in_f)), like.new_zeros((n, out_f, rank))
+
+
+def _stacks(layer: nn.Module, names: List[str], device: torch.device, grad: bool) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                       torch.Tensor]:
+    """(K, r, in) A, (K, out, r) B zero-padded to the largest rank, and the (K,) fp32 scalings; built
+    with torch.stack (differentiable) when ``grad``, else into fresh buffers for the cache."""
     mods = layer._modules
     a = [mods["lora_A"][n].weight for n in names]
     b = [mods["lora_B"][n].weight for n in names]
-    return a, b, [float(layer.scaling[n]) for n in names]
-
-
-def _stacks(layer: nn.Module, names: List[str], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor,
-                                                                            torch.Tensor]:
-    """(K, r, in) A, (K, out, r) B zero-padded to the largest rank, and the (K,) fp32 scalings."""
-    a, b, scales = _factors(layer, names)
+    scales = torch.tensor([float(layer.scaling[n]) for n in names], dtype=torch.float32).to(device)
     rank = max(t.shape[0] for t in a)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in a + b):  # differentiable, never cached
+    if grad:
         a_stack = torch.stack([nn.functional.pad(t, (0, 0, 0, rank - t.shape[0])) for t in a])
         b_stack = torch.stack([nn.functional.pad(t, (0, rank - t.shape[1])) for t in b])
-        return a_stack, b_stack, torch.tensor(scales, dtype=torch.float32).to(device)
-    key = (tuple(names), tuple(scales),
-           tuple((id(t), t._version, t.data_ptr(), t.dtype, tuple(t.shape)) for t in a + b))
-    cached = layer.__dict__.get("_vfm_mixed_stacks")
-    if cached is not None and cached[0] == key:
-        return cached[1]
+        return a_stack, b_stack, scales
     with torch.no_grad():
-        a_stack = a[0].new_zeros((len(a), rank, a[0].shape[1]))
-        b_stack = b[0].new_zeros((len(b), b[0].shape[0], rank))
+        a_stack, b_stack = _new_stacks(a[0], len(a), rank, a[0].shape[1], b[0].shape[0])
         for k, (ta, tb) in enumerate(zip(a, b)):
             a_stack[k, : ta.shape[0]].copy_(ta)
             b_stack[k, :, : tb.shape[1]].copy_(tb)
-    value = (a_stack, b_stack, torch.tensor(scales, dtype=torch.float32).to(device))
-    layer.__dict__["_vfm_mixed_stacks"] = (key, value)  # replaces the previous entry: one per layer
-    return value
+    return a_stack, b_stack, scales
+
+
+class _Cache:
+    """One layer's checked adapters (and their stacks, once built without a gradient to compute)."""
+
+    __slots__ = ("key", "keep", "reason", "dtype", "trainable", "stacks")
+
+    def __init__(self, key: tuple, keep: list, reason: Optional[str], dtype: Optional[torch.dtype]):
+        self.key, self.keep, self.reason, self.dtype, self.stacks = key, keep, reason, dtype, None
+        # whether any factor requires grad (part of the key: requires_grad_ gives a new entry)
+        self.trainable = any(t.requires_grad for t in keep if isinstance(t, torch.Tensor))
 
 
 def mixed_batch_forward(layer: nn.Module, peft_cls: type, x: torch.Tensor, adapter_names: Sequence[str],
@@ -150,7 +193,17 @@ def mixed_batch_forward(layer: nn.Module, peft_cls: type, x: torch.Tensor, adapt
     layer._check_forward_args(x, **kwargs)  # PEFT's errors: length, merged adapters, DoRA
     base = base_of(layer)
     names, per_item = _used(layer, adapter_names)
-    why = _reason(layer, names, x, adapter_reason, hooked, base)
+    why = _layer_reason(layer, x, hooked, base)
+    cache = None
+    if why is None and names:
+        key, keep = _fingerprint(layer, names)
+        cache = layer.__dict__.get("_vfm_mixed")
+        if cache is None or cache.key != key:  # one entry per layer: the last set of adapters seen
+            cache = _Cache(key, keep, *_adapters_reason(layer, names, adapter_reason))
+            layer.__dict__["_vfm_mixed"] = cache
+        why = cache.reason
+        if why is None and cache.dtype != x.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
+            why = "input dtype casting is disabled and the adapter dtype differs from the input's"
     if why is not None:
         note_fallback(layer, why + " (adapter_names: mixed-adapter batch)")
         return peft_cls.forward(layer, x, **kwargs)
@@ -159,6 +212,11 @@ def mixed_batch_forward(layer: nn.Module, peft_cls: type, x: torch.Tensor, adapt
     if x.dim() < 2:
         raise ValueError(f"x must have shape (batch, *, in_features) with adapter_names, got {tuple(x.shape)}")
     weight, bias = base_weight(base)
-    a_stack, b_stack, scales = _stacks(layer, names, x.device)
+    if torch.is_grad_enabled() and cache.trainable:  # differentiable stacks, never cached
+        a_stack, b_stack, scales = _stacks(layer, names, x.device, True)
+    else:
+        if cache.stacks is None:
+            cache.stacks = _stacks(layer, names, x.device, False)
+        a_stack, b_stack, scales = cache.stacks
     ids = _ids_tensor(per_item, math.prod(x.shape[1:-1]), x.device)
     return lora_linear_multi(x, weight, bias, a_stack, b_stack, scales, ids, dropout_p=0.0, training=False)

@@ -103,9 +103,11 @@ inline void check_2d(const at::Tensor& t, const char* op, const char* name) {
               " must be float32 or float64, got ", t.scalar_type());
 }
 
-// A fresh (K, rows, ld) buffer holding src (K, rows, cols; any strides) zero padded to ld >= cols
+// A (K, rows, ld) buffer holding src (K, rows, cols; any strides) zero padded to ld >= cols
 // columns, in one loop: zeros + narrow + copy_ would be several dispatcher calls per packed factor,
-// which is most of a small call's cost.
+// which is most of a small call's cost.  The kernels only read it: when src already has that
+// layout (ld == cols, row-major contiguous) it is returned as is, without a copy; callers that
+// keep their factors in the packed layout (vfm.peft's cached mixed-batch stacks) pay no packing.
 template <typename T>
 at::Tensor pack_padded(const at::Tensor& src, int64_t ld) {
   TORCH_CHECK(src.dim() == 2 || src.dim() == 3, "lora kernels: pack_padded takes a 2-D or 3-D tensor");
@@ -113,6 +115,7 @@ at::Tensor pack_padded(const at::Tensor& src, int64_t ld) {
   const int64_t K = stack ? src.size(0) : 1, rows = src.size(stack ? 1 : 0), cols = src.size(stack ? 2 : 1);
   const int64_t sk = stack ? src.stride(0) : 0, s0 = src.stride(stack ? 1 : 0), s1 = src.stride(stack ? 2 : 1);
   TORCH_CHECK(ld >= cols, "lora kernels: pack_padded needs ld >= cols");
+  if (ld == cols && src.is_contiguous()) return src;
   at::Tensor out = stack ? at::empty({K, rows, ld}, src.options()) : at::empty({rows, ld}, src.options());
   const T* p = src.data_ptr<T>();
   T* d = out.data_ptr<T>();
