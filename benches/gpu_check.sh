@@ -8,7 +8,7 @@
 #      torch.compile and Liger-Kernel (carried as a wheel in .whl/ when the machine lacks it),
 #   4. times the LoRA layer (triton backend, then cuda) against PEFT's, then DoRA, torch.compile on
 #      PEFT (not run here: minutes of compiling) and many adapters per batch against their targets
-#      (benches/bench_lora_variants.py),
+#      (benches/bench_lora_variants.py), and PEFT's mixed-adapter batches (benches/bench_peft_mixed.py),
 #   5. times the fused linear loss against eager, torch's linear_cross_entropy, Liger and
 #      Cut Cross-Entropy (wheels in .whl/).
 # Every stage writes under $OUT as it goes (default ./out), has its own time limit, and a failed
@@ -46,6 +46,7 @@ log "2/5 GPU tests"
 VFM_TEST_GPU=1 timeout 200 $PY -m pytest -q -p no:cacheprovider -rf -m gpu --maxfail=30 \
   tests/test_gpu_knowledge_ce.py tests/test_gpu_cuda_kce.py tests/test_gpu_cuda_lora.py tests/test_gpu_lora.py \
   tests/test_kce_prologue.py tests/test_fused_linear_ce.py tests/test_fused_linear_ce_extra.py tests/test_flce_filter.py \
+  tests/test_peft_mixed.py \
   -k "not 128256" 2>&1 | tail -60 | tee "$OUT/gpu_tests.txt"
 
 log "3/5 knowledge CE benchmark (N=8192, V=128256, bf16)"
@@ -60,6 +61,9 @@ VFM_BACKEND=cuda timeout 40 $PY -m pytest benches/bench_lora.py -q -p no:cachepr
 
 log "4b/5 LoRA variants: DoRA and K = 4/16/64 adapters per batch (4096x4096, N=8192; torch.compile on PEFT: --cases compile)"
 timeout 100 $PY benches/bench_lora_variants.py 5 --cases dora,multi 2>&1 | tee "$OUT/bench_lora_variants.txt"
+
+log "4c/5 PEFT mixed-adapter batches (adapter_names=, inference): PEFT's loop vs vfm (4096x4096, bf16, B=64)"
+timeout 60 $PY benches/bench_peft_mixed.py 10 2>&1 | tee "$OUT/bench_peft_mixed.txt"
 
 log "5/5 fused linear knowledge CE (N=8192, H=4096, V=128256, bf16)"
 timeout 150 $PY benches/bench_fused_linear.py --device cuda --repeat 5 --json "$OUT/bench_fused_linear.json" 2>&1 \

@@ -225,3 +225,64 @@ def test_row_index_tensor_is_shared_between_layers():
     assert len(_peft_mixed._IDS_CACHE) == 2
     keys = sorted(k[0] for k in _peft_mixed._IDS_CACHE)
     assert keys == sorted([(0, 1, -1, 2, 0, 1), (-1, 0, -1, 1, -1, 0)])
+
+
+def test_stacks_are_built_once_while_the_adapters_are_unchanged():
+    reference, fast = three_adapters()
+    layer = fast.base_model.model.model.layers[1].mlp.down_proj
+    x = torch.randn(4, 3, 64)
+    names = ["c", "b", "__base__", "default"]
+    with torch.no_grad():
+        layer(x, adapter_names=names)
+        stacks = layer.__dict__["_vfm_mixed"].stacks
+        assert stacks is not None
+        layer(x, adapter_names=names)
+        assert layer.__dict__["_vfm_mixed"].stacks is stacks  # reused
+        layer.lora_A["b"].weight.add_(0.5)
+        out = layer(x, adapter_names=names)
+        assert layer.__dict__["_vfm_mixed"].stacks is not stacks  # rebuilt after the in-place update
+        reference.base_model.model.model.layers[1].mlp.down_proj.lora_A["b"].weight.add_(0.5)
+        ref = reference.base_model.model.model.layers[1].mlp.down_proj(x, adapter_names=names)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_mixed_batch_in_bf16_is_no_less_accurate_than_peft(device):
+    """A bf16 base with PEFT's default fp32 adapters: vfm's error against the same model in fp32 is at
+    most twice PEFT's own (both round differently: PEFT adds the rounded low-rank output to the
+    rounded base output, vfm accumulates both in one pass)."""
+    reference, fast = three_adapters(llama().to(torch.bfloat16))
+    truth = copy.deepcopy(reference).float()
+    for model in (reference, fast, truth):
+        model.to(device)
+    ids = batch(n=len(NAMES)).to(device)
+    before = multi_calls()
+    with torch.no_grad():
+        exact = truth(input_ids=ids, adapter_names=NAMES).logits.float()
+        err_peft = _rel(reference(input_ids=ids, adapter_names=NAMES).logits, exact)
+        for _ in range(2):  # the second call runs on the cached stacks
+            err_vfm = _rel(fast(input_ids=ids, adapter_names=NAMES).logits, exact)
+            assert err_vfm <= 2 * err_peft + 1e-3, (err_vfm, err_peft)
+    assert multi_calls() - before == 2 * N_LAYERS
+
+
+@pytest.mark.gpu
+def test_gpu_mixed_batch_matches_peft_in_fp32():
+    """On CUDA the stacks are plain contiguous (the triton / CUDA kernels read them along in / out)."""
+    reference, fast = three_adapters()
+    reference.cuda()
+    fast.cuda()
+    ids = batch(n=len(NAMES)).cuda()
+    before = multi_calls()
+    with torch.no_grad():
+        out_r = reference(input_ids=ids, adapter_names=NAMES).logits
+        for _ in range(2):  # the second call runs on the cached stacks
+            out_f = fast(input_ids=ids, adapter_names=NAMES).logits
+            torch.testing.assert_close(out_f, out_r, rtol=0, atol=1e-4 * out_r.abs().max().item())
+    assert multi_calls() - before == 2 * N_LAYERS
+    stacks = fast.base_model.model.model.layers[0].self_attn.q_proj.__dict__["_vfm_mixed"].stacks
+    assert stacks[0].is_cuda and stacks[0].is_contiguous() and stacks[1].is_contiguous()

@@ -99,7 +99,7 @@ def _fingerprint(layer: nn.Module, names: List[str]) -> Tuple[tuple, list]:
         wa, wb, bb = a._parameters.get("weight"), b._parameters.get("weight"), b._parameters.get("bias")
         keep += (a, b, drop, wa, wb, bb)
         key.append((n, id(a), id(b), id(drop), id(wa), id(wb), id(bb), type(a), type(b), type(drop),
-                    _hooks(a) or _hooks(b) or _hooks(drop), drop.training, getattr(drop, "p", None),
+                    _hooks(a) or _hooks(b) or _hooks(drop), drop.training, drop.__dict__.get("p"),
                     n in variants, float(scaling[n]),
                     None if wa is None else (wa._version, wa.data_ptr(), wa.dtype, wa.requires_grad),
                     None if wb is None else (wb._version, wb.data_ptr(), wb.dtype, wb.requires_grad)))
