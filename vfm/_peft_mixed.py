@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from vfm.ops.lora_api import lora_linear_multi
+from vfm.ops.lora_api import _lora_linear_multi_prepared, lora_linear_multi
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 _IDS_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
@@ -52,20 +52,12 @@ def _ids_tensor(per_item: Tuple[int, ...], rows_per_item: int, device: torch.dev
 def _used(layer: nn.Module, adapter_names: Sequence[str]) -> Tuple[List[str], Tuple[int, ...]]:
     """The layer's adapters named in the batch (in order of first use) and each item's index among them
     (-1 for ``"__base__"`` and for names this layer has no adapter for, which PEFT skips too)."""
-    adapters = layer._modules["lora_A"]
-    index: Dict[str, int] = {}
-    used: List[str] = []
-    per_item = []
-    for name in adapter_names:
-        k = index.get(name)
-        if k is None:
-            k = -1
-            if name != BASE and name in adapters:
-                k = len(used)
-                used.append(name)
-            index[name] = k
-        per_item.append(k)
-    return used, tuple(per_item)
+    adapters = layer._modules["lora_A"]._modules
+    index: Dict[str, int] = dict.fromkeys(adapter_names, -1)  # the distinct names, in order of first use
+    used: List[str] = [name for name in index if name != BASE and name in adapters]
+    for k, name in enumerate(used):
+        index[name] = k
+    return used, tuple(map(index.__getitem__, adapter_names))
 
 
 def _layer_reason(layer: nn.Module, x: torch.Tensor, hooked, base: nn.Module) -> Optional[str]:
@@ -212,11 +204,15 @@ def mixed_batch_forward(layer: nn.Module, peft_cls: type, x: torch.Tensor, adapt
     if x.dim() < 2:
         raise ValueError(f"x must have shape (batch, *, in_features) with adapter_names, got {tuple(x.shape)}")
     weight, bias = base_weight(base)
-    if torch.is_grad_enabled() and cache.trainable:  # differentiable stacks, never cached
+    grad = torch.is_grad_enabled() and cache.trainable
+    if grad:  # differentiable stacks, never cached
         a_stack, b_stack, scales = _stacks(layer, names, x.device, True)
     else:
         if cache.stacks is None:
             cache.stacks = _stacks(layer, names, x.device, False)
         a_stack, b_stack, scales = cache.stacks
     ids = _ids_tensor(per_item, math.prod(x.shape[1:-1]), x.device)
-    return lora_linear_multi(x, weight, bias, a_stack, b_stack, scales, ids, dropout_p=0.0, training=False)
+    if grad:
+        return lora_linear_multi(x, weight, bias, a_stack, b_stack, scales, ids, dropout_p=0.0, training=False)
+    # the stacks, scales and ids were built here from checked adapters: the kernels without the checks
+    return _lora_linear_multi_prepared(x, weight, bias, a_stack, b_stack, scales, ids)

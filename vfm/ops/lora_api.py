@@ -330,3 +330,22 @@ def lora_linear_multi(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_stack
     args = (t["x"], t["weight"], t["bias"], t["a_stack"], t["b_stack"], scales, ids, p, seed_t)
     y, _ = _run(_ops.EagerLoRALinearMulti, torch.ops.vfm.lora_linear_multi, x2d, args, ac)
     return _output(y, x)
+
+
+def _lora_linear_multi_prepared(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_stack: Tensor, b_stack: Tensor,
+                                scales: Tensor, adapter_ids: Tensor) -> Tensor:
+    """:func:`lora_linear_multi` without dropout, for a caller that built and checked every argument
+    itself (``vfm.peft``'s mixed-adapter batches: one call per layer and forward, where the public
+    function's checks of shapes, dtypes and ids cost more than the kernels at small batches).
+
+    ``scales`` is the (K,) float32 tensor on x's device and ``adapter_ids`` the (N,) int64 one, N =
+    rows of x.  Anything that needs more than the kernels' forward (a gradient, autocast, tracing or
+    compiling) goes through :func:`lora_linear_multi`, checks included.
+    """
+    if (not _ops._is_eager_tensor(x) or torch.is_autocast_enabled(x.device.type)
+            or not _nothing_to_differentiate((x, weight, bias, a_stack, b_stack))):
+        return lora_linear_multi(x, weight, bias, a_stack, b_stack, scales, adapter_ids, dropout_p=0.0, training=False)
+    x2d = _rows(x, x.shape[-1])
+    y, _ = _ops.kernels(_ops.EagerLoRALinearMulti.OP, x2d).forward(x2d, weight, bias, a_stack, b_stack, scales,
+                                                                  adapter_ids, 0.0, _NO_SEED)
+    return _output(y, x)
