@@ -286,3 +286,24 @@ def test_gpu_mixed_batch_matches_peft_in_fp32():
     assert multi_calls() - before == 2 * N_LAYERS
     stacks = fast.base_model.model.model.layers[0].self_attn.q_proj.__dict__["_vfm_mixed"].stacks
     assert stacks[0].is_cuda and stacks[0].is_contiguous() and stacks[1].is_contiguous()
+
+
+def test_mixed_batch_under_inference_mode_then_with_an_input_gradient():
+    """Stacks cached under inference_mode are inference tensors, which autograd cannot save: a later
+    call whose input needs a gradient (frozen adapters) must rebuild them, and its gradient is PEFT's."""
+    reference, fast = three_adapters()
+    layer = fast.base_model.model.model.layers[0].mlp.up_proj
+    ref_layer = reference.base_model.model.model.layers[0].mlp.up_proj
+    names = ["c", "default", "__base__"]
+    x = torch.randn(3, 5, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x, adapter_names=names), ref_layer(x, adapter_names=names),
+                                   rtol=1e-5, atol=1e-6)
+    for p in list(layer.parameters()) + list(ref_layer.parameters()):
+        p.requires_grad_(False)
+    grads = []
+    for module in (layer, ref_layer):
+        xg = x.clone().requires_grad_(True)
+        module(xg, adapter_names=names).square().sum().backward()
+        grads.append(xg.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)

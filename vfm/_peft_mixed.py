@@ -39,7 +39,7 @@ def _ids_tensor(per_item: Tuple[int, ...], rows_per_item: int, device: torch.dev
     """(len(per_item) * rows_per_item,) int64 adapter index per row of x, cached by value."""
     key = (per_item, rows_per_item, device)
     ids = _IDS_CACHE.get(key)
-    if ids is None:
+    if ids is None or (ids.is_inference() and not torch.is_inference_mode_enabled()):
         ids = torch.tensor(per_item, dtype=torch.long).repeat_interleave(rows_per_item).to(device)
         _IDS_CACHE[key] = ids
         if len(_IDS_CACHE) > _IDS_CACHE_SIZE:
@@ -208,7 +208,8 @@ def mixed_batch_forward(layer: nn.Module, peft_cls: type, x: torch.Tensor, adapt
     if grad:  # differentiable stacks, never cached
         a_stack, b_stack, scales = _stacks(layer, names, x.device, True)
     else:
-        if cache.stacks is None:
+        # stacks built under inference_mode cannot be saved for a backward outside it (x may need a gradient)
+        if cache.stacks is None or (cache.stacks[0].is_inference() and not torch.is_inference_mode_enabled()):
             cache.stacks = _stacks(layer, names, x.device, False)
         a_stack, b_stack, scales = cache.stacks
     ids = _ids_tensor(per_item, math.prod(x.shape[1:-1]), x.device)
