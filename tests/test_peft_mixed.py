@@ -307,3 +307,25 @@ def test_mixed_batch_under_inference_mode_then_with_an_input_gradient():
         module(xg, adapter_names=names).square().sum().backward()
         grads.append(xg.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batch_cache_can_be_off_cleared_and_is_dropped_by_restore():
+    reference, fast = three_adapters()
+    ids = batch(n=len(NAMES))
+    swapped = [m for m in fast.modules() if type(m) is vfm.peft.LoraLinear]
+    assert len(swapped) == N_LAYERS
+    with torch.no_grad():
+        assert_close_logits(fast, reference, ids, NAMES)
+        assert all(m.__dict__["_vfm_mixed"].stacks is not None for m in swapped)
+        assert vfm.peft.clear_mixed_batch_cache(fast) == N_LAYERS
+        assert not any("_vfm_mixed" in m.__dict__ for m in swapped)
+        vfm.peft.accelerate(fast, mixed_batch_cache=False)
+        for _ in range(2):
+            assert_close_logits(fast, reference, ids, NAMES)
+            assert all(m.__dict__["_vfm_mixed"].stacks is None for m in swapped)  # checks kept, stacks not
+        vfm.peft.accelerate(fast)
+        assert_close_logits(fast, reference, ids, NAMES)
+    assert vfm.peft.restore(fast) == N_LAYERS
+    assert not any(k.startswith("_vfm") for m in swapped for k in m.__dict__)
+    with pytest.raises(TypeError, match="mixed_batch_cache"):
+        vfm.peft.accelerate(fast, mixed_batch_cache="yes")

@@ -8,7 +8,9 @@ adapter's low-rank term in one grouped call, each row with its own adapter.
 
 The stacks are cached on the layer while the adapters' tensors are unchanged (same objects, same
 in-place version counters, same scalings) and nothing needs their gradient; with a gradient to
-compute they are rebuilt differentiably on every call.  The adapter-index tensor is shared between
+compute they are rebuilt differentiably on every call.  The cache costs as much memory again as the
+named adapters' factors (``vfm.peft.accelerate(model, mixed_batch_cache=False)`` keeps none,
+``vfm.peft.clear_mixed_batch_cache(model)`` frees them).  The adapter-index tensor is shared between
 the layers of one forward (they all receive the same ``adapter_names``) through a small cache, so a
 GPU forward copies it to the device once, not once per layer.
 
@@ -209,9 +211,12 @@ def mixed_batch_forward(layer: nn.Module, peft_cls: type, x: torch.Tensor, adapt
         a_stack, b_stack, scales = _stacks(layer, names, x.device, True)
     else:
         # stacks built under inference_mode cannot be saved for a backward outside it (x may need a gradient)
-        if cache.stacks is None or (cache.stacks[0].is_inference() and not torch.is_inference_mode_enabled()):
-            cache.stacks = _stacks(layer, names, x.device, False)
-        a_stack, b_stack, scales = cache.stacks
+        stacks = cache.stacks
+        if stacks is None or (stacks[0].is_inference() and not torch.is_inference_mode_enabled()):
+            stacks = _stacks(layer, names, x.device, False)
+            if layer.__dict__.get("_vfm_mixed_cache", True):  # accelerate(mixed_batch_cache=False): never kept
+                cache.stacks = stacks
+        a_stack, b_stack, scales = stacks
     ids = _ids_tensor(per_item, math.prod(x.shape[1:-1]), x.device)
     if grad:
         return lora_linear_multi(x, weight, bias, a_stack, b_stack, scales, ids, dropout_p=0.0, training=False)

@@ -294,16 +294,22 @@ def _kind(layer: nn.Module) -> str:
 
 
 # --------------------------------------------------------------------------- public --
-def accelerate(model: nn.Module) -> AccelerateReport:
+def accelerate(model: nn.Module, *, mixed_batch_cache: bool = True) -> AccelerateReport:
     """Make every eligible PEFT LoRA / DoRA / AdaLoRA Linear layer of ``model`` run on vfm, in place.
 
     Args:
         model: a ``PeftModel`` (or any module containing PEFT adapter layers).
+        mixed_batch_cache: for mixed-adapter batches (``adapter_names=``), keep each layer's stack of
+            the named adapters' factors between calls (a copy of those adapters' A and B, their rank
+            padded to the largest one: as much memory again as the adapters themselves) instead of
+            stacking them on every call.  :func:`clear_mixed_batch_cache` frees the stacks.
 
     Returns:
         An :class:`AccelerateReport`: the layers taken over, and the reason for each adapter layer
         left to PEFT.  Calling it again is harmless (already accelerated layers count again).
     """
+    if not isinstance(mixed_batch_cache, bool):
+        raise TypeError(f"mixed_batch_cache must be a bool, got {type(mixed_batch_cache).__name__}")
     report = AccelerateReport()
     for name, module in model.named_modules():
         if not isinstance(module, BaseTunerLayer):
@@ -320,6 +326,9 @@ def accelerate(model: nn.Module) -> AccelerateReport:
             logger.info("vfm.peft: leaving %s to PEFT: %s", name, why)
             continue
         module.__class__ = _SWAP.get(type(module), type(module))
+        module.__dict__["_vfm_mixed_cache"] = mixed_batch_cache
+        if not mixed_batch_cache:
+            module.__dict__.pop("_vfm_mixed", None)
         report.accelerated.append(name)
         report.kinds[_kind(module)] += 1
         later = _state_reason(module)
@@ -342,6 +351,24 @@ def restore(model: nn.Module) -> int:
         original = _UNSWAP.get(type(module))
         if original is not None:
             module.__class__ = original
-            module.__dict__.pop("_vfm_fallback_reasons", None)
+            for attr in ("_vfm_fallback_reasons", "_vfm_mixed", "_vfm_mixed_cache"):
+                module.__dict__.pop(attr, None)
+            count += 1
+    return count
+
+
+def clear_mixed_batch_cache(model: nn.Module) -> int:
+    """Free the stacked adapter factors that accelerated layers keep for mixed-adapter batches.
+
+    They are rebuilt at the next mixed batch (unless :func:`accelerate` was called with
+    ``mixed_batch_cache=False``, where none are kept).  Useful after deleting adapters, or to give the
+    memory back between serving sessions.
+
+    Returns:
+        The number of layers whose cache was dropped.
+    """
+    count = 0
+    for module in model.modules():
+        if type(module) in _UNSWAP and module.__dict__.pop("_vfm_mixed", None) is not None:
             count += 1
     return count
