@@ -266,10 +266,10 @@ def test_fallbacks_are_logged_and_give_peft_numbers(caplog):
     fast.eval()
     with caplog.at_level(logging.INFO, logger="vfm.peft"):
         # (mixed-adapter batches, adapter_names=, run on vfm: tests/test_peft_mixed.py)
+        # (several active plain LoRA adapters run on vfm too: tests/test_peft_mixed.py)
         for model in (reference, fast):
             model.base_model.set_adapter(["default", "other"])
         torch.testing.assert_close(fast(input_ids=ids).logits, reference(input_ids=ids).logits)
-        assert "2 active adapters" in caplog.text
         with fast.disable_adapter(), reference.disable_adapter():
             torch.testing.assert_close(fast(input_ids=ids).logits, reference(input_ids=ids).logits)
         assert "disabled" in caplog.text

@@ -1,8 +1,10 @@
-"""PEFT's mixed-adapter batches (``adapter_names=``) on layers swapped by vfm.peft.accelerate.
+"""PEFT's mixed-adapter batches (``adapter_names=``) and several active adapters on layers swapped by
+vfm.peft.accelerate.
 
-The reference is PEFT's own mixed-batch forward (a Python loop over the adapters named in the batch)
-on an identical copy of the model; vfm runs the same batch through one lora_linear_multi call per
-layer.  Models are tiny, randomly initialised Llama / GPT-2 built in code.
+The reference is PEFT's own forward (for mixed batches a Python loop over the adapters named in the
+batch; for several active adapters a sum over them) on an identical copy of the model; vfm runs a
+mixed batch through one lora_linear_multi call per layer, and several active adapters as one
+lora_linear of the concatenated ranks.  Models are tiny, randomly initialised Llama / GPT-2 built in code.
 """
 
 import copy
@@ -20,7 +22,8 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import vfm.peft  # noqa: E402
 from vfm import _peft_mixed, _registry  # noqa: E402
-from test_peft_accelerate import N_LAYERS, batch, llama, peft_config, perturb_adapters  # noqa: E402
+from test_peft_accelerate import (  # noqa: E402
+    N_LAYERS, TARGETS, assert_same_step, batch, llama, peft_config, perturb_adapters)
 
 NAMES = ["b", "default", "__base__", "c", "b", "default"]
 
@@ -329,3 +332,57 @@ def test_mixed_batch_cache_can_be_off_cleared_and_is_dropped_by_restore():
     assert not any(k.startswith("_vfm") for m in swapped for k in m.__dict__)
     with pytest.raises(TypeError, match="mixed_batch_cache"):
         vfm.peft.accelerate(fast, mixed_batch_cache="yes")
+
+
+# ------------------------------------------------------------------ several active adapters --
+def several_active(dropout=0.0, lora_bias=False):
+    """Llama with "default" (r 4) and "other" (r 2, rsLoRA) both active: PEFT sums them on every row."""
+    reference = get_peft_model(llama(), peft_config("lora", dropout=dropout, lora_bias=lora_bias))
+    reference.add_adapter("other", LoraConfig(r=2, lora_alpha=3, use_rslora=True, target_modules=TARGETS,
+                                              lora_dropout=dropout, lora_bias=lora_bias))
+    perturb_adapters(reference)
+    fast = copy.deepcopy(reference)
+    assert vfm.peft.accelerate(fast).num_accelerated == N_LAYERS
+    for model in (reference, fast):
+        model.base_model.set_adapter(["default", "other"])
+    return reference, fast
+
+
+def lora_calls() -> int:
+    return sum(n for (op, _backend), n in _registry.CALLS.items() if op == "lora_linear")
+
+
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_several_active_adapters_match_peft_in_train_and_eval(lora_bias, caplog):
+    reference, fast = several_active(lora_bias=lora_bias)
+    trainable = {n for n, p in reference.named_parameters() if p.requires_grad}
+    assert any(".other." in n for n in trainable) and any(".default." in n for n in trainable)
+    before = lora_calls()
+    with caplog.at_level(logging.INFO, logger="vfm.peft"):
+        for train in (True, False):
+            assert_same_step(reference, fast, batch(), train)
+    assert "PEFT's forward" not in caplog.text
+    assert lora_calls() - before == 2 * 2 * N_LAYERS  # forward + backward, train and eval, every layer
+
+
+def test_several_active_adapters_with_dropout_or_dora_are_left_to_peft(caplog):
+    reference, fast = several_active(dropout=0.2)
+    ids = batch()
+    with caplog.at_level(logging.INFO, logger="vfm.peft"):
+        before = lora_calls()
+        fast.train()
+        fast(input_ids=ids)
+        assert "one mask per adapter" in caplog.text and lora_calls() == before
+        fast.eval()
+        reference.eval()
+        out = fast(input_ids=ids).logits  # dropout is off in eval: on vfm
+        torch.testing.assert_close(out, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        assert lora_calls() - before == N_LAYERS
+        for model in (reference, fast):
+            model.add_adapter("dora", peft_config("dora"))
+            model.base_model.set_adapter(["default", "dora"])
+        perturb_adapters(reference, seed=4)
+        fast.load_state_dict(reference.state_dict())
+        before = lora_calls()
+        torch.testing.assert_close(fast(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        assert "LoRA variant" in caplog.text and lora_calls() == before

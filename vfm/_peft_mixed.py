@@ -1,4 +1,8 @@
-"""PEFT's mixed-adapter batches (``model(..., adapter_names=[...])``) on :func:`vfm.functional.lora_linear_multi`.
+"""PEFT layers with more than one adapter at work: mixed-adapter batches and several active adapters.
+
+Several active LoRA adapters (``set_adapter([...])``, summed on every row) are one adapter of the
+concatenated ranks (:func:`several_active_forward`).  The rest of this module is about mixed-adapter
+batches (``model(..., adapter_names=[...])``) on :func:`vfm.functional.lora_linear_multi`.
 
 PEFT runs a batch whose items use different LoRA adapters (``"__base__"``: none) with a Python loop
 over the adapters named in it: for each one it gathers that adapter's items, runs lora_A and lora_B on
@@ -30,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from vfm.ops.lora_api import _lora_linear_multi_prepared, lora_linear_multi
+from vfm.ops.lora_api import _lora_linear_multi_prepared, lora_linear, lora_linear_multi
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 _IDS_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
@@ -100,26 +104,56 @@ def _fingerprint(layer: nn.Module, names: List[str]) -> Tuple[tuple, list]:
     return tuple(key), keep
 
 
-def _adapters_reason(layer: nn.Module, names: List[str], adapter_reason) -> Tuple[Optional[str], Optional[torch.dtype]]:
-    """Why the named adapters need PEFT's mixed-batch forward (None when the grouped call reproduces it),
-    and their common dtype."""
+def _adapters_reason(layer: nn.Module, names: List[str], adapter_reason, several_active: bool = False
+                     ) -> Tuple[Optional[str], Optional[torch.dtype]]:
+    """Why the named adapters need PEFT's forward (None when vfm reproduces it), and their common dtype.
+
+    ``several_active``: the adapters are the layer's active ones, summed on every row
+    (:func:`several_active_forward`), not a mixed batch; a ``lora_bias`` is then allowed.
+    """
+    what = "several active adapters" if several_active else "mixed batches"
     mods = layer._modules
     dtypes = set()
     for name in names:
         if name in getattr(layer, "lora_variant", {}):
-            return f"adapter {name!r} is a LoRA variant (mixed batches run plain LoRA adapters only)", None
+            return f"adapter {name!r} is a LoRA variant ({what} run plain LoRA adapters only)", None
         why = adapter_reason(layer, name)
         if why is not None:
             return why, None
-        if mods["lora_B"][name].bias is not None:
+        if not several_active and mods["lora_B"][name].bias is not None:
             return f"adapter {name!r} has lora_bias=True (a per-adapter bias)", None
         drop = mods["lora_dropout"][name]
         if isinstance(drop, nn.Dropout) and drop.training and drop.p > 0:
-            return f"adapter {name!r} has active dropout (PEFT runs mixed batches in eval mode)", None
+            why = "PEFT draws one mask per adapter" if several_active else "PEFT runs mixed batches in eval mode"
+            return f"adapter {name!r} has active dropout ({why})", None
         dtypes.add(mods["lora_A"][name].weight.dtype)
     if len(dtypes) > 1:
-        return f"the adapters in the batch have different dtypes {sorted(str(d) for d in dtypes)}", None
+        return f"the adapters of {what} have different dtypes {sorted(str(d) for d in dtypes)}", None
     return None, dtypes.pop()
+
+
+def several_active_reason(layer: nn.Module, active: List[str], adapter_reason) -> Optional[str]:
+    """Why a LoRA layer with several active adapters needs PEFT's forward (None when vfm runs it)."""
+    return _adapters_reason(layer, active, adapter_reason, several_active=True)[0]
+
+
+def several_active_forward(layer: nn.Module, x: torch.Tensor, active: List[str], weight: torch.Tensor,
+                           bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """PEFT's sum over several active LoRA adapters, ``y = x W^T + b + sum_k s_k (x A_k^T) B_k^T``, as one
+    adapter of rank sum_k r_k: A = [A_1; A_2; ...], B = [s_1 B_1, s_2 B_2, ...] (concatenated on every call,
+    differentiably: each adapter gets its own gradient).  Each ``lora_bias`` b_k adds s_k b_k to the bias.
+    The adapters were checked by :func:`several_active_reason` (no dropout, no variant, one dtype)."""
+    mods = layer._modules
+    am, bm = mods["lora_A"]._modules, mods["lora_B"]._modules
+    scaling = layer.scaling
+    lora_a = torch.cat([am[n].weight for n in active])
+    lora_b = torch.cat([bm[n].weight * float(scaling[n]) for n in active], dim=1)
+    for n in active:
+        b_k = bm[n].bias
+        if b_k is not None:
+            shift = (b_k * float(scaling[n])).to(weight.dtype)
+            bias = shift if bias is None else bias + shift
+    return lora_linear(x, weight, bias, lora_a, lora_b, 1.0)
 
 
 def _new_stacks(like: torch.Tensor, n: int, rank: int, in_f: int, out_f: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -11,11 +11,15 @@ Mixed-adapter batches (``model(..., adapter_names=[...])``, one adapter per item
 adapter of a layer in one :func:`~vfm.functional.lora_linear_multi` call instead of PEFT's loop over
 them (:mod:`vfm._peft_mixed`).
 
+Several active plain LoRA adapters (``set_adapter([...])``, summed on every row) run as one adapter
+of the concatenated ranks.
+
 Whatever a swapped layer cannot compute itself goes to PEFT's forward, with the reason logged once
-per layer (logger ``"vfm.peft"``): merged or disabled adapters, several active adapters, extra
-forward arguments, LoRA variants other than DoRA (and in mixed batches any variant, ``lora_bias`` or
-active dropout), DoRA with ``lora_bias``, input/weight dtypes PEFT itself would reject, and forward
-hooks on the wrapped layers (accelerate's offloading hooks, for instance).  Layers it never takes over (listed with the
+per layer (logger ``"vfm.peft"``): merged or disabled adapters, extra forward arguments, LoRA
+variants other than DoRA (and in mixed batches or among several active adapters any variant or
+active dropout; in mixed batches ``lora_bias``), DoRA with ``lora_bias``, several active AdaLoRA
+adapters, input/weight dtypes PEFT itself would reject, and forward hooks on the wrapped layers
+(accelerate's offloading hooks, for instance).  Layers it never takes over (listed with the
 reason in the report): embeddings, convolutions, quantized or otherwise non-Linear base layers
 (bitsandbytes, GPTQ, ...), weights that are not plain tensors (DeepSpeed ZeRO-3, DTensor), and
 nested adapter layers.
@@ -183,10 +187,13 @@ def _state_reason(layer: nn.Module, active: Optional[List[str]] = None, base: Op
     if layer.merged:
         return "adapter weights are merged into the base weight"
     active = _active(layer) if active is None else active
-    if len(active) != 1:
-        return f"{len(active)} active adapters (vfm runs exactly one)"
+    several = len(active) > 1 and not isinstance(layer, _PeftSVDLinear)  # LoRA: summed as one adapter
+    if len(active) != 1 and not several:
+        return f"{len(active)} active adapters (vfm runs one, or several plain LoRA ones)"
     if _hooked(_base(layer) if base is None else base):
         return "the base layer has forward hooks (e.g. accelerate offloading) that vfm would bypass"
+    if several:
+        return _mixed.several_active_reason(layer, active, _adapter_reason)
     return _adapter_reason(layer, active[0])
 
 
@@ -239,8 +246,10 @@ def _vfm_forward(layer: nn.Module, peft_cls: type, x, args, kwargs):
     if why is not None:
         _note_fallback(layer, why)
         return peft_cls.forward(layer, x, *args, **kwargs)
-    name = active[0]
     weight, bias = _base_weight(base)
+    if len(active) > 1:  # several active LoRA adapters (checked by _state_reason): summed as one
+        return _mixed.several_active_forward(layer, x, active, weight, bias)
+    name = active[0]
     p, training = _dropout_args(layer, name)
     scaling = layer.scaling[name]
     if isinstance(layer, _PeftSVDLinear):
