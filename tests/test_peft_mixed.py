@@ -386,3 +386,18 @@ def test_several_active_adapters_with_dropout_or_dora_are_left_to_peft(caplog):
         before = lora_calls()
         torch.testing.assert_close(fast(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
         assert "LoRA variant" in caplog.text and lora_calls() == before
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mixed_batch_on_every_backend(backend):
+    """The cached path calls the resolved backend's kernels directly: the torch reference, and the
+    triton kernels (under the interpreter here; fp32), on stacks in the CPU's packed layout."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    reference, fast = three_adapters()
+    ids = batch(n=len(NAMES), t=4)
+    calls = lambda: _registry.CALLS[("lora_linear_multi", backend)]  # noqa: E731
+    before = calls()
+    with torch.no_grad(), vfm.use_backend(backend):
+        assert_close_logits(fast, reference, ids, NAMES)
+    assert calls() - before == N_LAYERS
