@@ -117,8 +117,8 @@ def interleaved(rounds: int, ks=(4, 16, 64), shape=SHAPE, batch=BATCH, seqs=SEQS
     print("|---|---|---|---|---|---|")
     for n_adapters, seq, med in rows:
         b = med["base"]
-        print(f"| {n_adapters} | {seq} ({seq * batch}) | {b:.3f} ms | +{(med['peft'] / b - 1) * 100:.0f}% | "
-              f"+{(med['vfm'] / b - 1) * 100:.0f}% | {med['peft'] / med['vfm']:.2f}x faster |")
+        print(f"| {n_adapters} | {seq} ({seq * batch}) | {b:.3f} ms | {(med['peft'] / b - 1) * 100:+.0f}% | "
+              f"{(med['vfm'] / b - 1) * 100:+.0f}% | {med['peft'] / med['vfm']:.2f}x faster |")
     return rows
 
 

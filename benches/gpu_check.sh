@@ -63,7 +63,7 @@ log "4b/5 LoRA variants: DoRA and K = 4/16/64 adapters per batch (4096x4096, N=8
 timeout 100 $PY benches/bench_lora_variants.py 5 --cases dora,multi 2>&1 | tee "$OUT/bench_lora_variants.txt"
 
 log "4c/5 PEFT mixed-adapter batches (adapter_names=, inference): PEFT's loop vs vfm (4096x4096, bf16, B=64)"
-timeout 60 $PY benches/bench_peft_mixed.py 10 2>&1 | tee "$OUT/bench_peft_mixed.txt"
+timeout 90 $PY benches/bench_peft_mixed.py 10 2>&1 | tee "$OUT/bench_peft_mixed.txt"
 
 log "5/5 fused linear knowledge CE (N=8192, H=4096, V=128256, bf16)"
 timeout 150 $PY benches/bench_fused_linear.py --device cuda --repeat 5 --json "$OUT/bench_fused_linear.json" 2>&1 \
