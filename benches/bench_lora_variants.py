@@ -12,6 +12,9 @@ Cases (each also a pytest-benchmark test: ``python -m pytest benches/bench_lora_
 * ``compile``: ``torch.compile`` on the PEFT LoRA model, dropout 0 and 0.1 (the reference figures:
   +55% / +62%; vfm's target for the uncompiled layer is <= +15%).  GPU only by default: inductor's
   CPU build of the graph takes minutes here.
+* ``several``: two active adapters on one layer (PEFT's ``set_adapter(["default", "second"])``,
+  summed on every row, both trained): PEFT's loop over them against vfm's one adapter of the
+  concatenated ranks (no target; ``--cases several``).
 * ``multi``: N rows spread evenly at random over K = 4, 16, 64 adapters: a torch loop over the
   row segments (the segments' row indices computed once, outside the timed step), torch with the
   factors gathered per row and batched matmuls, and ``vfm.functional.lora_linear_multi``; targets
@@ -19,7 +22,7 @@ Cases (each also a pytest-benchmark test: ``python -m pytest benches/bench_lora_
 
 Before timing, every case checks that its providers compute the same output (a wrong baseline
 would make any ratio meaningless).  ``python benches/bench_lora_variants.py [rounds] [--cases
-dora,compile,multi] [--shape DINxDOUT] [--rows N] [--threads T]`` runs every provider of the
+dora,compile,multi,several] [--shape DINxDOUT] [--rows N] [--threads T]`` runs every provider of the
 chosen cases once per round, interleaved with the base linear, and prints median overheads beside
 the targets.
 """
@@ -105,6 +108,27 @@ def dora_steps(d_in, d_out, n_rows):
     return {k: _step(m, [p for p in m.parameters() if p.requires_grad], x, grad) for k, m in models.items()}
 
 
+def several_steps(d_in, d_out, n_rows):
+    """{provider: step} for two active LoRA adapters (PEFT's ``set_adapter([...])``: both summed on
+    every row, both trained) at dropout 0; the providers' outputs are checked to agree."""
+    x, grad = _inputs(d_in, d_out, n_rows)
+    models = {}
+    for provider in ("peft", "vfm"):
+        model = _peft_model(d_in, d_out, 0.0, False)
+        model.add_adapter("second", peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["proj"]))
+        g = torch.Generator().manual_seed(4)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B.second" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        model.base_model.set_adapter(["default", "second"])
+        models[provider] = model.to(DEVICE, DTYPE).train()
+    report = vfm.peft.accelerate(models["vfm"])
+    assert report.num_accelerated == 1 and not report.fallbacks, report
+    _agree({k: m(x) for k, m in models.items()}, "several")
+    return {k: _step(m, [p for p in m.parameters() if p.requires_grad], x, grad) for k, m in models.items()}
+
+
 def compile_steps(d_in, d_out, n_rows, dropouts=(0.0, 0.1)):
     """{provider: step} for torch.compile on PEFT's LoRA model (compiled here, on the first call)."""
     x, grad = _inputs(d_in, d_out, n_rows)
@@ -187,6 +211,11 @@ def test_peft_compiled(benchmark, dropout):
     _bench(benchmark, compile_steps(*SHAPE, N_ROWS, (dropout,))[f"peft+compile p{dropout:.1f}"], dropout=dropout)
 
 
+@pytest.mark.parametrize("provider", ["peft", "vfm"])
+def test_several_active(benchmark, provider):
+    _bench(benchmark, several_steps(*SHAPE, N_ROWS)[provider], provider=provider)
+
+
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("provider", ["torch loop", "torch gathered", "vfm"])
 def test_multi(benchmark, provider, k):
@@ -199,6 +228,7 @@ def interleaved(rounds, cases, shape, n_rows):
     linear timed in rotated interleaved rounds (one step each per round)."""
     builders = {"dora": lambda: {("dora", p): s for p, s in dora_steps(*shape, n_rows).items()},
                 "compile": lambda: {("compile", p): s for p, s in compile_steps(*shape, n_rows).items()},
+                "several": lambda: {("several", p): s for p, s in several_steps(*shape, n_rows).items()},
                 "multi": lambda: {(f"multi K={k}", p): s for k in KS for p, s in multi_steps(*shape, n_rows, k).items()}}
     rows = []
     for case in cases:
@@ -226,15 +256,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("rounds", nargs="?", type=int, default=10)
     ap.add_argument("--cases", default="dora,compile,multi" if DEVICE == "cuda" else "dora,multi",
-                    help="comma-separated subset of dora, compile, multi")
+                    help="comma-separated subset of dora, compile, multi, several")
     ap.add_argument("--shape", default=f"{SHAPE[0]}x{SHAPE[1]}", help="DINxDOUT")
     ap.add_argument("--rows", type=int, default=N_ROWS)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    bad = [c for c in cases if c not in ("dora", "compile", "multi")]
+    bad = [c for c in cases if c not in ("dora", "compile", "multi", "several")]
     if bad or not cases:
-        ap.error(f"--cases takes dora, compile and multi, got {args.cases!r}")
+        ap.error(f"--cases takes dora, compile, multi and several, got {args.cases!r}")
     try:
         shape = tuple(int(v) for v in args.shape.lower().split("x"))
     except ValueError:

@@ -59,8 +59,8 @@ timeout 60 $PY -m pytest benches/bench_lora.py -q -p no:cacheprovider --benchmar
 VFM_BACKEND=cuda timeout 40 $PY -m pytest benches/bench_lora.py -q -p no:cacheprovider -k vfm \
   --benchmark-columns=median,min --benchmark-sort=name 2>&1 | tail -12 | tee "$OUT/bench_lora_cuda.txt"
 
-log "4b/5 LoRA variants: DoRA and K = 4/16/64 adapters per batch (4096x4096, N=8192; torch.compile on PEFT: --cases compile)"
-timeout 100 $PY benches/bench_lora_variants.py 5 --cases dora,multi 2>&1 | tee "$OUT/bench_lora_variants.txt"
+log "4b/5 LoRA variants: DoRA, two active adapters and K = 4/16/64 adapters per batch (4096x4096, N=8192; torch.compile on PEFT: --cases compile)"
+timeout 120 $PY benches/bench_lora_variants.py 5 --cases dora,multi,several 2>&1 | tee "$OUT/bench_lora_variants.txt"
 
 log "4c/5 PEFT mixed-adapter batches (adapter_names=, inference): PEFT's loop vs vfm (4096x4096, bf16, B=64)"
 timeout 90 $PY benches/bench_peft_mixed.py 10 2>&1 | tee "$OUT/bench_peft_mixed.txt"
