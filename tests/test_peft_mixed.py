@@ -32,9 +32,10 @@ def multi_calls() -> int:
     return sum(n for (op, _backend), n in _registry.CALLS.items() if op == "lora_linear_multi")
 
 
-def three_adapters(base=None, **extra):
+def three_adapters(base=None, cache=False, **extra):
     """PEFT model with adapters of ranks 4 / 2 / 6: "default" everywhere, "b" on three projections only
-    (the other layers have no "b": PEFT leaves those items to the base layer), "c" rsLoRA on all."""
+    (the other layers have no "b": PEFT leaves those items to the base layer), "c" rsLoRA on all; the
+    accelerated copy keeps its mixed-batch stacks between calls when ``cache``."""
     reference = get_peft_model(base if base is not None else llama(), peft_config("lora", **extra))
     reference.add_adapter("b", LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj", "down_proj"]))
     reference.add_adapter("c", LoraConfig(r=6, lora_alpha=6, use_rslora=True,
@@ -42,7 +43,7 @@ def three_adapters(base=None, **extra):
                                                           "up_proj", "down_proj"]))
     perturb_adapters(reference)
     fast = copy.deepcopy(reference)
-    report = vfm.peft.accelerate(fast)
+    report = vfm.peft.accelerate(fast, mixed_batch_cache=cache)
     assert report.num_accelerated == N_LAYERS
     reference.eval()
     fast.eval()
@@ -107,9 +108,11 @@ def test_mixed_batch_generate_matches_peft():
     assert torch.equal(outs[0], outs[1])
 
 
-def test_mixed_batch_follows_changes_of_the_adapters():
-    """The stacked factors are cached per layer; in-place updates, new scalings and loaded state must show."""
-    reference, fast = three_adapters()
+@pytest.mark.parametrize("cache", [False, True])
+def test_mixed_batch_follows_changes_of_the_adapters(cache):
+    """In-place updates, new scalings and loaded state show in the next call (with the stacks cached too:
+    the fingerprint sees the version counters, the scalings and the storage)."""
+    reference, fast = three_adapters(cache=cache)
     ids = batch(n=len(NAMES))
     with torch.no_grad():
         assert_close_logits(fast, reference, ids, NAMES)
@@ -223,7 +226,7 @@ def test_row_index_tensor_is_shared_between_layers():
 
 
 def test_stacks_are_built_once_while_the_adapters_are_unchanged():
-    reference, fast = three_adapters()
+    reference, fast = three_adapters(cache=True)
     layer = fast.base_model.model.model.layers[1].mlp.down_proj
     x = torch.randn(4, 3, 64)
     names = ["c", "b", "__base__", "default"]
@@ -250,7 +253,7 @@ def test_mixed_batch_in_bf16_is_no_less_accurate_than_peft(device):
     """A bf16 base with PEFT's default fp32 adapters: vfm's error against the same model in fp32 is at
     most twice PEFT's own (both round differently: PEFT adds the rounded low-rank output to the
     rounded base output, vfm accumulates both in one pass)."""
-    reference, fast = three_adapters(llama().to(torch.bfloat16))
+    reference, fast = three_adapters(llama().to(torch.bfloat16), cache=True)
     truth = copy.deepcopy(reference).float()
     for model in (reference, fast, truth):
         model.to(device)
@@ -268,7 +271,7 @@ def test_mixed_batch_in_bf16_is_no_less_accurate_than_peft(device):
 @pytest.mark.gpu
 def test_gpu_mixed_batch_matches_peft_in_fp32():
     """On CUDA the stacks are plain contiguous (the triton / CUDA kernels read them along in / out)."""
-    reference, fast = three_adapters()
+    reference, fast = three_adapters(cache=True)
     reference.cuda()
     fast.cuda()
     ids = batch(n=len(NAMES)).cuda()
@@ -286,7 +289,7 @@ def test_gpu_mixed_batch_matches_peft_in_fp32():
 def test_mixed_batch_under_inference_mode_then_with_an_input_gradient():
     """Stacks cached under inference_mode are inference tensors, which autograd cannot save: a later
     call whose input needs a gradient (frozen adapters) must rebuild them, and its gradient is PEFT's."""
-    reference, fast = three_adapters()
+    reference, fast = three_adapters(cache=True)
     layer = fast.base_model.model.model.layers[0].mlp.up_proj
     ref_layer = reference.base_model.model.model.layers[0].mlp.up_proj
     names = ["c", "default", "__base__"]
@@ -304,26 +307,98 @@ def test_mixed_batch_under_inference_mode_then_with_an_input_gradient():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
 
-def test_mixed_batch_cache_can_be_off_cleared_and_is_dropped_by_restore():
+def test_mixed_batch_cache_is_opt_in_cleared_and_dropped_by_restore():
     reference, fast = three_adapters()
     ids = batch(n=len(NAMES))
     swapped = [m for m in fast.modules() if type(m) is vfm.peft.LoraLinear]
     assert len(swapped) == N_LAYERS
     with torch.no_grad():
+        for _ in range(2):  # by default the checks are kept, the stacks are not
+            assert_close_logits(fast, reference, ids, NAMES)
+            assert all(m.__dict__["_vfm_mixed"].stacks is None for m in swapped)
+        vfm.peft.accelerate(fast, mixed_batch_cache=True)
         assert_close_logits(fast, reference, ids, NAMES)
         assert all(m.__dict__["_vfm_mixed"].stacks is not None for m in swapped)
         assert vfm.peft.clear_mixed_batch_cache(fast) == N_LAYERS
         assert not any("_vfm_mixed" in m.__dict__ for m in swapped)
-        vfm.peft.accelerate(fast, mixed_batch_cache=False)
-        for _ in range(2):
-            assert_close_logits(fast, reference, ids, NAMES)
-            assert all(m.__dict__["_vfm_mixed"].stacks is None for m in swapped)  # checks kept, stacks not
-        vfm.peft.accelerate(fast)
         assert_close_logits(fast, reference, ids, NAMES)
     assert vfm.peft.restore(fast) == N_LAYERS
     assert not any(k.startswith("_vfm") for m in swapped for k in m.__dict__)
     with pytest.raises(TypeError, match="mixed_batch_cache"):
         vfm.peft.accelerate(fast, mixed_batch_cache="yes")
+
+
+def _writes_behind_the_version_counter(model, seed):
+    """Adapter updates autograd's version counter does not see: ``.data`` writes (as PEFT's adapter
+    hot-swap makes) and a fused optimizer step."""
+    g = torch.Generator().manual_seed(seed)
+    lora = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+    for n, p in lora:
+        if ".b." in n or n.endswith(".b.weight"):
+            p.data.copy_(torch.randn(p.shape, generator=g))
+    params = [p for _, p in lora]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = torch.ones_like(p)
+    torch.optim.Adam(params, lr=0.1, fused=True).step()
+    for p, flag in zip(params, flags):
+        p.grad = None
+        p.requires_grad_(flag)
+
+
+def test_mixed_batch_sees_writes_behind_the_version_counter_unless_cached():
+    """By default nothing holds stale copies; with mixed_batch_cache=True, clear_mixed_batch_cache after
+    such writes gives the new numbers."""
+    for cache in (False, True):
+        reference, fast = three_adapters(cache=cache)
+        ids = batch(n=len(NAMES))
+        with torch.no_grad():
+            assert_close_logits(fast, reference, ids, NAMES)
+        versions = [p._version for n, p in fast.named_parameters() if "lora_" in n]
+        for model in (reference, fast):
+            _writes_behind_the_version_counter(model, seed=5)
+        assert versions == [p._version for n, p in fast.named_parameters() if "lora_" in n]  # unchanged
+        with torch.no_grad():
+            if cache:
+                vfm.peft.clear_mixed_batch_cache(fast)
+            assert_close_logits(fast, reference, ids, NAMES)
+
+
+def test_autocast_bf16_inputs_to_fp32_layers_run_on_vfm():
+    """Under torch.autocast an fp32 layer receives the bf16 output of the previous autocast matmul; PEFT
+    runs it, and so must vfm (single adapter, mixed batch, several active adapters)."""
+    reference, fast = three_adapters()
+    layer = fast.base_model.model.model.layers[0].self_attn.o_proj
+    ref_layer = reference.base_model.model.model.layers[0].self_attn.o_proj
+    x = torch.randn(4, 3, 32, dtype=torch.bfloat16)
+    cases = [dict(adapter_names=["c", "default", "__base__", "c"]), {}]
+    before = sum(_registry.CALLS.values())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for kwargs in cases:
+            out, ref = layer(x, **kwargs), ref_layer(x, **kwargs)
+            assert out.dtype == ref.dtype == torch.bfloat16
+            torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2e-2 * ref.abs().max().item())
+        for module in (layer, ref_layer):
+            module.set_adapter(["default", "c"])
+        torch.testing.assert_close(layer(x).float(), ref_layer(x).float(), rtol=0,
+                                   atol=2e-2 * ref_layer(x).abs().max().item())
+    assert sum(_registry.CALLS.values()) - before == 3  # all three ran vfm's ops
+
+
+def test_tensor_valued_scalings_are_left_to_peft(caplog):
+    """PEFT's compiled hot-swap preparation turns scalings into tensors; vfm's ops take numbers."""
+    reference, fast = three_adapters()
+    for model in (reference, fast):
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and "default" in module.scaling:
+                module.scaling["default"] = torch.tensor(module.scaling["default"])
+    ids = batch(n=len(NAMES))
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="vfm.peft"):
+        assert_close_logits(fast, reference, ids, NAMES)
+        torch.testing.assert_close(fast(input_ids=ids).logits, reference(input_ids=ids).logits)
+        assert_close_logits(fast, reference, ids, ["c", "b", "__base__", "c", "b", "c"])  # no "default": vfm
+    assert caplog.text.count("tensor-valued scaling") == 2 * N_LAYERS
 
 
 # ------------------------------------------------------------------ several active adapters --
@@ -393,3 +468,36 @@ def test_mixed_batch_on_every_backend(backend):
     with torch.no_grad(), vfm.use_backend(backend):
         assert_close_logits(fast, reference, ids, NAMES)
     assert calls() - before == N_LAYERS
+
+
+def test_row_index_cache_is_safe_across_threads():
+    """Concurrent mixed-batch forwards share the row-index LRU; with more layouts than it holds, an
+    unlocked read-then-move_to_end could meet another thread's eviction (KeyError)."""
+    import random
+    import sys
+    import threading
+
+    errors = []
+
+    def worker(seed):
+        rnd = random.Random(seed)
+        try:
+            for _ in range(1500):
+                per_item = tuple(rnd.randrange(-1, 2) for _ in range(3))
+                rows = rnd.randrange(1, 4)
+                ids = _peft_mixed._ids_tensor(per_item, rows, torch.device("cpu"))
+                assert ids.tolist() == [k for k in per_item for _ in range(rows)]
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]

@@ -10,11 +10,13 @@ them and scatters the result back into the base output.  A layer swapped by :fun
 instead stacks the named adapters (zero-padded to the largest rank) and runs the base matmul and every
 adapter's low-rank term in one grouped call, each row with its own adapter.
 
-The stacks are cached on the layer while the adapters' tensors are unchanged (same objects, same
-in-place version counters, same scalings) and nothing needs their gradient; with a gradient to
-compute they are rebuilt differentiably on every call.  The cache costs as much memory again as the
-named adapters' factors (``vfm.peft.accelerate(model, mixed_batch_cache=False)`` keeps none,
-``vfm.peft.clear_mixed_batch_cache(model)`` frees them).  The adapter-index tensor is shared between
+The stacks are built on every call (differentiably when a gradient is needed).  With
+``vfm.peft.accelerate(model, mixed_batch_cache=True)`` a layer keeps them between calls while the
+adapters' tensors look unchanged (same objects, in-place version counters, storage, scalings): as
+much memory again as the named adapters' factors, and blind to writes that bypass the version
+counter (``param.data``, fused optimizers, PEFT's adapter hot-swap), after which
+``vfm.peft.clear_mixed_batch_cache(model)`` must be called.  The checks of the named adapters are
+cached on the same fingerprint either way (they depend on no tensor values).  The adapter-index tensor is shared between
 the layers of one forward (they all receive the same ``adapter_names``) through a small cache, so a
 GPU forward copies it to the device once, not once per layer.
 
@@ -28,6 +30,7 @@ adapters, DoRA) run first and raise PEFT's errors.
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -39,19 +42,24 @@ from vfm.ops.lora_api import _lora_linear_multi_prepared, lora_linear, lora_line
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 _IDS_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
 _IDS_CACHE_SIZE = 16
+_IDS_LOCK = threading.Lock()
 
 
 def _ids_tensor(per_item: Tuple[int, ...], rows_per_item: int, device: torch.device) -> torch.Tensor:
-    """(len(per_item) * rows_per_item,) int64 adapter index per row of x, cached by value."""
+    """(len(per_item) * rows_per_item,) int64 adapter index per row of x, cached by value (a value is never
+    stale: the tensor depends on nothing else; the lock keeps concurrent forwards from racing on the LRU)."""
     key = (per_item, rows_per_item, device)
-    ids = _IDS_CACHE.get(key)
-    if ids is None or (ids.is_inference() and not torch.is_inference_mode_enabled()):
-        ids = torch.tensor(per_item, dtype=torch.long).repeat_interleave(rows_per_item).to(device)
+    with _IDS_LOCK:
+        ids = _IDS_CACHE.get(key)
+        if ids is not None and not (ids.is_inference() and not torch.is_inference_mode_enabled()):
+            _IDS_CACHE.move_to_end(key)
+            return ids
+    ids = torch.tensor(per_item, dtype=torch.long).repeat_interleave(rows_per_item).to(device)
+    with _IDS_LOCK:
         _IDS_CACHE[key] = ids
-        if len(_IDS_CACHE) > _IDS_CACHE_SIZE:
-            _IDS_CACHE.popitem(last=False)
-    else:
         _IDS_CACHE.move_to_end(key)
+        while len(_IDS_CACHE) > _IDS_CACHE_SIZE:
+            _IDS_CACHE.popitem(last=False)
     return ids
 
 
@@ -80,7 +88,13 @@ def _layer_reason(layer: nn.Module, x: torch.Tensor, hooked, base: nn.Module) ->
 
 
 def _hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    """Forward hooks, or accelerate's ``_hf_hook`` attribute (what ``_adapter_reason`` refuses)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module.__dict__.get("_hf_hook") is not None)
+
+
+def _scaling_key(value) -> Any:
+    # a tensor scaling (PEFT's prepare_model_for_compiled_hotswap) is refused by _adapters_reason
+    return ("tensor", id(value)) if isinstance(value, torch.Tensor) else float(value)
 
 
 def _fingerprint(layer: nn.Module, names: List[str]) -> Tuple[tuple, list]:
@@ -98,7 +112,7 @@ def _fingerprint(layer: nn.Module, names: List[str]) -> Tuple[tuple, list]:
         keep += (a, b, drop, wa, wb, bb)
         key.append((n, id(a), id(b), id(drop), id(wa), id(wb), id(bb), type(a), type(b), type(drop),
                     _hooks(a) or _hooks(b) or _hooks(drop), drop.training, drop.__dict__.get("p"),
-                    n in variants, float(scaling[n]),
+                    n in variants, _scaling_key(scaling[n]),
                     None if wa is None else (wa._version, wa.data_ptr(), wa.dtype, wa.requires_grad),
                     None if wb is None else (wb._version, wb.data_ptr(), wb.dtype, wb.requires_grad)))
     return tuple(key), keep
@@ -120,6 +134,8 @@ def _adapters_reason(layer: nn.Module, names: List[str], adapter_reason, several
         why = adapter_reason(layer, name)
         if why is not None:
             return why, None
+        if isinstance(layer.scaling[name], torch.Tensor):
+            return f"adapter {name!r} has a tensor-valued scaling (PEFT's compiled hot-swap preparation)", None
         if not several_active and mods["lora_B"][name].bias is not None:
             return f"adapter {name!r} has lora_bias=True (a per-adapter bias)", None
         drop = mods["lora_dropout"][name]
@@ -140,20 +156,26 @@ def several_active_reason(layer: nn.Module, active: List[str], adapter_reason) -
 def several_active_forward(layer: nn.Module, x: torch.Tensor, active: List[str], weight: torch.Tensor,
                            bias: Optional[torch.Tensor]) -> torch.Tensor:
     """PEFT's sum over several active LoRA adapters, ``y = x W^T + b + sum_k s_k (x A_k^T) B_k^T``, as one
-    adapter of rank sum_k r_k: A = [A_1; A_2; ...], B = [s_1 B_1, s_2 B_2, ...] (concatenated on every call,
-    differentiably: each adapter gets its own gradient).  Each ``lora_bias`` b_k adds s_k b_k to the bias.
+    adapter of rank sum_k r_k: A = [A_1; A_2; ...], B = [s_1 B_1, s_2 B_2, ...] (or [B_1, B_2, ...] with the
+    common scaling when all s_k are equal), concatenated on every call, differentiably: each adapter gets
+    its own gradient.  Each ``lora_bias`` b_k adds s_k b_k to the bias.
     The adapters were checked by :func:`several_active_reason` (no dropout, no variant, one dtype)."""
     mods = layer._modules
     am, bm = mods["lora_A"]._modules, mods["lora_B"]._modules
     scaling = layer.scaling
+    scales = [float(scaling[n]) for n in active]
     lora_a = torch.cat([am[n].weight for n in active])
-    lora_b = torch.cat([bm[n].weight * float(scaling[n]) for n in active], dim=1)
-    for n in active:
+    if len(set(scales)) == 1:  # one scaling (same r and alpha): passed as such, B not rounded after scaling
+        lora_b, scale = torch.cat([bm[n].weight for n in active], dim=1), scales[0]
+    else:  # s_k B_k formed in fp32, rounded once to the adapter dtype
+        lora_b = torch.cat([(bm[n].weight.float() * s).to(bm[n].weight.dtype) for n, s in zip(active, scales)], dim=1)
+        scale = 1.0
+    for n, s in zip(active, scales):
         b_k = bm[n].bias
         if b_k is not None:
-            shift = (b_k * float(scaling[n])).to(weight.dtype)
+            shift = (b_k * s).to(weight.dtype)
             bias = shift if bias is None else bias + shift
-    return lora_linear(x, weight, bias, lora_a, lora_b, 1.0)
+    return lora_linear(x, weight, bias, lora_a, lora_b, scale)
 
 
 def _new_stacks(like: torch.Tensor, n: int, rank: int, in_f: int, out_f: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -248,7 +270,7 @@ def mixed_batch_forward(layer: nn.Module, peft_cls: type, x: torch.Tensor, adapt
         stacks = cache.stacks
         if stacks is None or (stacks[0].is_inference() and not torch.is_inference_mode_enabled()):
             stacks = _stacks(layer, names, x.device, False)
-            if layer.__dict__.get("_vfm_mixed_cache", True):  # accelerate(mixed_batch_cache=False): never kept
+            if layer.__dict__.get("_vfm_mixed_cache", False):  # accelerate(mixed_batch_cache=True) keeps them
                 cache.stacks = stacks
         a_stack, b_stack, scales = stacks
     ids = _ids_tensor(per_item, math.prod(x.shape[1:-1]), x.device)

@@ -211,6 +211,8 @@ def _call_reason(layer: nn.Module, x, args, kwargs, active: List[str], base: nn.
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         return f"input dtype {x.dtype} differs from the base weight's {weight.dtype}"
     name = active[0]
+    if isinstance(layer.scaling.get(name), torch.Tensor):
+        return "tensor-valued scaling (PEFT's compiled hot-swap preparation)"
     lora_a = layer._modules["lora_A"][name]
     adapter_dtype = (lora_a if isinstance(layer, _PeftSVDLinear) else lora_a.weight).dtype
     if adapter_dtype != x.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
@@ -303,15 +305,18 @@ def _kind(layer: nn.Module) -> str:
 
 
 # --------------------------------------------------------------------------- public --
-def accelerate(model: nn.Module, *, mixed_batch_cache: bool = True) -> AccelerateReport:
+def accelerate(model: nn.Module, *, mixed_batch_cache: bool = False) -> AccelerateReport:
     """Make every eligible PEFT LoRA / DoRA / AdaLoRA Linear layer of ``model`` run on vfm, in place.
 
     Args:
         model: a ``PeftModel`` (or any module containing PEFT adapter layers).
         mixed_batch_cache: for mixed-adapter batches (``adapter_names=``), keep each layer's stack of
-            the named adapters' factors between calls (a copy of those adapters' A and B, their rank
-            padded to the largest one: as much memory again as the adapters themselves) instead of
-            stacking them on every call.  :func:`clear_mixed_batch_cache` frees the stacks.
+            the named adapters' factors between calls instead of stacking them on every call (faster
+            for small batches, e.g. decoding).  It costs as much memory again as those adapters, and
+            it only notices changes of the adapter weights made through autograd-visible in-place
+            operations (an optimizer's ordinary step, ``load_state_dict``, ``copy_``): after writes
+            through ``param.data``, a fused optimizer (``fused=True``) or PEFT's adapter hot-swap, call
+            :func:`clear_mixed_batch_cache`, or the stale stacks are used.
 
     Returns:
         An :class:`AccelerateReport`: the layers taken over, and the reason for each adapter layer
@@ -336,8 +341,7 @@ def accelerate(model: nn.Module, *, mixed_batch_cache: bool = True) -> Accelerat
             continue
         module.__class__ = _SWAP.get(type(module), type(module))
         module.__dict__["_vfm_mixed_cache"] = mixed_batch_cache
-        if not mixed_batch_cache:
-            module.__dict__.pop("_vfm_mixed", None)
+        module.__dict__.pop("_vfm_mixed", None)  # nothing cached survives a new accelerate call
         report.accelerated.append(name)
         report.kinds[_kind(module)] += 1
         later = _state_reason(module)
@@ -369,9 +373,10 @@ def restore(model: nn.Module) -> int:
 def clear_mixed_batch_cache(model: nn.Module) -> int:
     """Free the stacked adapter factors that accelerated layers keep for mixed-adapter batches.
 
-    They are rebuilt at the next mixed batch (unless :func:`accelerate` was called with
-    ``mixed_batch_cache=False``, where none are kept).  Useful after deleting adapters, or to give the
-    memory back between serving sessions.
+    Only layers accelerated with ``mixed_batch_cache=True`` keep stacks; they are rebuilt at the next
+    mixed batch.  Needed after changing adapter weights behind the version counter (``param.data``,
+    fused optimizers, PEFT's adapter hot-swap); also frees a deleted adapter's tensors and the memory
+    between serving sessions.
 
     Returns:
         The number of layers whose cache was dropped.

@@ -34,14 +34,17 @@ def _check_base(x, weight, bias, lora_a, lora_b):
     if x.shape[-1] != in_f:
         raise ValueError(f"x has shape {_shape(x)} but weight has shape {_shape(weight)}: x's last dimension must "
                          f"equal in_features={in_f}")
-    if weight.dtype != x.dtype:
+    # under torch.autocast every floating input is cast to the autocast dtype first (as F.linear does), so
+    # x, weight and bias may differ here (an fp32 layer gets the bf16 output of an autocast matmul)
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if weight.dtype != x.dtype and not autocast:
         raise ValueError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
     if bias is not None:
         _require_tensor("bias", bias, floating=True)
         if tuple(bias.shape) != (out_f,):
             raise ValueError(f"bias must have shape ({out_f},) (out_features of weight {_shape(weight)}), "
                              f"got {_shape(bias)}")
-        if bias.dtype != x.dtype:
+        if bias.dtype != x.dtype and not autocast:
             raise ValueError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
     lora_a = _require_tensor("lora_a", lora_a, floating=True)
     lora_b = _require_tensor("lora_b", lora_b, floating=True)
