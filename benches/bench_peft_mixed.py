@@ -7,8 +7,10 @@ forward under ``torch.no_grad()``, as PEFT runs mixed batches (eval mode only):
 * ``base``: the frozen base linear alone;
 * ``peft``: PEFT's ``lora.Linear`` with ``adapter_names`` (a Python loop over the adapters named in
   the batch: gather their items, lora_A, lora_B, scatter back);
-* ``vfm``: the same layer after ``vfm.peft.accelerate`` (one ``lora_linear_multi`` call; stacks of
-  the factors cached while the adapters are unchanged).
+* ``vfm``: the same layer after ``vfm.peft.accelerate`` (one ``lora_linear_multi`` call on the
+  named adapters' factors, stacked on every call);
+* ``vfm cached``: after ``vfm.peft.accelerate(model, mixed_batch_cache=True)`` (the stacks kept
+  between calls while the adapters are unchanged).
 
 Overhead = median time / median base time - 1, all providers interleaved round by round.  Two
 batch shapes: S = 1 (a decoding step: B rows in all) and a prefill-sized S.  Default sizes:
@@ -55,7 +57,8 @@ class _One(nn.Module):
 
 
 def layers(n_adapters: int, d_in: int, d_out: int):
-    """(base linear, PEFT layer, vfm layer) with ``n_adapters`` random adapters named a0, a1, ..."""
+    """(base linear, PEFT layer, vfm layer, vfm layer with cached stacks) with ``n_adapters`` random
+    adapters named a0, a1, ..."""
     torch.manual_seed(0)
     cfg = dict(r=RANK, lora_alpha=ALPHA, target_modules=["proj"])
     model = get_peft_model(_One(d_in, d_out), LoraConfig(**cfg), adapter_name="a0")
@@ -66,11 +69,11 @@ def layers(n_adapters: int, d_in: int, d_out: int):
             if "lora_" in name:
                 p.normal_(0.0, 0.02)
     model = model.to(DEVICE, DTYPE).eval()
-    fast = copy.deepcopy(model)
-    report = vfm.peft.accelerate(fast)
-    assert report.num_accelerated == 1, report
+    fast, cached = copy.deepcopy(model), copy.deepcopy(model)
+    assert vfm.peft.accelerate(fast).num_accelerated == 1
+    assert vfm.peft.accelerate(cached, mixed_batch_cache=True).num_accelerated == 1
     layer = model.base_model.model.proj
-    return layer.base_layer, layer, fast.base_model.model.proj
+    return layer.base_layer, layer, fast.base_model.model.proj, cached.base_model.model.proj
 
 
 def batch_names(n_adapters: int, batch: int, seed: int = 0):
@@ -87,22 +90,25 @@ def interleaved(rounds: int, ks=(4, 16, 64), shape=SHAPE, batch=BATCH, seqs=SEQS
     """Median ms per provider for every (K, S); prints a markdown table and returns the rows."""
     rows = []
     for n_adapters in ks:
-        base, peft_layer, vfm_layer = layers(n_adapters, *shape)
+        base, peft_layer, vfm_layer, cached_layer = layers(n_adapters, *shape)
         names = batch_names(n_adapters, batch)
         for seq in seqs:
             x = torch.randn(batch, seq, shape[0], device=DEVICE, dtype=DTYPE)
             calls = {"base": lambda: base(x), "peft": lambda: peft_layer(x, adapter_names=names),
-                     "vfm": lambda: vfm_layer(x, adapter_names=names)}
+                     "vfm": lambda: vfm_layer(x, adapter_names=names),
+                     "vfm cached": lambda: cached_layer(x, adapter_names=names)}
             with torch.no_grad():
-                ref, out = calls["peft"](), calls["vfm"]()
+                ref = calls["peft"]()
                 tol = 2e-2 if DTYPE == torch.bfloat16 else 1e-4
-                torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol * ref.abs().max().item())
+                for name in ("vfm", "vfm cached"):
+                    out = calls[name]()
+                    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol * ref.abs().max().item())
                 for f in calls.values():  # warm-up (caches, kernels)
                     f()
                 times = {k: [] for k in calls}
                 for r in range(rounds):
                     order = list(calls.items())
-                    order = order[r % 3:] + order[: r % 3]
+                    order = order[r % len(order):] + order[: r % len(order)]
                     for k, f in order:
                         _sync()
                         t0 = time.perf_counter()
@@ -113,22 +119,24 @@ def interleaved(rounds: int, ks=(4, 16, 64), shape=SHAPE, batch=BATCH, seqs=SEQS
             rows.append((n_adapters, seq, med))
     print(f"PEFT mixed-adapter batch, {DEVICE} {str(DTYPE).replace('torch.', '')}, {shape[0]}x{shape[1]}, r={RANK}, "
           f"B={batch}, {rounds} rounds, torch threads {torch.get_num_threads()}")
-    print("| K | S (rows) | base | PEFT | vfm | vfm vs PEFT |")
-    print("|---|---|---|---|---|---|")
+    print("| K | S (rows) | base | PEFT | vfm | vfm cached | PEFT / vfm | PEFT / vfm cached |")
+    print("|---|---|---|---|---|---|---|---|")
     for n_adapters, seq, med in rows:
         b = med["base"]
-        print(f"| {n_adapters} | {seq} ({seq * batch}) | {b:.3f} ms | {(med['peft'] / b - 1) * 100:+.0f}% | "
-              f"{(med['vfm'] / b - 1) * 100:+.0f}% | {med['peft'] / med['vfm']:.2f}x faster |")
+        over = {k: f"{(med[k] / b - 1) * 100:+.0f}%" for k in ("peft", "vfm", "vfm cached")}
+        print(f"| {n_adapters} | {seq} ({seq * batch}) | {b:.3f} ms | {over['peft']} | {over['vfm']} | "
+              f"{over['vfm cached']} | {med['peft'] / med['vfm']:.2f}x | {med['peft'] / med['vfm cached']:.2f}x |")
     return rows
 
 
-@pytest.mark.parametrize("provider", ["base", "peft", "vfm"])
+@pytest.mark.parametrize("provider", ["base", "peft", "vfm", "vfm cached"])
 def test_mixed_batch(benchmark, provider):
-    base, peft_layer, vfm_layer = layers(16, *SHAPE)
+    base, peft_layer, vfm_layer, cached_layer = layers(16, *SHAPE)
     names = batch_names(16, BATCH)
     x = torch.randn(BATCH, 1, SHAPE[0], device=DEVICE, dtype=DTYPE)
     fn = {"base": lambda: base(x), "peft": lambda: peft_layer(x, adapter_names=names),
-          "vfm": lambda: vfm_layer(x, adapter_names=names)}[provider]
+          "vfm": lambda: vfm_layer(x, adapter_names=names),
+          "vfm cached": lambda: cached_layer(x, adapter_names=names)}[provider]
 
     def step():
         with torch.no_grad():

@@ -178,38 +178,31 @@ def several_active_forward(layer: nn.Module, x: torch.Tensor, active: List[str],
     return lora_linear(x, weight, bias, lora_a, lora_b, scale)
 
 
-def _new_stacks(like: torch.Tensor, n: int, rank: int, in_f: int, out_f: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Zero (n, rank, in) and (n, out, rank) stacks.  On the CPU (float32 / float64) they are views of
-    buffers in the layout the C++ kernels pack the factors into (A_k^T and B_k^T row-major, the rank
-    padded to one vector chunk), so that a cached stack is never packed again; elsewhere plain
-    contiguous stacks (the GPU kernels read the factors along in / out)."""
-    if like.device.type == "cpu" and like.dtype in (torch.float32, torch.float64):
-        chunk = 64 // like.element_size()  # floats of one 64-byte chunk: 16 float32, 8 float64
-        rank = -(-rank // chunk) * chunk
-        a_t = like.new_zeros((n, in_f, rank))
-        b_t = like.new_zeros((n, rank, out_f))
-        return a_t.transpose(1, 2), b_t.transpose(1, 2)
-    return like.new_zeros((n, rank, in_f)), like.new_zeros((n, out_f, rank))
-
-
 def _stacks(layer: nn.Module, names: List[str], device: torch.device, grad: bool) -> Tuple[torch.Tensor, torch.Tensor,
                                                                                        torch.Tensor]:
-    """(K, r, in) A, (K, out, r) B zero-padded to the largest rank, and the (K,) fp32 scalings; built
-    with torch.stack (differentiable) when ``grad``, else into fresh buffers for the cache."""
+    """(K, r, in) A and (K, out, r) B of the named adapters, zero-padded to the largest rank, and the (K,)
+    fp32 scalings; differentiable (``grad``: autograd records the stacking, each adapter gets its own
+    gradient), else built without autograd.
+
+    On the CPU (float32 / float64) the stacks are views of buffers in the layout the C++ kernels pack
+    the factors into (A_k^T and B_k^T row-major, the rank padded to one 64-byte chunk), built by one
+    torch.stack of transposed factors, so the kernels never pack them again; elsewhere plain contiguous
+    stacks (the GPU kernels read the factors along in / out)."""
     mods = layer._modules
     a = [mods["lora_A"][n].weight for n in names]
     b = [mods["lora_B"][n].weight for n in names]
     scales = torch.tensor([float(layer.scaling[n]) for n in names], dtype=torch.float32).to(device)
     rank = max(t.shape[0] for t in a)
-    if grad:
-        a_stack = torch.stack([nn.functional.pad(t, (0, 0, 0, rank - t.shape[0])) for t in a])
-        b_stack = torch.stack([nn.functional.pad(t, (0, rank - t.shape[1])) for t in b])
-        return a_stack, b_stack, scales
-    with torch.no_grad():
-        a_stack, b_stack = _new_stacks(a[0], len(a), rank, a[0].shape[1], b[0].shape[0])
-        for k, (ta, tb) in enumerate(zip(a, b)):
-            a_stack[k, : ta.shape[0]].copy_(ta)
-            b_stack[k, :, : tb.shape[1]].copy_(tb)
+    pad = nn.functional.pad
+    with torch.enable_grad() if grad else torch.no_grad():
+        if a[0].device.type == "cpu" and a[0].dtype in (torch.float32, torch.float64):
+            chunk = 64 // a[0].element_size()  # 16 float32 or 8 float64
+            rank = -(-rank // chunk) * chunk
+            a_t = torch.stack([t.t() if t.shape[0] == rank else pad(t.t(), (0, rank - t.shape[0])) for t in a])
+            b_t = torch.stack([t.t() if t.shape[1] == rank else pad(t.t(), (0, 0, 0, rank - t.shape[1])) for t in b])
+            return a_t.transpose(1, 2), b_t.transpose(1, 2), scales
+        a_stack = torch.stack([t if t.shape[0] == rank else pad(t, (0, 0, 0, rank - t.shape[0])) for t in a])
+        b_stack = torch.stack([t if t.shape[1] == rank else pad(t, (0, rank - t.shape[1])) for t in b])
     return a_stack, b_stack, scales
 
 
