@@ -185,24 +185,26 @@ def _stacks(layer: nn.Module, names: List[str], device: torch.device, grad: bool
     gradient), else built without autograd.
 
     On the CPU (float32 / float64) the stacks are views of buffers in the layout the C++ kernels pack
-    the factors into (A_k^T and B_k^T row-major, the rank padded to one 64-byte chunk), built by one
-    torch.stack of transposed factors, so the kernels never pack them again; elsewhere plain contiguous
-    stacks (the GPU kernels read the factors along in / out)."""
+    the factors into (A_k^T and B_k^T row-major, the rank padded to one 64-byte chunk), so the kernels
+    never pack them again: one contiguous stack, then one batched transposing copy (about twice as fast
+    as stacking the transposed factors one by one); elsewhere plain contiguous stacks (the GPU kernels
+    read the factors along in / out)."""
     mods = layer._modules
     a = [mods["lora_A"][n].weight for n in names]
     b = [mods["lora_B"][n].weight for n in names]
     scales = torch.tensor([float(layer.scaling[n]) for n in names], dtype=torch.float32).to(device)
     rank = max(t.shape[0] for t in a)
+    packed = a[0].device.type == "cpu" and a[0].dtype in (torch.float32, torch.float64)
+    if packed:
+        chunk = 64 // a[0].element_size()  # 16 float32 or 8 float64
+        rank = -(-rank // chunk) * chunk
     pad = nn.functional.pad
     with torch.enable_grad() if grad else torch.no_grad():
-        if a[0].device.type == "cpu" and a[0].dtype in (torch.float32, torch.float64):
-            chunk = 64 // a[0].element_size()  # 16 float32 or 8 float64
-            rank = -(-rank // chunk) * chunk
-            a_t = torch.stack([t.t() if t.shape[0] == rank else pad(t.t(), (0, rank - t.shape[0])) for t in a])
-            b_t = torch.stack([t.t() if t.shape[1] == rank else pad(t.t(), (0, 0, 0, rank - t.shape[1])) for t in b])
-            return a_t.transpose(1, 2), b_t.transpose(1, 2), scales
         a_stack = torch.stack([t if t.shape[0] == rank else pad(t, (0, 0, 0, rank - t.shape[0])) for t in a])
         b_stack = torch.stack([t if t.shape[1] == rank else pad(t, (0, rank - t.shape[1])) for t in b])
+        if packed:  # (K, in, rank) and (K, rank, out) row-major, seen as (K, rank, in) and (K, out, rank)
+            a_stack = a_stack.transpose(1, 2).contiguous().transpose(1, 2)
+            b_stack = b_stack.transpose(1, 2).contiguous().transpose(1, 2)
     return a_stack, b_stack, scales
 
 
