@@ -51,7 +51,7 @@ def _ids_tensor(per_item: Tuple[int, ...], rows_per_item: int, device: torch.dev
     key = (per_item, rows_per_item, device)
     with _IDS_LOCK:
         ids = _IDS_CACHE.get(key)
-        if ids is not None and not (ids.is_inference() and not torch.is_inference_mode_enabled()):
+        if ids is not None and _usable(ids, device):
             _IDS_CACHE.move_to_end(key)
             return ids
     ids = torch.tensor(per_item, dtype=torch.long).repeat_interleave(rows_per_item).to(device)
@@ -87,17 +87,12 @@ def _layer_reason(layer: nn.Module, x: torch.Tensor, hooked, base: nn.Module) ->
     return None
 
 
-def _hooks(module: nn.Module) -> bool:
-    """Forward hooks, or accelerate's ``_hf_hook`` attribute (what ``_adapter_reason`` refuses)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module.__dict__.get("_hf_hook") is not None)
-
-
 def _scaling_key(value) -> Any:
     # a tensor scaling (PEFT's prepare_model_for_compiled_hotswap) is refused by _adapters_reason
     return ("tensor", id(value)) if isinstance(value, torch.Tensor) else float(value)
 
 
-def _fingerprint(layer: nn.Module, names: List[str]) -> Tuple[tuple, list]:
+def _fingerprint(layer: nn.Module, names: List[str], hooked) -> Tuple[tuple, list]:
     """Everything the adapters' checks and stacks depend on, per named adapter: the objects (by id;
     they are returned too, for the cache to keep alive so that no id is reused), their types and
     hooks, the factors' version counters and storage, the dropout state and the scaling."""
@@ -111,7 +106,7 @@ def _fingerprint(layer: nn.Module, names: List[str]) -> Tuple[tuple, list]:
         wa, wb, bb = a._parameters.get("weight"), b._parameters.get("weight"), b._parameters.get("bias")
         keep += (a, b, drop, wa, wb, bb)
         key.append((n, id(a), id(b), id(drop), id(wa), id(wb), id(bb), type(a), type(b), type(drop),
-                    _hooks(a) or _hooks(b) or _hooks(drop), drop.training, drop.__dict__.get("p"),
+                    hooked(a) or hooked(b) or hooked(drop), drop.training, drop.__dict__.get("p"),
                     n in variants, _scaling_key(scaling[n]),
                     None if wa is None else (wa._version, wa.data_ptr(), wa.dtype, wa.requires_grad),
                     None if wb is None else (wb._version, wb.data_ptr(), wb.dtype, wb.requires_grad)))
@@ -178,10 +173,9 @@ def several_active_forward(layer: nn.Module, x: torch.Tensor, active: List[str],
     return lora_linear(x, weight, bias, lora_a, lora_b, scale)
 
 
-def _stacks(layer: nn.Module, names: List[str], device: torch.device, grad: bool) -> Tuple[torch.Tensor, torch.Tensor,
-                                                                                       torch.Tensor]:
-    """(K, r, in) A and (K, out, r) B of the named adapters, zero-padded to the largest rank, and the (K,)
-    fp32 scalings; differentiable (``grad``: autograd records the stacking, each adapter gets its own
+def _stacks(layer: nn.Module, names: List[str], grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(K, r, in) A and (K, out, r) B of the named adapters, zero-padded to the largest rank;
+    differentiable (``grad``: autograd records the stacking, each adapter gets its own
     gradient), else built without autograd.
 
     On the CPU (float32 / float64) the stacks are views of buffers in the layout the C++ kernels pack
@@ -192,7 +186,6 @@ def _stacks(layer: nn.Module, names: List[str], device: torch.device, grad: bool
     mods = layer._modules
     a = [mods["lora_A"][n].weight for n in names]
     b = [mods["lora_B"][n].weight for n in names]
-    scales = torch.tensor([float(layer.scaling[n]) for n in names], dtype=torch.float32).to(device)
     rank = max(t.shape[0] for t in a)
     packed = a[0].device.type == "cpu" and a[0].dtype in (torch.float32, torch.float64)
     if packed:
@@ -205,16 +198,23 @@ def _stacks(layer: nn.Module, names: List[str], device: torch.device, grad: bool
         if packed:  # (K, in, rank) and (K, rank, out) row-major, seen as (K, rank, in) and (K, out, rank)
             a_stack = a_stack.transpose(1, 2).contiguous().transpose(1, 2)
             b_stack = b_stack.transpose(1, 2).contiguous().transpose(1, 2)
-    return a_stack, b_stack, scales
+    return a_stack, b_stack
+
+
+def _usable(t: Optional[torch.Tensor], device: torch.device) -> bool:
+    """A cached tensor can serve this call: on the device, and not an inference tensor outside
+    inference_mode (autograd cannot save those for a backward, and x may need a gradient)."""
+    return t is not None and t.device == device and not (t.is_inference() and not torch.is_inference_mode_enabled())
 
 
 class _Cache:
     """One layer's checked adapters (and their stacks, once built without a gradient to compute)."""
 
-    __slots__ = ("key", "keep", "reason", "dtype", "trainable", "stacks")
+    __slots__ = ("key", "keep", "reason", "dtype", "trainable", "stacks", "scales")
 
     def __init__(self, key: tuple, keep: list, reason: Optional[str], dtype: Optional[torch.dtype]):
         self.key, self.keep, self.reason, self.dtype, self.stacks = key, keep, reason, dtype, None
+        self.scales = None  # (K,) fp32 scalings on the device: the scalings are part of the key
         # whether any factor requires grad (part of the key: requires_grad_ gives a new entry)
         self.trainable = any(t.requires_grad for t in keep if isinstance(t, torch.Tensor))
 
@@ -241,7 +241,7 @@ def mixed_batch_forward(layer: nn.Module, peft_cls: type, x: torch.Tensor, adapt
     why = _layer_reason(layer, x, hooked, base)
     cache = None
     if why is None and names:
-        key, keep = _fingerprint(layer, names)
+        key, keep = _fingerprint(layer, names, hooked)
         cache = layer.__dict__.get("_vfm_mixed")
         if cache is None or cache.key != key:  # one entry per layer: the last set of adapters seen
             cache = _Cache(key, keep, *_adapters_reason(layer, names, adapter_reason))
@@ -257,17 +257,19 @@ def mixed_batch_forward(layer: nn.Module, peft_cls: type, x: torch.Tensor, adapt
     if x.dim() < 2:
         raise ValueError(f"x must have shape (batch, *, in_features) with adapter_names, got {tuple(x.shape)}")
     weight, bias = base_weight(base)
+    if not _usable(cache.scales, x.device):  # built once per fingerprint: no host-to-device copy per call
+        cache.scales = torch.tensor([float(layer.scaling[n]) for n in names], dtype=torch.float32).to(x.device)
+    scales = cache.scales
     grad = torch.is_grad_enabled() and cache.trainable
     if grad:  # differentiable stacks, never cached
-        a_stack, b_stack, scales = _stacks(layer, names, x.device, True)
+        a_stack, b_stack = _stacks(layer, names, True)
     else:
-        # stacks built under inference_mode cannot be saved for a backward outside it (x may need a gradient)
         stacks = cache.stacks
-        if stacks is None or (stacks[0].is_inference() and not torch.is_inference_mode_enabled()):
-            stacks = _stacks(layer, names, x.device, False)
+        if stacks is None or not _usable(stacks[0], x.device):
+            stacks = _stacks(layer, names, False)
             if layer.__dict__.get("_vfm_mixed_cache", False):  # accelerate(mixed_batch_cache=True) keeps them
                 cache.stacks = stacks
-        a_stack, b_stack, scales = stacks
+        a_stack, b_stack = stacks
     ids = _ids_tensor(per_item, math.prod(x.shape[1:-1]), x.device)
     if grad:
         return lora_linear_multi(x, weight, bias, a_stack, b_stack, scales, ids, dropout_p=0.0, training=False)
