@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Dict
 
 import torch
@@ -67,8 +68,12 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:  # noqa: A002 - torch's names
+        """Args: input (C,), (N, C) or (N, C, d1, ...); target the matching class indices (or
+        probabilities, shape of input).  Returns: the loss as torch's (shape of target for
+        ``reduction="none"``, else a scalar)."""
         if not isinstance(input, Tensor) or not isinstance(target, Tensor) or target.is_floating_point() \
-                or not input.is_floating_point() or input.dim() == 0:
+                or not input.is_floating_point() or input.dim() == 0 or not self._fused_dtypes(input, target):
+            # probability targets, and whatever torch rejects (its own error message)
             return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                                    reduction=self.reduction, label_smoothing=self.label_smoothing)
         if input.dim() == 1:
@@ -87,5 +92,26 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
                 denom = (self.weight.float()[safe] * valid).sum()
             else:
                 denom = valid.sum().float()
-            loss = loss / denom  # 0 / 0 = NaN when nothing counts, as in torch
-        return loss.to(input.dtype)
+            # As torch: NaN when the denominator is 0; the gradient is zero when no row counts
+            # (every row ignored) and NaN when counted rows have zero total weight.
+            nothing = ~valid.any()
+            loss = loss / torch.where(nothing, torch.ones_like(denom), denom)
+            loss = loss + torch.where(denom == 0, torch.full_like(denom, math.nan), torch.zeros_like(denom))
+        return loss.to(self._result_dtype(input))
+
+    @staticmethod
+    def _autocast_fp32(t: Tensor) -> bool:
+        """Whether autocast runs torch's cross-entropy on ``t`` in fp32 (it is on its fp32 list)."""
+        return t.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(t.device.type)
+
+    def _result_dtype(self, input: Tensor) -> torch.dtype:  # noqa: A002
+        return torch.float32 if self._autocast_fp32(input) else input.dtype
+
+    def _fused_dtypes(self, input: Tensor, target: Tensor) -> bool:  # noqa: A002
+        """False where torch raises on the dtypes (so that torch's own error is raised)."""
+        if target.dtype not in (torch.int64, torch.uint8):
+            return False
+        if self.weight is None:
+            return True
+        w_dtype = torch.float32 if self._autocast_fp32(self.weight) else self.weight.dtype
+        return w_dtype == self._result_dtype(input)
