@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from typing import List, Optional
@@ -117,6 +118,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command in ("train", "eval", "demo", "rules") and rest:
         parser.error(f"{args.command}: unrecognized arguments {rest}")
+    if args.command in ("train", "eval", "demo", "rules"):
+        try:
+            return _run_command(args)
+        except (OSError, ValueError) as exc:  # a missing file, a bad config/rule/data file: one line, exit 2
+            if os.environ.get("VFM_TRACEBACK"):
+                raise
+            print(f"vfm {args.command}: error: {exc} (set VFM_TRACEBACK=1 for the traceback)", file=sys.stderr)
+            return 2
+    if args.command == "doctor":
+        if rest:
+            parser.error(f"doctor takes no arguments, got {rest}")
+        return doctor()
+    if args.command == "bench":
+        from vfm.bench import main as bench_main
+
+        return bench_main(rest)
+    return 2  # pragma: no cover
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run ``vfm train``/``eval``/``demo``/``rules`` from the parsed arguments; returns the exit status."""
     if args.command == "train":
         from vfm.train.run import train
 
@@ -134,17 +156,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         run_demo(args.out, quick=args.quick, seeds=args.seeds, threads=args.threads)
         return 0
-    if args.command == "rules":
-        return check_rules(args.rules, args.data, args.text_field, args.label_field)
-    if args.command == "doctor":
-        if rest:
-            parser.error(f"doctor takes no arguments, got {rest}")
-        return doctor()
-    if args.command == "bench":
-        from vfm.bench import main as bench_main
-
-        return bench_main(rest)
-    return 2  # pragma: no cover
+    return check_rules(args.rules, args.data, args.text_field, args.label_field)
 
 
 if __name__ == "__main__":

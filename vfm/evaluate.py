@@ -14,7 +14,7 @@ import csv
 import io
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
@@ -179,13 +179,25 @@ def entity_report(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) 
 
 
 # ----------------------------------------------------------------------------- files ---
+def _temp_name(folder: str, prefix: str, suffix: str = ".tmp") -> str:
+    """A fresh hidden file name in ``folder`` (the file is not created)."""
+    return os.path.join(folder, f"{prefix}{os.getpid()}-{secrets.token_hex(8)}{suffix}")
+
+
 def _atomic_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, rename.
+
+    The file gets the usual permissions (0o666 less the umask), not ``mkstemp``'s owner-only 0o600.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    tmp = _temp_name(folder, ".tmp-")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -372,6 +384,9 @@ def evaluate_model(model_dir: str, data_path: str, out_dir: str, *, rules_path: 
     examples, load_report = load_examples(data_path, text_field=text_field, label_field=label_field)
     if not quiet:
         print(load_report)
+    if not examples:
+        raise ValueError(f"{data_path}: no examples to evaluate (loaded 0 rows, {len(load_report.malformed)} "
+                         "malformed)")
     tagging = any(ex.tags for ex in examples)
     model, tok, labels = _load_for_eval(model_dir, tagging)
     os.makedirs(out_dir, exist_ok=True)
@@ -388,10 +403,10 @@ def evaluate_model(model_dir: str, data_path: str, out_dir: str, *, rules_path: 
         lines = [f"{'entity':<14} precision  recall     f1  support"]
         lines += [f"{k:<14} {v['precision']:9.3f}  {v['recall']:6.3f}  {v['f1']:5.3f}  {v.get('support', '')}"
                   for k, v in scores.items()]
-        _atomic_bytes(os.path.join(out_dir, "report.txt"), ("\n".join(lines) + "\n").encode("utf-8"))
         if rules_path:
             lines.append("with the rules (constrained Viterbi: BIO transitions + token rules): entity micro F1 "
                          f"{result_t['model+rules'].get('micro', {}).get('f1', 0.0):.3f}")
+        _atomic_bytes(os.path.join(out_dir, "report.txt"), ("\n".join(lines) + "\n").encode("utf-8"))
         if not quiet:
             print("\n".join(lines))
         return {k: v for k, v in result_t.items() if k in ("entity", "model+rules")}

@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -296,21 +295,16 @@ def save_topk(path: str, topk: TeacherTopK) -> None:
 
     The metadata entry ``vfm_teacher`` is JSON: format, label names and ``topk.meta``.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from vfm.evaluate import _atomic_bytes
 
     header = {"format": _FORMAT, "labels": list(topk.labels), "meta": topk.meta}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".teacher-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file({"indices": topk.indices.contiguous(), "logprobs": topk.logprobs.contiguous()}, tmp,
-                  metadata={"vfm_teacher": json.dumps(header, ensure_ascii=False, default=str)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    data = save({"indices": topk.indices.contiguous(), "logprobs": topk.logprobs.contiguous()},
+                metadata={"vfm_teacher": json.dumps(header, ensure_ascii=False, default=str)})
+    # temporary file + fsync + rename, with the usual permissions (safetensors' save_file and
+    # mkstemp both make owner-only 0o600 files)
+    _atomic_bytes(path, data)
 
 
 def load_topk(path: str) -> TeacherTopK:

@@ -116,6 +116,7 @@ def _read_csv_rows(path, source, delimiter, text_field, label_field, bad_lines, 
         header = next(reader)
     except StopIteration:
         return out
+    header = [name.strip() for name in header]  # "text, label" names the column "label", not " label"
     if text_field not in header:
         raise ValueError(f"{path}:1: no column {text_field!r} in the header {header} (text_field)")
     if len(set(header)) != len(header):
@@ -244,9 +245,9 @@ def load_examples(path, format: Optional[str] = None, text_field: str = "text", 
                   tokens_field: str = "tokens", tags_field: str = "tags") -> Tuple[List[Example], LoadReport]:
     """Load a CSV/TSV, JSONL or CoNLL file.
 
-    * CSV/TSV: a header row; ``text_field`` must be a column (else ValueError); an empty label
-      cell means unlabelled; the other columns go to ``Example.meta``.  Rows with the wrong
-      number of fields or an empty text are malformed.
+    * CSV/TSV: a header row (names stripped of surrounding spaces); ``text_field`` must be a
+      column (else ValueError); an empty label cell means unlabelled; the other columns go to
+      ``Example.meta``.  Rows with the wrong number of fields or an empty text are malformed.
     * JSONL: one object per line with ``text_field`` (or ``tokens_field``/``tags_field`` for
       tagging data); labels are strings (integers are turned into strings).  Invalid JSON,
       non-objects, missing/empty text and bad types are malformed.

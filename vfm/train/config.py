@@ -29,6 +29,7 @@ with constrained Viterbi decoding (``training.constrained_decoding``); see
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -178,8 +179,13 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineDict
     out.lines = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in out.lines:  # PyYAML would keep the last one silently
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {out.lines[key]}, again at line {line})",
+                key_node.start_mark)
         out[key] = loader.construct_object(value_node, deep=True)
-        out.lines[key] = key_node.start_mark.line + 1
+        out.lines[key] = line
     return out
 
 
@@ -229,6 +235,9 @@ def _check_type(value: Any, annotation: Any, where: str, name: str) -> Any:
     if origin in (dict, Dict):
         if not isinstance(value, dict):
             raise ValueError(f"{where}: {name} must be a mapping, got {value!r}")
+        if len(args) == 2:
+            return {_check_type(k, args[0], where, f"{name} key"): _check_type(v, args[1], where, f"{name}[{k!r}]")
+                    for k, v in value.items()}
         return dict(value)
     return value
 
@@ -292,6 +301,22 @@ def _validate(cfg: Config) -> Config:
             raise ValueError(f"{src}: peft.freeze_bottom_layers must be >= 0, got {cfg.peft.freeze_bottom_layers}")
     if not 0.0 < cfg.data.eval_fraction < 1.0:
         raise ValueError(f"{src}: data.eval_fraction must be in (0, 1), got {cfg.data.eval_fraction}")
+    if not 0.0 < cfg.data.near_duplicate_threshold <= 1.0:
+        raise ValueError(f"{src}: data.near_duplicate_threshold must be in (0, 1], got "
+                         f"{cfg.data.near_duplicate_threshold}")
+    tr = cfg.training
+    for name, value in (("data.max_length", cfg.data.max_length), ("training.batch_size", tr.batch_size),
+                        ("training.eval_batch_size", tr.eval_batch_size), ("training.logging_steps", tr.logging_steps),
+                        ("training.gradient_accumulation_steps", tr.gradient_accumulation_steps)):
+        if value < 1:
+            raise ValueError(f"{src}: {name} must be >= 1, got {value}")
+    for name, value in (("data.augment", cfg.data.augment), ("training.warmup_steps", tr.warmup_steps)):
+        if value < 0:
+            raise ValueError(f"{src}: {name} must be >= 0, got {value}")
+    if not (math.isfinite(tr.learning_rate) and tr.learning_rate >= 0):
+        raise ValueError(f"{src}: training.learning_rate must be a finite number >= 0, got {tr.learning_rate}")
+    if tr.max_steps <= 0 and not (math.isfinite(tr.epochs) and tr.epochs > 0):
+        raise ValueError(f"{src}: training.epochs must be > 0 (or set training.max_steps), got {tr.epochs}")
     return cfg
 
 
@@ -327,11 +352,26 @@ def config_from_dict(data: Dict[str, Any], *, source: str = "<dict>", base_dir: 
 
 def load_config(path: str) -> Config:
     """Read a ``vfm train`` YAML file (safe loader; unknown keys and wrong types name their line)."""
-    with open(path, "r", encoding="utf-8") as fh:
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ValueError(f"{path}, line {line}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        loader = _LineLoader(text)
+        loader.name = path
         try:
-            data = yaml.load(fh, Loader=_LineLoader)  # noqa: S506 - _LineLoader is a SafeLoader subclass
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}, line {mark.line + 1}" if mark is not None else path
+        raise ValueError(f"{where}: not valid YAML: {exc.problem or exc.context or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the config must be a mapping at the top level")
     return config_from_dict(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))

@@ -1,0 +1,246 @@
+"""Review of the newcomer pipeline (CLI, config, data loading, evaluation, atomic writes): regression
+tests for the bugs found, each checked against an independent expectation written here by hand."""
+
+import json
+import os
+import stat
+
+import pytest
+
+from vfm.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+# ------------------------------------------------------------------------------- CLI ---
+def _one_line_error(capsys, command):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"vfm {command}: error: "), err
+    return lines[0]
+
+
+def test_cli_train_missing_config_is_one_line_error(tmp_path, capsys):
+    missing = str(tmp_path / "nope.yaml")
+    assert main(["train", missing]) == 2
+    assert missing in _one_line_error(capsys, "train")
+
+
+def test_cli_train_bad_config_names_file_and_line(tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("model: m\nlabels: [a, b]\ndata: {train: t.csv}\ntraining:\n  epochs: 1\n   lr: 3\n")
+    assert main(["train", str(cfg)]) == 2
+    line = _one_line_error(capsys, "train")
+    assert f"{cfg}, line 6: not valid YAML" in line
+
+
+def test_cli_eval_missing_data_and_empty_data(tmp_path, capsys):
+    # both fail before any model is loaded, so no model folder is needed
+    assert main(["eval", "--model", str(tmp_path), "--data", str(tmp_path / "none.csv"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "none.csv" in _one_line_error(capsys, "eval")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    assert main(["eval", "--model", str(tmp_path), "--data", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "no examples to evaluate" in _one_line_error(capsys, "eval")
+
+
+def test_cli_rules_missing_data_file(tmp_path, capsys):
+    rules = tmp_path / "r.yaml"
+    rules.write_text("labels: [a, b]\nrules: []\n")
+    assert main(["rules", str(rules), "--data", str(tmp_path / "none.csv")]) == 2
+    assert "none.csv" in _one_line_error(capsys, "rules")
+
+
+def test_cli_traceback_on_request(tmp_path, monkeypatch):
+    monkeypatch.setenv("VFM_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError):
+        main(["train", str(tmp_path / "nope.yaml")])
+
+
+# ---------------------------------------------------------------------------- config ---
+def _cfg(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return str(path)
+
+
+BASE = "model: m\nlabels: [a, b]\ndata: {train: t.csv}\n"
+
+
+@pytest.mark.parametrize("text, match", [
+    # PyYAML keeps the last of two equal keys silently: the first section would be ignored
+    (BASE + "training: {epochs: 1}\ntraining: {epochs: 5}\n", r"line 5: .*duplicate key 'training' \(first at line 4"),
+    (BASE + "training:\n  epochs: 1\n  epochs: 7\n", r"line 6: .*duplicate key 'epochs' \(first at line 5"),
+    (b"model: m\nlabels: [caf\xe9]\n", r"cfg.yaml, line 2: not valid UTF-8"),
+    (BASE + "teacher: {kind: model, model: m, label_map: {a: [1]}}\n",
+     r"line 4: teacher.label_map\['a'\] must be a string"),
+    (BASE + "training: {batch_size: 0}\n", r"training.batch_size must be >= 1, got 0"),
+    (BASE + "training: {learning_rate: .nan}\n", r"training.learning_rate must be a finite number"),
+    (BASE + "training: {epochs: 0}\n", r"training.epochs must be > 0"),
+    (BASE.replace("data: {train: t.csv}", "data: {train: t.csv, near_duplicate_threshold: 0}"),
+     r"data.near_duplicate_threshold"),
+])
+def test_config_errors_name_file_line_and_key(tmp_path, text, match):
+    from vfm.train.config import load_config
+
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ValueError, match=match):
+        load_config(_cfg(tmp_path, text))
+
+
+def test_config_with_bom_and_max_steps_without_epochs(tmp_path):
+    from vfm.train.config import load_config
+
+    (tmp_path / "m").mkdir()
+    cfg = load_config(_cfg(tmp_path, ("\ufeff" + BASE + "training: {epochs: 0, max_steps: 3}\n").encode("utf-8")))
+    assert cfg.training.max_steps == 3 and cfg.labels == ["a", "b"]
+
+
+# ------------------------------------------------------------------------------ data ---
+def test_csv_header_names_are_stripped(tmp_path):
+    from vfm.data import load_examples
+
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"\xef\xbb\xbftext , label\r\nhello, pos \r\n\r\nbye,neg\r\n")
+    examples, report = load_examples(str(path))
+    assert [(e.text, e.label, e.line) for e in examples] == [("hello", "pos", 2), ("bye", "neg", 4)]
+    assert report.unlabelled == 0 and report.blank_lines == 1 and examples[0].meta == {}
+
+
+def test_train_without_labelled_rows_fails_before_training(tmp_path, capsys):
+    # a misspelt label column used to send every row to the unlabelled pool and "train" on nothing
+    (tmp_path / "m").mkdir()
+    (tmp_path / "train.csv").write_text("text,labels\nrefund my money,billing\npackage late,shipping\n")
+    cfg = _cfg(tmp_path, "model: m\nlabels: [billing, shipping]\ndata: {train: train.csv}\n"
+                         "training: {output_dir: run, progress: false, tensorboard: false}\n")
+    assert main(["train", cfg]) == 2
+    line = _one_line_error(capsys, "train")
+    assert "train.csv: no labelled training rows" in line and "'label'" in line
+    assert not os.path.exists(tmp_path / "run" / "final")
+
+
+def test_data_edge_cases_against_plain_python(tmp_path):
+    import unicodedata
+
+    from vfm.data import Example, augment, deduplicate, load_examples, stratified_split
+
+    # non-UTF-8 row reported with its line, the others kept
+    path = tmp_path / "n.jsonl"
+    path.write_bytes(b'{"text": "caf\xe9", "label": "x"}\n\n{"text": "ok", "label": " y "}\r\n')
+    examples, report = load_examples(str(path))
+    assert [(e.text, e.label) for e in examples] == [("ok", "y")]
+    assert [(m.line, m.reason) for m in report.malformed] == [(1, "not valid UTF-8")] and report.blank_lines == 1
+    # NFC and NFD spellings are exact duplicates
+    nfc, nfd = "caf\u00e9 au lait", "cafe\u0301 au lait"
+    assert nfc != nfd and unicodedata.normalize("NFC", nfd) == nfc
+    kept, rep = deduplicate([Example(nfc, "a"), Example(nfd, "b")], near=False)
+    assert [e.text for e in kept] == [nfc] and len(rep.details["label_conflicts"]) == 1
+    # fewer rows than parts, a class of one: nothing dropped, every row in exactly one part
+    rows = [Example(str(i), "big" if i else "single") for i in range(3)]
+    parts = stratified_split(rows, (0.6, 0.2, 0.2), seed=1)
+    assert sorted(e.text for p in parts for e in p) == ["0", "1", "2"]
+    # augmentation: same seed, same output; other seed, some difference
+    src = [Example("the quick brown fox jumps over the lazy dog", "a"), Example("my parcel arrived late", "b")]
+    a1, a2 = augment(src, n_per_example=3, seed=5)[0], augment(src, n_per_example=3, seed=5)[0]
+    a3 = augment(src, n_per_example=3, seed=6)[0]
+    assert [e.text for e in a1] == [e.text for e in a2] and [e.text for e in a1] != [e.text for e in a3]
+
+
+# ----------------------------------------------------------------------- atomic writes ---
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield 0o644
+    os.umask(old)
+
+
+def test_reports_and_teacher_cache_get_normal_permissions(tmp_path, umask_022):
+    import torch
+
+    from vfm.evaluate import write_csv, write_json
+    from vfm.teacher import TeacherTopK, save_topk
+
+    write_json(str(tmp_path / "m.json"), {"a": 1})
+    write_csv(str(tmp_path / "p.csv"), ["x"], [[1]])
+    save_topk(str(tmp_path / "t.safetensors"), TeacherTopK(torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1),
+                                                            ["a"]))
+    # an ordinary open() under umask 022 makes 0o644; mkstemp made these 0o600 (unreadable to the group)
+    with open(tmp_path / "plain.txt", "w") as fh:
+        fh.write("x")
+    assert _mode(tmp_path / "plain.txt") == umask_022
+    for name in ("m.json", "p.csv", "t.safetensors"):
+        assert _mode(tmp_path / name) == umask_022, name
+
+
+def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    import torch
+
+    import vfm.evaluate as ev
+    from vfm.teacher import TeacherTopK, load_topk, save_topk
+
+    target = tmp_path / "metrics.json"
+    ev.write_json(str(target), {"good": True})
+    cache = tmp_path / "t.safetensors"
+    save_topk(str(cache), TeacherTopK(torch.tensor([[1], [0]]), torch.tensor([[-0.1], [-0.2]]), ["a", "b"]))
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        ev.write_json(str(target), {"good": False})
+    with pytest.raises(OSError, match="disk full"):
+        save_topk(str(cache), TeacherTopK(torch.tensor([[0]]), torch.tensor([[0.0]]), ["a", "b"]))
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"good": True}
+    assert load_topk(str(cache)).indices.tolist() == [[1], [0]]
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json", "t.safetensors"]  # no temporary file left
+
+
+# --------------------------------------------------------------------------- metrics ---
+def _hand_prf(gold, pred, label):
+    tp = sum(g == label and p == label for g, p in zip(gold, pred))
+    fp = sum(g != label and p == label for g, p in zip(gold, pred))
+    fn = sum(g == label and p != label for g, p in zip(gold, pred))
+    prec = tp / (tp + fp) if tp + fp else 0.0
+    rec = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    return prec, rec, f1
+
+
+def test_classification_scores_by_hand_with_absent_classes():
+    from vfm.evaluate import classification_report
+
+    labels = ["a", "b", "c", "d"]  # c: gold only (never predicted); d: predicted only (never gold)
+    gold = [0, 0, 1, 2, 2, 1]
+    pred = [0, 1, 1, 3, 0, 1]
+    rep = classification_report(gold, pred, labels)
+    f1s = [_hand_prf(gold, pred, k)[2] for k in range(4)]
+    assert rep.accuracy == pytest.approx(3 / 6)
+    assert rep.averages["macro"]["f1"] == pytest.approx(sum(f1s) / 4)
+    assert rep.per_label["c"]["precision"] == 0.0 and rep.per_label["d"]["recall"] == 0.0
+    assert rep.averages["micro"]["f1"] == pytest.approx(3 / 6)
+    empty = classification_report([], [], labels)
+    assert empty.accuracy == 0.0 and empty.averages["macro"]["f1"] == 0.0 and empty.confusion.sum() == 0
+
+
+def test_entity_scores_by_hand():
+    from vfm.evaluate import entity_report
+
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["O", "I-ORG", "I-ORG"]]
+    pred = [["B-PER", "I-PER", "O", "B-ORG"], ["O", "B-ORG", "I-ORG"]]
+    # spans by hand: gold {PER 0-2, LOC 3-4}, {ORG 1-3 (a stray I- starts an entity)}
+    #                pred {PER 0-2, ORG 3-4}, {ORG 1-3}
+    rep = entity_report(gold, pred)
+    assert rep["PER"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1}
+    assert rep["LOC"]["recall"] == 0.0 and rep["LOC"]["support"] == 1
+    assert rep["ORG"]["precision"] == pytest.approx(0.5) and rep["ORG"]["recall"] == pytest.approx(1.0)
+    assert rep["micro"]["f1"] == pytest.approx(2 * (2 / 3) * (2 / 3) / (4 / 3))
+    assert rep["macro"]["f1"] == pytest.approx((1.0 + 0.0 + 2 * 0.5 / 1.5) / 3)
+    assert entity_report([], [])["micro"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
