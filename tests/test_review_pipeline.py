@@ -244,3 +244,26 @@ def test_entity_scores_by_hand():
     assert rep["micro"]["f1"] == pytest.approx(2 * (2 / 3) * (2 / 3) / (4 / 3))
     assert rep["macro"]["f1"] == pytest.approx((1.0 + 0.0 + 2 * 0.5 / 1.5) / 3)
     assert entity_report([], [])["micro"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+
+
+# --------------------------------------------------------------------------- teacher ---
+def test_teacher_cache_not_reused_after_the_teacher_is_retrained_in_place(tmp_path):
+    import torch
+
+    from test_train_utils import tiny_model, tiny_tokenizer
+    from vfm.teacher import build_teacher
+
+    folder = str(tmp_path / "teacher")
+    tiny_tokenizer(folder).save_pretrained(folder)
+    tiny_model(3, seed=0).save_pretrained(folder)
+    texts, cache = ["refund my money", "package late"], str(tmp_path / "c.safetensors")
+    _, reused = build_teacher("model", folder, texts, k=2, cache_path=cache, progress=False)
+    assert not reused
+    _, reused = build_teacher("model", folder, texts, k=2, cache_path=cache, progress=False)
+    assert reused  # unchanged teacher: the cache is used
+    tiny_model(3, seed=1).save_pretrained(folder)  # retrained: same config, same file sizes, new weights
+    os.utime(os.path.join(folder, "model.safetensors"), ns=(1, 1))  # a different mtime even on a coarse clock
+    cached, reused = build_teacher("model", folder, texts, k=2, cache_path=cache, progress=False)
+    fresh, _ = build_teacher("model", folder, texts, k=2, cache_path=None, progress=False)
+    assert not reused
+    assert torch.equal(cached.indices, fresh.indices) and torch.equal(cached.logprobs, fresh.logprobs)

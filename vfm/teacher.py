@@ -265,7 +265,8 @@ def zero_shot_teacher_logits(model_dir: str, texts: Sequence[str], labels: Seque
 
 # ------------------------------------------------------------------------------ cache --
 def _model_fingerprint(model_dir: str) -> Dict[str, object]:
-    """Cheap identity of a model directory: config.json's text and every file's name and size."""
+    """Cheap identity of a model directory: config.json's text and every file's name, size and
+    modification time (a teacher retrained in place keeps its file sizes, not its mtimes)."""
     info: Dict[str, object] = {"path": os.path.abspath(model_dir)}
     cfg = os.path.join(model_dir, "config.json")
     if os.path.isfile(cfg):
@@ -274,8 +275,8 @@ def _model_fingerprint(model_dir: str) -> Dict[str, object]:
     files = {}
     for root, _, names in os.walk(model_dir):
         for name in names:
-            p = os.path.join(root, name)
-            files[os.path.relpath(p, model_dir)] = os.path.getsize(p)
+            st = os.stat(os.path.join(root, name))
+            files[os.path.relpath(os.path.join(root, name), model_dir)] = [st.st_size, st.st_mtime_ns]
     info["files"] = dict(sorted(files.items()))
     return info
 
