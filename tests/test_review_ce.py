@@ -84,3 +84,57 @@ def test_dropin_out_of_range_target_raises_clearly():
     with pytest.raises(ValueError, match=r"\[-1\]"):
         vfm.nn.CrossEntropyLoss()(torch.randn(3, 5), torch.tensor([0, -1, 1]))
 
+
+
+@pytest.mark.parametrize("backend", [b for b in vfm.available_backends("knowledge_cross_entropy", "cpu")
+                                     if b != "triton"])
+def test_allowed_with_no_groups_is_unconstrained(backend):
+    # (group_masks [0, V], group_ids all -1): every row unconstrained; the torch backend crashed.
+    z, t = torch.randn(6, 9, dtype=torch.float64), torch.tensor([0, 8, -100, 3, 4, 2])
+    masks, gid = torch.zeros(0, 9, dtype=torch.bool), torch.full((6,), -1)
+    a = z.clone().requires_grad_()
+    b = z.clone().requires_grad_()
+    with vfm.use_backend(backend):
+        got = vfm.functional.knowledge_cross_entropy(a, t, penalty_weight=0.5, allowed=(masks, gid),
+                                                     return_parts=True)
+    want = torch.nn.functional.cross_entropy(b, t)
+    torch.testing.assert_close(got.loss, want)
+    assert got.penalty.item() == 0.0 and got.n_outside_allowed.item() == 0
+    got.loss.backward()
+    want.backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("backend", vfm.available_backends("knowledge_cross_entropy", "cpu"))
+def test_inplace_backward_when_another_op_saved_the_logits_raises(backend):
+    # The gradient overwrites the logits; an op that saved them must fail autograd's version
+    # check (the cpp / triton kernels wrote without bumping it: a silently wrong gradient).
+    torch.manual_seed(0)
+    w = torch.randn(3, 7, requires_grad=True)
+    logits = torch.randn(5, 3) @ w
+    extra = (logits ** 2).mean()  # pow saves its input
+    with vfm.use_backend(backend):
+        loss = vfm.functional.knowledge_cross_entropy(logits, torch.tensor([0, 6, 2, -100, 3]),
+                                                      inplace_backward=True) + extra
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", vfm.available_backends("knowledge_cross_entropy", "cpu"))
+def test_inplace_backward_through_a_matmul_matches_torch(backend):
+    torch.manual_seed(1)
+    h, w0 = torch.randn(2, 6, 3), torch.randn(3, 7)
+    target = torch.randint(0, 7, (2, 5))
+    grads = []
+    for ours in (True, False):
+        w = w0.clone().requires_grad_()
+        logits = (h @ w)[:, :-1]  # the LM shift: a non-contiguous view
+        if ours:
+            with vfm.use_backend(backend):
+                loss = vfm.functional.knowledge_cross_entropy(logits, target, inplace_backward=True,
+                                                              label_smoothing=0.1)
+        else:
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 7), target.reshape(-1), label_smoothing=0.1)
+        loss.backward()
+        grads.append(w.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)

@@ -97,7 +97,7 @@ def unpack_allowed_bits(bits: Tensor, num_labels: int) -> Tensor:
     """Unpack (G, W) int32 words into a (G, V) bool mask (little bit order within a word)."""
     shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
     unpacked = (bits.unsqueeze(-1) >> shifts) & 1
-    return unpacked.reshape(bits.shape[0], -1)[:, :num_labels].bool()
+    return unpacked.reshape(bits.shape[0], bits.shape[1] * 32)[:, :num_labels].bool()  # G may be 0
 
 
 def pack_allowed_bits(mask: Tensor) -> Tensor:
@@ -257,7 +257,10 @@ def kce_forward_torch(
     if allowed_bits is not None:
         gid = group_ids.long()
         constrained = gid >= 0
-        allowed = unpack_allowed_bits(allowed_bits, vocab)[gid.clamp_min(0)]
+        table = unpack_allowed_bits(allowed_bits, vocab)
+        if table.shape[0] == 0:  # no groups: every row is unconstrained (group -1)
+            table = torch.zeros(1, vocab, dtype=torch.bool, device=dev)
+        allowed = table[gid.clamp_min(0)]
         counted = target != cfg.ignore_index
         tgt = torch.where(counted, target, torch.zeros_like(target)).long()
         in_a = allowed.gather(1, tgt[:, None])[:, 0]

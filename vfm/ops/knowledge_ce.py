@@ -365,6 +365,9 @@ class InplaceKnowledgeCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, reduce, *args):
         if _is_eager_tensor(logits):
             loss, parts = forward_impl(logits, *args, logits, reduce)
+            # The cpp / triton kernels write through the data pointer, which autograd does not see:
+            # bump the version so that another op that saved these logits fails its check.
+            torch.autograd.graph.increment_version(logits)
         else:
             loss, parts = torch.ops.vfm.knowledge_cross_entropy_inplace(logits, *args, reduce)
         ctx.reduce = reduce
