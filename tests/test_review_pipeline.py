@@ -267,3 +267,38 @@ def test_teacher_cache_not_reused_after_the_teacher_is_retrained_in_place(tmp_pa
     fresh, _ = build_teacher("model", folder, texts, k=2, cache_path=None, progress=False)
     assert not reused
     assert torch.equal(cached.indices, fresh.indices) and torch.equal(cached.logprobs, fresh.logprobs)
+
+
+# ---------------------------------------------------------------------- vfm eval tagging ---
+def test_eval_tagging_with_rules_no_progress_and_full_report(tmp_path, capsys):
+    import torch
+    from transformers import BertConfig, BertForTokenClassification
+    from transformers.utils import logging as hf_logging
+
+    from test_train_utils import WORDS, tiny_tokenizer
+
+    tags = ["O", "B-ITEM", "I-ITEM"]
+    folder = str(tmp_path / "tagger")
+    tok = tiny_tokenizer(folder)
+    torch.manual_seed(0)
+    BertForTokenClassification(BertConfig(
+        vocab_size=5 + len(set(WORDS)), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=64, num_labels=3, id2label=dict(enumerate(tags)),
+        label2id={t: i for i, t in enumerate(tags)})).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (tmp_path / "t.conll").write_text("refund O\nmy O\ncard B-ITEM\n\ntrack O\nparcel B-ITEM\ndelivery I-ITEM\n")
+    (tmp_path / "rules.yaml").write_text("task: tagging\nlabels: [O, B-ITEM, I-ITEM]\n")
+    capsys.readouterr()
+    try:
+        assert main(["eval", "--model", folder, "--data", str(tmp_path / "t.conll"), "--rules",
+                     str(tmp_path / "rules.yaml"), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    finally:
+        hf_logging.enable_progress_bar()
+    captured = capsys.readouterr()
+    assert "%|" not in captured.err and "predict" not in captured.err  # no tqdm bar
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    report = (tmp_path / "out" / "report.txt").read_text()
+    # report.txt holds what was printed, the constrained-decoding line included
+    assert "with the rules (constrained Viterbi" in report
+    assert f"{metrics['model+rules']['micro']['f1']:.3f}" in report.splitlines()[-1]
+    assert report.strip() in captured.out

@@ -103,6 +103,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_eval.add_argument("--text-field", default="text")
     p_eval.add_argument("--label-field", default="label")
     p_eval.add_argument("--max-length", type=int, default=128)
+    p_eval.add_argument("--no-progress", action="store_true", help="no progress bars")
     p_demo = sub.add_parser("demo", help="few-shot MiniLM on real airline tweets and Twitter NER: CE vs CE + "
                                          "rules + teacher")
     p_demo.add_argument("--out", default="vfm-demo", help="output folder (default: ./vfm-demo)")
@@ -148,8 +149,12 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from vfm.evaluate import evaluate_model
 
+        if args.no_progress:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # Transformers' "Loading weights" bar too
         evaluate_model(args.model, args.data, args.out, rules_path=args.rules, text_field=args.text_field,
-                       label_field=args.label_field, max_length=args.max_length)
+                       label_field=args.label_field, max_length=args.max_length, progress=not args.no_progress)
         return 0
     if args.command == "demo":
         from vfm.demo import run_demo

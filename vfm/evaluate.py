@@ -387,6 +387,8 @@ def evaluate_model(model_dir: str, data_path: str, out_dir: str, *, rules_path: 
     if not examples:
         raise ValueError(f"{data_path}: no examples to evaluate (loaded 0 rows, {len(load_report.malformed)} "
                          "malformed)")
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
     tagging = any(ex.tags for ex in examples)
     model, tok, labels = _load_for_eval(model_dir, tagging)
     os.makedirs(out_dir, exist_ok=True)
