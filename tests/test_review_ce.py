@@ -138,3 +138,28 @@ def test_inplace_backward_through_a_matmul_matches_torch(backend):
         loss.backward()
         grads.append(w.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_linear_under_autocast_takes_bf16_hidden_with_fp32_head():
+    # An autocast body hands bf16 hidden states to an fp32 lm_head: F.linear casts the head;
+    # vfm raised "hidden is torch.bfloat16 but weight is torch.float32".
+    torch.manual_seed(0)
+    x = torch.randn(10, 8)
+    target = torch.tensor([0, 12, 3, -100, 5, 7, 1, 2, 9, 11])
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(1)
+        body, head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 13)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = body(x)
+            assert hidden.dtype == torch.bfloat16
+            if fused:
+                loss = vfm.functional.fused_linear_knowledge_cross_entropy(hidden, head.weight, target, head.bias,
+                                                                           block_rows=3)
+            else:
+                loss = torch.nn.functional.cross_entropy(head(hidden), target)
+        loss.backward()
+        results.append((loss, body.weight.grad, head.weight.grad, head.bias.grad))
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())

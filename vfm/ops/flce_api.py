@@ -57,6 +57,13 @@ def _check_head(prefix: str, hidden: Tensor, weight: Tensor, bias: Optional[Tens
                             f"expected {hidden.dtype} on {hidden.device}")
 
 
+def _autocast_operand(t, low: torch.dtype):
+    """``t`` cast to autocast's ``low`` dtype where autocast would cast it (fp64 is left alone)."""
+    if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16) and t.dtype != low:
+        return t.to(low)
+    return t
+
+
 def _check_grad_filter(value) -> float:
     """None -> 0.0 (exact); otherwise a float in (0, 1)."""
     if value is None:
@@ -125,9 +132,10 @@ def fused_linear_knowledge_cross_entropy(
             ``inplace_backward`` is accepted and has no effect (the logits buffer is always
             reused in place).
 
-    Under ``torch.autocast``, fp32 hidden states and output layers are cast to the autocast dtype
-    first (as ``F.linear`` would be; the casts are differentiable, so fp32 parameters get fp32
-    gradients); the loss is computed in fp32 as always.
+    Under ``torch.autocast``, the hidden states and output layers (fp32 / fp16 / bf16, so also bf16
+    hidden states with an fp32 head) are cast to the autocast dtype first (as ``F.linear`` would
+    be; the casts are differentiable, so fp32 parameters get fp32 gradients); the loss is computed
+    in fp32 as always.
 
     Returns:
         As :func:`vfm.functional.knowledge_cross_entropy`: the fp32 loss (scalar, or shape
@@ -160,6 +168,14 @@ def prepare_fused_arguments(hidden, weight, target, bias=None, *, teacher_hidden
         raise TypeError(f"fused_linear_knowledge_cross_entropy got unknown options {unknown}; known: "
                         f"{KCE_OPTIONS + ['class_weight', 'teacher_hidden', 'teacher_weight', 'teacher_bias']}"
                         " + ['block_rows', 'grad_accum_dtype', 'grad_filter']")
+    if isinstance(hidden, Tensor) and torch.is_autocast_enabled(hidden.device.type):
+        # As F.linear under autocast: every fp32 / fp16 / bf16 operand of the output layer(s)
+        # runs in the autocast dtype (so bf16 hidden states from an autocast body meet an fp32
+        # lm_head); the casts are differentiable, so fp32 parameters receive fp32 gradients.
+        low = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias = (
+            _autocast_operand(t, low)
+            for t in (hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias))
     _check_head("", hidden, weight, bias)
     lead_shape = tuple(hidden.shape[:-1])
     vocab = int(weight.shape[0])
@@ -194,16 +210,6 @@ def prepare_fused_arguments(hidden, weight, target, bias=None, *, teacher_hidden
         raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
     grad_filter = _check_grad_filter(grad_filter)
     return_parts = bool(options.pop("return_parts", False))
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type) and hidden.dtype == torch.float32:
-        # As F.linear under autocast: the output layer(s) run in the autocast dtype; the casts are
-        # differentiable, so fp32 parameters receive fp32 gradients. The loss stays fp32.
-        low = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(low), weight.to(low)
-        bias = bias.to(low) if bias is not None else None
-        if head and teacher_hidden.dtype == torch.float32:
-            teacher_hidden, teacher_weight = teacher_hidden.to(low), teacher_weight.to(low)
-            teacher_bias = teacher_bias.to(low) if teacher_bias is not None else None
     options.pop("inplace_backward", None)
 
     # Validate and normalise the loss options for the whole batch through knowledge CE's own
