@@ -302,3 +302,37 @@ def test_eval_tagging_with_rules_no_progress_and_full_report(tmp_path, capsys):
     assert "with the rules (constrained Viterbi" in report
     assert f"{metrics['model+rules']['micro']['f1']:.3f}" in report.splitlines()[-1]
     assert report.strip() in captured.out
+
+
+def test_teacher_default_top_k_above_the_teachers_label_count(tmp_path):
+    # TeacherConfig's default top_k is 5; a model teacher with 3 labels failed after running over every text
+    import torch
+    from transformers import BertConfig, BertForTokenClassification
+
+    from test_train_utils import WORDS, tiny_model, tiny_tokenizer
+    from vfm.teacher import build_teacher
+    from vfm.train.config import TeacherConfig
+    from vfm.train.tagging import model_teacher_words
+
+    assert TeacherConfig().top_k == 5
+    folder = str(tmp_path / "teacher")
+    tiny_tokenizer(folder).save_pretrained(folder)
+    model = tiny_model(3, seed=0).eval()
+    model.save_pretrained(folder)
+    texts = ["refund my money", "package late"]
+    topk, _ = build_teacher("model", folder, texts, k=5, progress=False)
+    tok = tiny_tokenizer(str(tmp_path / "tok"))
+    with torch.no_grad():
+        want = torch.log_softmax(model(**tok(texts, padding=True, return_tensors="pt")).logits, -1)
+    got = torch.full_like(want, float("nan")).scatter(1, topk.indices, topk.logprobs)
+    assert topk.indices.shape == (2, 3)  # every label kept: the full distribution
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        build_teacher("model", folder, texts, k=0, progress=False)
+    tagger = str(tmp_path / "tagger")
+    tiny_tokenizer(tagger).save_pretrained(tagger)
+    BertForTokenClassification(BertConfig(
+        vocab_size=5 + len(set(WORDS)), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=64, num_labels=3)).save_pretrained(tagger)
+    words = model_teacher_words(tagger, [["refund", "my", "card"]], 5, progress=False)
+    assert words.indices.shape == (3, 3) and sorted(words.indices[0].tolist()) == [0, 1, 2]

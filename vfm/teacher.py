@@ -347,7 +347,8 @@ def build_teacher(kind: str, model_dir: str, texts: Sequence[str], *, k: int, ca
             model plus ``labels`` and ``descriptions``).
         model_dir: the teacher's directory.
         texts: N texts, in the order the rows will be used.
-        k: top-k entries kept (at most the teacher's label count).
+        k: top-k entries kept, >= 1; a k above the teacher's label count T keeps all T (the whole
+            distribution, nothing lost), so the default ``top_k`` works for a teacher with fewer labels.
         cache_path: safetensors file to reuse/write (None: no cache).
         labels, descriptions, scale: zero-shot options (see :func:`zero_shot_teacher_logits`).
 
@@ -356,6 +357,8 @@ def build_teacher(kind: str, model_dir: str, texts: Sequence[str], *, k: int, ca
     """
     if kind not in ("model", "zero_shot"):
         raise ValueError(f"teacher kind must be 'model' or 'zero_shot', got {kind!r}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
     spec: Dict[str, object] = {"kind": kind, "model": _model_fingerprint(model_dir), "k": k,
                                "max_length": max_length}
     if kind == "zero_shot":
@@ -378,7 +381,7 @@ def build_teacher(kind: str, model_dir: str, texts: Sequence[str], *, k: int, ca
     else:
         logits, t_labels = zero_shot_teacher_logits(model_dir, texts, labels, descriptions, scale=scale,
                                                     batch_size=batch_size, max_length=max_length, progress=progress)
-    idx, lp = topk_from_logits(logits, k)
+    idx, lp = topk_from_logits(logits, min(k, logits.shape[1]))
     out = TeacherTopK(idx, lp, t_labels, {"kind": kind, "model_path": os.path.abspath(model_dir),
                                           "input_hash": digest, "k": k})
     if cache_path:

@@ -161,7 +161,8 @@ def _teacher_topk(cfg: Config, texts: List[str], labels: List[str], rules, say):
                                  labels=labels if t.kind == "zero_shot" else None, descriptions=descriptions,
                                  scale=t.scale, batch_size=t.batch_size, max_length=cfg.data.max_length,
                                  progress=cfg.training.progress and _is_main())
-    say(f"teacher ({t.kind}, {os.path.basename(os.path.normpath(t.model))}): top-{k} for {len(texts)} rows "
+    say(f"teacher ({t.kind}, {os.path.basename(os.path.normpath(t.model))}): top-{topk.indices.shape[1]} for "
+        f"{len(texts)} rows "
         f"{'reused from' if reused else 'written to'} {cache}")
     return map_teacher_labels(topk, labels, t.label_map)
 

@@ -207,7 +207,7 @@ def model_teacher_words(model_dir: str, sentences: Sequence[Sequence[str]], k: i
     Args:
         model_dir: a local ``AutoModelForTokenClassification`` directory.
         sentences: B word lists.
-        k: entries per word, at most the teacher's number of tags.
+        k: entries per word, >= 1 (above the teacher's number of tags T, all T are kept).
 
     Returns:
         :class:`vfm.teacher.TeacherTopK` with one row per word (all sentences concatenated);
@@ -223,8 +223,9 @@ def model_teacher_words(model_dir: str, sentences: Sequence[Sequence[str]], k: i
     model = AutoModelForTokenClassification.from_pretrained(model_dir, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
     t_labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    if not isinstance(k, int) or not 1 <= k <= len(t_labels):
-        raise ValueError(f"teacher.top_k must be in [1, {len(t_labels)}] (the teacher's tags {t_labels}), got {k!r}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"teacher.top_k must be an int >= 1, got {k!r}")
+    k = min(k, len(t_labels))  # a larger k keeps every tag: the whole distribution, nothing lost
     idx_rows, lp_rows = [], []
     with torch.no_grad():
         for s in tqdm(range(0, len(sentences), batch_size), desc="teacher", disable=not progress, leave=False):
