@@ -336,3 +336,20 @@ def test_teacher_default_top_k_above_the_teachers_label_count(tmp_path):
         intermediate_size=32, max_position_embeddings=64, num_labels=3)).save_pretrained(tagger)
     words = model_teacher_words(tagger, [["refund", "my", "card"]], 5, progress=False)
     assert words.indices.shape == (3, 3) and sorted(words.indices[0].tolist()) == [0, 1, 2]
+
+
+# -------------------------------------------------------------------------- knowledge ---
+def test_lexicon_not_utf8_names_file_and_line(tmp_path):
+    from vfm.data import Example, augment
+    from vfm.knowledge.lexicon import load_lexicon
+
+    lex = tmp_path / "syn.txt"
+    lex.write_bytes(b"\xef\xbb\xbfheart attack, myocardial infarction\r\n# comment\r\ncaf\xe9, coffee\r\n")
+    with pytest.raises(ValueError, match=r"syn.txt:3: not valid UTF-8"):
+        load_lexicon(str(lex))
+    with pytest.raises(ValueError, match=r"syn.txt:3: not valid UTF-8"):  # as data.lexicon of vfm train
+        augment([Example("my heart attack", "a")], lexicon=str(lex))
+    lex.write_bytes(b"\xef\xbb\xbfheart attack, myocardial infarction\r\n# comment\r\ncafe, coffee\r\n")
+    assert load_lexicon(str(lex)) == {"heart attack": ["myocardial infarction"],
+                                      "myocardial infarction": ["heart attack"],
+                                      "cafe": ["coffee"], "coffee": ["cafe"]}

@@ -21,23 +21,32 @@ import yaml
 _SPLIT = re.compile(r"[,，\t|]")
 
 
+def _read_text(path: str) -> str:
+    """The file as text (UTF-8, a leading BOM dropped); invalid UTF-8 is a ValueError with path and line."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 ({exc.reason})") from None
+
+
 def _read_txt(path: str) -> List[List[str]]:
     groups = []
-    with open(path, "r", encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
-            members = [m.strip() for m in _SPLIT.split(line) if m.strip()]
-            if not members:
-                raise ValueError(f"{path}:{lineno}: no entry on this line")
-            groups.append(members)
+    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        members = [m.strip() for m in _SPLIT.split(line) if m.strip()]
+        if not members:
+            raise ValueError(f"{path}:{lineno}: no entry on this line")
+        groups.append(members)
     return groups
 
 
 def _read_structured(path: str):
-    with open(path, "r", encoding="utf-8-sig") as fh:
-        text = fh.read()
+    text = _read_text(path)
     try:
         data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except json.JSONDecodeError as err:
