@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -29,6 +30,11 @@ class LoRALinear(nn.Module):
         freeze_base: set ``requires_grad=False`` on the base layer's weight (its bias is left as
             it is); the base weight gets no gradient then, and none is computed.
 
+    Raises:
+        TypeError: ``base_layer`` is not an ``nn.Linear``, ``r`` not an integer, ``alpha`` or
+            ``dropout`` not a real number, ``use_rslora`` or ``freeze_base`` not a bool.
+        ValueError: ``r`` < 1, ``alpha`` not finite, ``dropout`` outside [0, 1).
+
     ``merge()`` folds ``scaling * B @ A`` into the base weight (forward is then the base layer
     alone); ``unmerge()`` takes it out again.
     """
@@ -38,15 +44,26 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+            raise TypeError(f"r must be an int, got {type(r).__name__}")
+        if r < 1:
             raise ValueError(f"r must be an int >= 1, got {r!r}")
+        r = int(r)
+        for name, value in (("alpha", r if alpha is None else alpha), ("dropout", dropout)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        if not math.isfinite(float(alpha if alpha is not None else r)):
+            raise ValueError(f"alpha must be finite, got {alpha}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        for name, value in (("use_rslora", use_rslora), ("freeze_base", freeze_base)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
         self.base_layer = base_layer
         self.r = r
         self.alpha = float(r if alpha is None else alpha)
         self.dropout = float(dropout)
-        self.use_rslora = bool(use_rslora)
+        self.use_rslora = use_rslora
         self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
         w = base_layer.weight
         self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, dtype=w.dtype, device=w.device))

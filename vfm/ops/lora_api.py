@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -113,10 +113,10 @@ def _dropout(dropout_p, training, seed) -> tuple:
     return p, seed_t
 
 
-def _scaling(scaling) -> float:
-    value = _require_number("scaling", scaling)
+def _scaling(scaling, name: str = "scaling") -> float:
+    value = _require_number(name, scaling)
     if math.isinf(value):
-        raise ValueError(f"scaling must be finite, got {value}")
+        raise ValueError(f"{name} must be finite, got {value}")
     return value
 
 
@@ -259,7 +259,8 @@ def adalora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Te
         if rn.device != x.device:
             rn = rn.to(x.device)
     else:
-        rn = torch.tensor([_require_number("ranknum", ranknum)], dtype=torch.float32, device=x.device)
+        # PEFT's ranknum is the rank r >= 0; a negative one would divide by ranknum + 1e-5 <= 0
+        rn = torch.tensor([_require_number("ranknum", ranknum, low=0.0)], dtype=torch.float32, device=x.device)
     p, seed_t = _dropout(dropout_p, training, seed)
     t, ac = _autocast(dict(x=x2d, weight=weight, bias=bias, lora_a=lora_a, lora_e=lora_e.reshape(rank), lora_b=lora_b))
     args = (t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_e"], t["lora_b"], scale, rn, p, seed_t)
@@ -307,8 +308,8 @@ def lora_linear_multi(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_stack
     x2d, in_f, out_f, rank = _check_base(x, weight, bias, a_stack[0], b_stack[0])
     ids = _require_tensor("adapter_ids", adapter_ids, floating=False)
     if tuple(ids.shape) not in ((x2d.shape[0],), tuple(x.shape[:-1])):
-        raise ValueError(f"adapter_ids must have shape ({x2d.shape[0]},) or {tuple(x.shape[:-1])} (one per row of x "
-                         f"{_shape(x)}), got {_shape(ids)}")
+        shapes = f"({x2d.shape[0]},)" + ("" if x.dim() == 2 else f" or {tuple(x.shape[:-1])}")
+        raise ValueError(f"adapter_ids must have shape {shapes} (one per row of x {_shape(x)}), got {_shape(ids)}")
     _same_devices(x, a_stack=a_stack, b_stack=b_stack, adapter_ids=ids)
     ids = ids.reshape(-1).long()
     if not _compiling() and ids.numel():
@@ -323,8 +324,17 @@ def lora_linear_multi(x: Tensor, weight: Tensor, bias: Optional[Tensor], a_stack
             raise ValueError(f"scalings must be a floating tensor of shape ({n_adapters},), got {scalings.dtype} "
                              f"{_shape(scalings)}")
         scales = scalings.detach().to(device=x.device, dtype=torch.float32)
+        if not _compiling() and scales.numel():
+            msg = "scalings must be finite (no NaN or inf)"
+            if scales.device.type != "cpu":  # no host synchronisation off the CPU
+                torch._assert_async(torch.isfinite(scales).all(), msg)
+            elif not bool(torch.isfinite(scales).all()):
+                raise ValueError(f"{msg}, got {scales.tolist()}")
     else:
-        values = [_scaling(s) for s in scalings]
+        if isinstance(scalings, (str, bytes)) or not isinstance(scalings, Iterable):
+            raise TypeError(f"scalings must be a sequence of K={n_adapters} numbers or a ({n_adapters},) floating "
+                            f"tensor, got {type(scalings).__name__}")
+        values = [_scaling(s, f"scalings[{i}]") for i, s in enumerate(scalings)]
         if len(values) != n_adapters:
             raise ValueError(f"scalings has {len(values)} entries but a_stack holds K={n_adapters} adapters")
         scales = torch.tensor(values, dtype=torch.float32, device=x.device)
