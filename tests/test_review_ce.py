@@ -163,3 +163,19 @@ def test_fused_linear_under_autocast_takes_bf16_hidden_with_fp32_head():
     for got, want in zip(*results):
         assert got.dtype == want.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def test_dropin_under_torch_func_grad_and_vmap():
+    # Per-sample gradients (torch.func.vmap(torch.func.grad(...))) work with torch's module; vfm's
+    # raised (its autograd.Function has no functorch support), so the drop-in defers to torch there.
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 5)
+    x, target = torch.randn(6, 4), torch.tensor([0, 4, -100, 2, 3, 1])
+    params = {k: v.detach() for k, v in lin.named_parameters()}
+    out = []
+    for loss_fn in (torch.nn.CrossEntropyLoss(label_smoothing=0.1), vfm.nn.CrossEntropyLoss(label_smoothing=0.1)):
+        def loss(p, xi, ti, loss_fn=loss_fn):
+            return loss_fn(torch.func.functional_call(lin, p, (xi[None],)), ti[None])
+        out.append(torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, target))
+    for key in params:
+        torch.testing.assert_close(out[1][key], out[0][key], equal_nan=True)
