@@ -353,3 +353,18 @@ def test_lexicon_not_utf8_names_file_and_line(tmp_path):
     assert load_lexicon(str(lex)) == {"heart attack": ["myocardial infarction"],
                                       "myocardial infarction": ["heart attack"],
                                       "cafe": ["coffee"], "coffee": ["cafe"]}
+
+
+def test_train_model_path_must_be_a_local_folder(tmp_path, capsys):
+    # a misspelt model folder was looked up on the Hugging Face Hub (a download, or a minute of retries offline)
+    (tmp_path / "train.csv").write_text("text,label\nrefund my money,billing\npackage late,shipping\n")
+    (tmp_path / "student").mkdir()
+    for model, teacher, bad in (("nosuchmodel", "", "model 'nosuchmodel'"),
+                                ("student", "teacher: {kind: model, model: nosuchteacher}\n",
+                                 "teacher.model 'nosuchteacher'")):
+        cfg = _cfg(tmp_path, f"model: {model}\nlabels: [billing, shipping]\ndata: {{train: train.csv}}\n{teacher}"
+                             "training: {output_dir: run, progress: false, tensorboard: false}\n")
+        assert main(["train", cfg]) == 2
+        line = _one_line_error(capsys, "train")
+        assert bad in line and "not a local model directory" in line
+    assert not os.path.exists(tmp_path / "run")  # it stopped before any data preparation

@@ -283,7 +283,7 @@ def _load_for_eval(model_dir: str, tagging: bool):
     else:
         cls = AutoModelForTokenClassification if tagging else AutoModelForSequenceClassification
     model = cls.from_pretrained(model_dir, local_files_only=True).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     config = model.config if hasattr(model, "config") else model.base_model.config
     labels = [config.id2label[i] for i in range(config.num_labels)]
     return model, tok, labels

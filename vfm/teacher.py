@@ -184,8 +184,8 @@ def model_teacher_logits(model_dir: str, texts: Sequence[str], *, batch_size: in
 
     if not os.path.isdir(model_dir):
         raise ValueError(f"teacher model directory {model_dir!r} does not exist")
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True).eval()
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     out = []
     for s in _batches(len(texts), batch_size, "teacher", progress):
@@ -213,8 +213,8 @@ def embed_texts(model_dir: str, texts: Sequence[str], *, batch_size: int = 32, m
 
     if not os.path.isdir(model_dir):
         raise ValueError(f"embedding model directory {model_dir!r} does not exist")
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
     out = []
     for s in _batches(len(texts), batch_size, "embed", progress):
         enc = tok(list(texts[s:s + batch_size]), padding=True, truncation=True, max_length=max_length,

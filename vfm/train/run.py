@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from vfm.train.config import Config, load_config
+from vfm.train.config import BUILTIN_MINILM, Config, load_config
 
 IGNORE_INDEX = -100
 
@@ -229,6 +229,10 @@ def train(config: Union[str, Config], *, quiet: bool = False, name: str = "") ->
     from vfm.train import trainer as vt
 
     cfg = load_config(config) if isinstance(config, str) else config
+    for key, path in (("model", cfg.model), ("teacher.model", cfg.teacher.model if cfg.teacher else None)):
+        if path is not None and not os.path.isdir(path):  # else Transformers would look it up on the Hub
+            raise ValueError(f"{cfg.source}: {key} {path!r} is not a local model directory (vfm never downloads: "
+                             f"give a Transformers model folder or {BUILTIN_MINILM!r})")
     say = _printer(quiet)
     hf_logging.disable_progress_bar()
     out = cfg.training.output_dir
@@ -282,7 +286,7 @@ def train(config: Union[str, Config], *, quiet: bool = False, name: str = "") ->
             start += n
         say("teacher accuracy (top-1 vs gold): " + ", ".join(f"{k} {v:.3f}" for k, v in teacher_acc.items()))
 
-    tok = AutoTokenizer.from_pretrained(cfg.model)
+    tok = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
 
     def rows(lo: int, hi: int, items):
         return vt.encode_rows(
@@ -398,7 +402,7 @@ def _train_tagging(cfg: Config, rules, labels: List[str], say, *, quiet: bool, n
     splits, notes = tg.prepare_tagging_data(cfg, labels, say)
     if _is_main():
         _atomic_bytes(os.path.join(out, "data_report.txt"), ("\n\n".join(notes) + "\n").encode("utf-8"))
-    tok = AutoTokenizer.from_pretrained(cfg.model)
+    tok = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
     sets, group_masks, rule_text = tg.build_tagging_datasets(cfg, rules, labels, tok, splits, say, _is_main())
     if rule_text is not None and _is_main():
         _atomic_bytes(os.path.join(out, "rule_report.txt"), (rule_text + "\n").encode("utf-8"))

@@ -221,7 +221,7 @@ def model_teacher_words(model_dir: str, sentences: Sequence[Sequence[str]], k: i
     if not os.path.isdir(model_dir):
         raise ValueError(f"teacher.model {model_dir!r} is not a directory")
     model = AutoModelForTokenClassification.from_pretrained(model_dir, local_files_only=True).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     t_labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"teacher.top_k must be an int >= 1, got {k!r}")
