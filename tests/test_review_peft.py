@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 import vfm.peft  # noqa: E402
 from vfm import _registry  # noqa: E402
 from vfm.adalora import attach_schedule  # noqa: E402
-from vfm.functional import adalora_linear, lora_linear_multi  # noqa: E402
+from vfm.functional import adalora_linear, lora_linear, lora_linear_multi  # noqa: E402
 from vfm.nn import LoRALinear  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -140,6 +140,27 @@ def test_adalora_linear_refuses_a_negative_ranknum():
     y = adalora_linear(x, w, None, a, e, b, 2.0, 3)
     torch.testing.assert_close(y, F.linear(x, w) + (x @ (a * e).T @ b.T) * 2.0 / (3 + 1e-5), rtol=1e-5, atol=1e-5)
 
+
+
+def test_autocast_leaves_float64_layers_in_float64_like_f_linear():
+    # torch.autocast casts float32/16 tensors only; vfm cast float64 ones too (bf16 output, error 0.1)
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(4, 6, generator=g).double(), torch.randn(5, 6, generator=g).double(), torch.randn(5).double()
+    a, bb = torch.randn(3, 6, generator=g).double(), torch.randn(5, 3, generator=g).double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.linear(x, w, b) + 2.0 * F.linear(F.linear(x, a), bb)
+        got = lora_linear(x, w, b, a, bb, 2.0)
+        with pytest.raises(ValueError, match="weight becomes torch.bfloat16 but x becomes torch.float64"):
+            lora_linear(x, w.float(), b, a, bb, 2.0)  # F.linear raises here too
+    assert got.dtype == want.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "adalora"])
+def test_float64_peft_model_under_autocast_matches_peft(kind):
+    reference, fast = pair(kind)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_same_step(reference.double(), fast.double(), tokens(), atol=1e-12)
 
 @pytest.mark.parametrize("kwargs, exc, needle", [
     (dict(alpha=float("nan")), ValueError, "alpha must be finite"),  # was raised only at the first forward

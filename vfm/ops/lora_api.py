@@ -121,13 +121,21 @@ def _scaling(scaling, name: str = "scaling") -> float:
 
 
 def _autocast(tensors: dict) -> tuple:
-    """Under torch.autocast, cast every floating input to the autocast dtype, as F.linear would."""
+    """Under torch.autocast, cast the floating inputs to the autocast dtype, as F.linear would: every
+    one but float64 tensors, which autocast leaves as they are (a float64 layer stays float64)."""
     first = next(iter(tensors.values()))
     device_type = first.device.type if isinstance(first, Tensor) else "cpu"
     if not torch.is_autocast_enabled(device_type):
         return tensors, None
     dtype = torch.get_autocast_dtype(device_type)
-    cast = {k: (v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v) for k, v in tensors.items()}
+    cast = {k: (v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() and v.dtype != torch.float64 else v)
+            for k, v in tensors.items()}
+    x = cast["x"]
+    for name in ("weight", "bias"):
+        t = cast.get(name)
+        if t is not None and t.dtype != x.dtype:  # F.linear fails here too (one side float64)
+            raise ValueError(f"under torch.autocast {name} becomes {t.dtype} but x becomes {x.dtype} (autocast leaves "
+                             f"float64 tensors as they are; got x {tensors['x'].dtype}, {name} {tensors[name].dtype})")
     return cast, device_type
 
 
