@@ -179,3 +179,21 @@ def test_dropin_under_torch_func_grad_and_vmap():
         out.append(torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, target))
     for key in params:
         torch.testing.assert_close(out[1][key], out[0][key], equal_nan=True)
+
+
+def test_dropin_inside_torch_compile_fullgraph_matches_torch():
+    torch.manual_seed(0)
+    x, target = torch.randn(6, 5), torch.tensor([0, 4, -100, 2, 3, 1])
+    out = []
+    for cls, compiled in ((torch.nn.CrossEntropyLoss, False), (vfm.nn.CrossEntropyLoss, True)):
+        torch.manual_seed(1)
+        lin, loss_fn = torch.nn.Linear(5, 5), cls(weight=torch.rand(5) + 0.5, label_smoothing=0.1)
+
+        def step(x, t, lin=lin, loss_fn=loss_fn):
+            return loss_fn(lin(x), t)
+        fn = torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step
+        loss = fn(x, target)
+        loss.backward()
+        out.append((loss, lin.weight.grad, lin.bias.grad))
+    for got, want in zip(out[1], out[0]):
+        torch.testing.assert_close(got, want)
