@@ -280,6 +280,63 @@ def test_adalora_rank_schedule_on_vfm_matches_peft():
     assert sum(map(sum, pattern.values())) < 6 * len(pattern)  # the schedule pruned ranks
 
 
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.v = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.v(torch.tanh(self.q(x)))
+
+
+def _tiny_adalora():
+    torch.manual_seed(0)
+    cfg = AdaLoraConfig(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=6, target_modules=["q", "v"],
+                        lora_alpha=8)
+    return get_peft_model(_Tiny(), cfg)
+
+
+def test_adalora_schedule_attaches_through_an_accelerate_optimizer_wrapper():
+    """attach_schedule(model, accelerator.prepare(optimizer)) raised AttributeError ('AcceleratedOptimizer' has no
+    '_optimizer_step_post_hooks'); the hook now goes on the optimizer inside and counts the steps it really takes."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    def run(wrapped):
+        model = _tiny_adalora()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        g = torch.Generator().manual_seed(1)
+        if wrapped:
+            acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+            model, opt = acc.prepare(model, opt)
+            attach_schedule(model, opt)
+            for _ in range(12):  # 6 optimizer steps
+                with acc.accumulate(model):
+                    acc.backward(model(torch.randn(8, 8, generator=g)).pow(2).mean() / 2)
+                    opt.step()
+                    opt.zero_grad()
+        else:  # PEFT's documented loop, the two half-batches of each step summed by hand
+            for step in range(6):
+                for _ in range(2):
+                    (model(torch.randn(8, 8, generator=g)).pow(2).mean() / 2 / 2).backward()
+                opt.step()
+                model.base_model.update_and_allocate(step)
+                opt.zero_grad()
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_E" in n}
+
+    try:
+        got, want = run(True), run(False)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert got.keys() == want.keys() and got
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+    assert sum(int((e == 0).sum()) for e in got.values()) > 0  # the schedule ran and pruned ranks
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        attach_schedule(_tiny_adalora(), object())
+
 @pytest.mark.parametrize("kind", ["dora", "adalora"])
 def test_gradient_checkpointing_with_dropout_recomputes_the_same_masks(kind):
     _, fast = pair(kind, dropout=0.3)

@@ -37,22 +37,44 @@ def attach_schedule(model: torch.nn.Module, optimizer: torch.optim.Optimizer, st
     Args:
         model: a PEFT model with an AdaLoRA adapter.
         optimizer: the optimizer whose steps count as training steps (call ``zero_grad`` after
-            ``step``, as usual: the allocator reads the gradients).
+            ``step``, as usual: the allocator reads the gradients).  A wrapper that keeps the
+            optimizer as ``.optimizer`` (Hugging Face accelerate's ``AcceleratedOptimizer``, for
+            instance) is looked through: the hook goes on the optimizer inside, so only the steps
+            it really takes count (not those skipped under gradient accumulation or by a grad scaler).
         start_step: the step number of the next ``optimizer.step()`` (when resuming).
 
     Returns:
         The hook handle; ``handle.remove()`` detaches the schedule.
+
+    Raises:
+        TypeError: ``model`` holds no AdaLoRA adapter, or ``optimizer`` is no torch optimizer.
+        ValueError: ``start_step`` is negative or not an int.
     """
     ada = find_adalora_model(model)
-    if not isinstance(start_step, int) or start_step < 0:
+    if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
         raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
+    inner = _hookable(optimizer)
     state = {"step": start_step}
 
     def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         ada.update_and_allocate(state["step"])
         state["step"] += 1
 
-    return optimizer.register_step_post_hook(hook)
+    return inner.register_step_post_hook(hook)
+
+
+def _hookable(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer that takes the steps: ``optimizer`` itself, or the one a wrapper keeps as
+    ``.optimizer`` (the wrapper's own step hooks would never fire, or fail: it skips Optimizer.__init__)."""
+    current = optimizer
+    for _ in range(8):  # wrappers of wrappers, but no endless chain
+        if isinstance(current, torch.optim.Optimizer) and "_optimizer_step_post_hooks" in vars(current):
+            return current
+        current = getattr(current, "optimizer", None)
+        if current is None:
+            break
+    raise TypeError(f"optimizer must be a torch.optim.Optimizer or a wrapper holding one as .optimizer, got "
+                    f"{type(optimizer).__name__}")
 
 
 def _callback_class() -> Optional[type]:
