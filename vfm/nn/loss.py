@@ -73,9 +73,11 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         ``reduction="none"``, else a scalar)."""
         if not isinstance(input, Tensor) or not isinstance(target, Tensor) or target.is_floating_point() \
                 or not input.is_floating_point() or input.dim() == 0 or not self._fused_dtypes(input, target) \
-                or torch._C._are_functorch_transforms_active():
-            # probability targets, whatever torch rejects (its own error message), and torch.func
-            # transforms (grad / vmap of the fused op's autograd.Function are not supported)
+                or input.dtype == torch.float64 or torch._C._are_functorch_transforms_active():
+            # probability targets, whatever torch rejects (its own error message), float64 (the
+            # cpp kernel takes fp32 class weights and scales: ~1e-7 relative, above float64's
+            # tolerance) and torch.func transforms (the fused op's autograd.Function has no
+            # functorch support)
             return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                                    reduction=self.reduction, label_smoothing=self.label_smoothing)
         if input.dim() == 1:
