@@ -63,8 +63,10 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     Same constructor, call, state_dict and numbers as torch (within the test suite's per-dtype
     tolerances): unbatched ``(C,)``, ``(N, C)`` and K-dimensional ``(N, C, d1, ...)`` inputs,
     class weights, ``ignore_index``, ``label_smoothing`` and every reduction; the result has the
-    input's dtype, and a mean over no counted row is NaN as in torch.  Probability (soft)
-    targets are passed to torch's own implementation: the fused path covers class indices.
+    input's dtype (fp32 under autocast, as torch), and a mean over no counted row is NaN as in
+    torch (with a zero gradient).  Probability (soft) targets, float64 inputs, dtypes torch
+    rejects and calls under torch.func transforms are passed to torch's own implementation: the
+    fused path covers fp32 / fp16 / bf16 logits with class indices.
     """
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:  # noqa: A002 - torch's names
