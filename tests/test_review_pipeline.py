@@ -368,3 +368,38 @@ def test_train_model_path_must_be_a_local_folder(tmp_path, capsys):
         line = _one_line_error(capsys, "train")
         assert bad in line and "not a local model directory" in line
     assert not os.path.exists(tmp_path / "run")  # it stopped before any data preparation
+
+
+# ----------------------------------------------------------------------------- train ---
+def test_resumed_run_keeps_metrics_csv_history_and_quiet_prints_nothing(tmp_path, capsys, monkeypatch):
+    import csv
+
+    import torch
+
+    from test_train_utils import TEXTS, save_tiny
+    from vfm.train import train
+
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
+    save_tiny("student")
+    labels = ("billing", "shipping", "tech")
+    with open("train.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([("text", "label")] + [(t, labels[k]) for k, ts in TEXTS.items() for t in ts])
+
+    def run(epochs):
+        _cfg(tmp_path, f"model: student\nlabels: [billing, shipping, tech]\n"
+                       "data: {train: train.csv, max_length: 16, eval_fraction: 0.34}\n"
+                       f"training: {{output_dir: run, epochs: {epochs}, batch_size: 4, logging_steps: 1, "
+                       "progress: false, tensorboard: false, save_total_limit: 3}\n")
+        train(str(tmp_path / "cfg.yaml"), quiet=True)
+        return [{k: v for k, v in row.items() if v} for row in csv.DictReader(open(tmp_path / "run" / "metrics.csv"))]
+
+    capsys.readouterr()
+    first = run(1)  # 12 train rows, batch 4: steps 1-3, evaluation at step 3, then the run summary
+    steps_first = [int(r["step"]) for r in first]
+    assert steps_first[:4] == [1, 2, 3, 3] and "eval_loss" in first[3]
+    second = run(2)  # resume=auto from checkpoint-3: the epoch-1 rows stay, epoch 2 follows
+    assert second[:4] == first[:4]
+    assert [int(r["step"]) for r in second[4:7]] == [4, 5, 6]
+    out = capsys.readouterr().out
+    assert "epoch" not in out and "best checkpoint" not in out, out  # quiet=True: nothing printed

@@ -60,6 +60,7 @@ def _printer(quiet: bool) -> Callable[[str], None]:
         if not quiet and _is_main():
             print(msg, flush=True)
 
+    say.quiet = quiet  # the per-epoch lines (EpochPrinter) follow it too
     return say
 
 
@@ -341,7 +342,7 @@ def _fit(cfg: Config, tok, labels: List[str], train_ds, eval_ds, collator, compu
     total_steps = cfg.training.max_steps if cfg.training.max_steps > 0 else \
         math.ceil(len(train_ds) / per_step) * math.ceil(cfg.training.epochs)
     peft_cfg = cfg.peft
-    printer = vt.EpochPrinter(name, metric_keys)
+    printer = vt.EpochPrinter(name, metric_keys, quiet=getattr(say, "quiet", False))
     callbacks: List[Any] = [vt.MetricsCSVCallback(os.path.join(out, "metrics.csv")), printer]
     if peft_cfg.method != "none":
         model, accel = vm.apply_peft(model, peft_cfg.method, peft_cfg.options, accelerate=peft_cfg.accelerate,

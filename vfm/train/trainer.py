@@ -198,12 +198,21 @@ def classification_metrics(labels: Sequence[str]):
 class MetricsCSVCallback(TrainerCallback):
     """Writes every log record (losses, learning rate, evaluation metrics) to a CSV file, on process 0.
 
-    The file is rewritten atomically at each log with the union of the columns seen so far.
+    The file is rewritten atomically at each log with the union of the columns seen so far.  A run
+    resumed from a checkpoint starts from the checkpoint's log history, so the file keeps the rows
+    logged before the interruption.
     """
 
     def __init__(self, path: str):
         self.path = path
         self.records: List[Dict[str, Any]] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0 and not self.records:  # resumed: the rows up to the checkpoint
+            self.records = [dict({"step": h.get("step"), "epoch": h.get("epoch")},
+                                 **{k: v for k, v in h.items() if k not in ("step", "epoch")})
+                            for h in state.log_history]
+        return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -221,15 +230,23 @@ class MetricsCSVCallback(TrainerCallback):
 
 
 class EpochPrinter(TrainerCallback):
-    """Prints one line per evaluation (epoch, loss and the main metrics), on process 0."""
+    """Prints one line per evaluation (epoch, loss and the main metrics), on process 0.
 
-    def __init__(self, name: str = "", keys: Sequence[str] = ("eval_loss", "eval_accuracy", "eval_macro_f1")):
+    Args:
+        name: tag printed at the start of each line.
+        keys: the metrics printed.
+        quiet: print nothing (``vfm.train.train(quiet=True)``).
+    """
+
+    def __init__(self, name: str = "", keys: Sequence[str] = ("eval_loss", "eval_accuracy", "eval_macro_f1"),
+                 quiet: bool = False):
         self.name = name
         self.keys = keys
+        self.quiet = quiet
         self.final = False  # set after training: the next evaluation is the best model's
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if state.is_world_process_zero and metrics:
+        if state.is_world_process_zero and metrics and not self.quiet:
             train_loss = next((r["loss"] for r in reversed(state.log_history) if "loss" in r), None)
             parts = [f"epoch {state.epoch:.0f}" if state.epoch is not None else "eval"]
             if self.final:
