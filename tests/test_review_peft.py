@@ -22,7 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import vfm.peft  # noqa: E402
 from vfm import _registry  # noqa: E402
-from vfm.adalora import attach_schedule  # noqa: E402
+from vfm.adalora import attach_schedule, find_adalora_model  # noqa: E402
 from vfm.functional import adalora_linear, lora_linear, lora_linear_multi  # noqa: E402
 from vfm.nn import LoRALinear  # noqa: E402
 
@@ -336,6 +336,14 @@ def test_adalora_schedule_attaches_through_an_accelerate_optimizer_wrapper():
     assert sum(int((e == 0).sum()) for e in got.values()) > 0  # the schedule ran and pruned ranks
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         attach_schedule(_tiny_adalora(), object())
+
+
+def test_adalora_schedule_finds_the_model_inside_data_parallel_wrappers():
+    model = _tiny_adalora()
+    for wrapped in (torch.nn.DataParallel(model), torch.compile(torch.nn.DataParallel(model))):  # was TypeError
+        assert find_adalora_model(wrapped) is model.base_model
+    with pytest.raises(TypeError, match="AdaLoRA adapter"):
+        find_adalora_model(torch.nn.DataParallel(_Tiny()))
 
 @pytest.mark.parametrize("kind", ["dora", "adalora"])
 def test_gradient_checkpointing_with_dropout_recomputes_the_same_masks(kind):

@@ -18,6 +18,10 @@ import torch
 def find_adalora_model(model: torch.nn.Module):
     """Return the PEFT ``AdaLoraModel`` inside ``model`` (a PeftModel or the AdaLoraModel itself).
 
+    Data-parallel wrappers that keep the model as ``.module`` (``DistributedDataParallel``,
+    ``DataParallel``, as ``accelerator.prepare`` returns it on several devices) and
+    ``torch.compile``'s ``_orig_mod`` are looked through.
+
     Raises:
         TypeError: ``model`` holds no AdaLoRA adapter.
     """
@@ -25,9 +29,17 @@ def find_adalora_model(model: torch.nn.Module):
         from peft.tuners.adalora import AdaLoraModel
     except ImportError as exc:  # pragma: no cover - peft is a test dependency
         raise TypeError("AdaLoRA scheduling needs the peft package") from exc
-    for candidate in (model, getattr(model, "base_model", None)):
-        if isinstance(candidate, AdaLoraModel):
-            return candidate
+    current = model
+    for _ in range(8):  # wrappers of wrappers, but no endless chain
+        for candidate in (current, getattr(current, "base_model", None)):
+            if isinstance(candidate, AdaLoraModel):
+                return candidate
+        if not isinstance(current, torch.nn.Module):
+            break
+        inner = current._modules.get("module") or current._modules.get("_orig_mod")
+        if inner is None:
+            break
+        current = inner
     raise TypeError(f"model must be a PEFT model with an AdaLoRA adapter, got {type(model).__name__}")
 
 
