@@ -403,3 +403,14 @@ def test_resumed_run_keeps_metrics_csv_history_and_quiet_prints_nothing(tmp_path
     assert [int(r["step"]) for r in second[4:7]] == [4, 5, 6]
     out = capsys.readouterr().out
     assert "epoch" not in out and "best checkpoint" not in out, out  # quiet=True: nothing printed
+
+
+def test_misspelt_training_metric_fails_before_training(tmp_path, capsys):
+    # Transformers raised a KeyError (a traceback) after the first epoch
+    (tmp_path / "student").mkdir()
+    (tmp_path / "train.csv").write_text("text,label\nrefund my money,billing\npackage late,shipping\n")
+    cfg = _cfg(tmp_path, "model: student\nlabels: [billing, shipping]\ndata: {train: train.csv}\n"
+                         "training: {output_dir: run, metric: macro-f1}\n")
+    assert main(["train", cfg]) == 2
+    assert "training.metric 'macro-f1' is not a classification metric" in _one_line_error(capsys, "train")
+    assert not os.path.exists(tmp_path / "run" / "data_report.txt")

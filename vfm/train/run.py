@@ -24,6 +24,10 @@ import torch
 from vfm.train.config import BUILTIN_MINILM, Config, load_config
 
 IGNORE_INDEX = -100
+# names training.metric may take (the evaluation's metrics, "eval_" prefix optional)
+METRICS = {"classification": ["loss", "accuracy"] + [f"{avg}_{m}" for avg in ("micro", "macro", "weighted")
+                                                     for m in ("precision", "recall", "f1")],
+           "tagging": ["loss", "f1", "precision", "recall", "macro_f1", "token_accuracy"]}
 
 
 @dataclass
@@ -253,6 +257,9 @@ def train(config: Union[str, Config], *, quiet: bool = False, name: str = "") ->
 
         check_tagging(cfg)
     labels = list(rules.labels if rules is not None else cfg.labels)
+    metric = cfg.training.metric
+    if metric is not None and metric.removeprefix("eval_") not in METRICS[task]:  # else a KeyError after epoch 1
+        raise ValueError(f"{cfg.source}: training.metric {metric!r} is not a {task} metric; one of {METRICS[task]}")
     if task == "tagging":
         return _train_tagging(cfg, rules, labels, say, quiet=quiet, name=name)
     l2i = {n: i for i, n in enumerate(labels)}
