@@ -414,3 +414,13 @@ def test_misspelt_training_metric_fails_before_training(tmp_path, capsys):
     assert main(["train", cfg]) == 2
     assert "training.metric 'macro-f1' is not a classification metric" in _one_line_error(capsys, "train")
     assert not os.path.exists(tmp_path / "run" / "data_report.txt")
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_misspelt_peft_option_is_a_value_error(method):
+    # LoraConfig(rr=8) raised a bare TypeError: a traceback from vfm train instead of a config error
+    from test_train_utils import tiny_model
+    from vfm.train.model import apply_peft
+
+    with pytest.raises(ValueError, match=rf"peft.method '{method}' .*unexpected keyword argument 'rr'"):
+        apply_peft(tiny_model(), method, {"rr": 8}, total_steps=10)

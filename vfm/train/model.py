@@ -108,19 +108,20 @@ def apply_peft(model: nn.Module, method: str, options: Optional[Dict[str, Any]] 
     opts = dict(options or {})
     method = method.lower()
     task_type = peft.TaskType.TOKEN_CLS if task == "tagging" else peft.TaskType.SEQ_CLS
-    if method == "lora":
-        config = peft.LoraConfig(task_type=task_type, **opts)
-    elif method == "adalora":
-        if "total_step" not in opts:
-            if not total_steps:
-                raise ValueError("AdaLoRA needs total_step (the number of training steps)")
-            opts["total_step"] = int(total_steps)
-        config = peft.AdaLoraConfig(task_type=task_type, **opts)
-    else:
-        try:
+    if method == "adalora" and "total_step" not in opts:
+        if not total_steps:
+            raise ValueError("AdaLoRA needs total_step (the number of training steps)")
+        opts["total_step"] = int(total_steps)
+    try:  # a misspelt option is a TypeError of the config class: name it as a peft.options error
+        if method == "lora":
+            config = peft.LoraConfig(task_type=task_type, **opts)
+        elif method == "adalora":
+            config = peft.AdaLoraConfig(task_type=task_type, **opts)
+        else:
             config = peft.get_peft_config(dict(opts, peft_type=method.upper(), task_type=task_type.value))
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ValueError(f"peft.method {method!r} with options {opts}: PEFT refused it ({exc})") from exc
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ValueError(f"peft.method {method!r} with options {opts}: PEFT refused it "
+                         f"({exc.__class__.__name__}: {exc})") from exc
     peft_model = peft.get_peft_model(model, config)
     report = None
     if accelerate and method in ("lora", "adalora"):
