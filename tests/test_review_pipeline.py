@@ -424,3 +424,13 @@ def test_misspelt_peft_option_is_a_value_error(method):
 
     with pytest.raises(ValueError, match=rf"peft.method '{method}' .*unexpected keyword argument 'rr'"):
         apply_peft(tiny_model(), method, {"rr": 8}, total_steps=10)
+
+
+def test_entity_scores_refuse_non_bio_tags():
+    # BIOES tags were read as O: S-PER / E-PER entities vanished from the scores without a word
+    from vfm.evaluate import entity_report
+
+    with pytest.raises(ValueError, match=r"sentence 1: gold tag 'S-PER' is not BIO"):
+        entity_report([["O"], ["S-PER", "O"]], [["O"], ["B-PER", "O"]])
+    with pytest.raises(ValueError, match=r"sentence 0: pred tag '0' is not BIO"):
+        entity_report([["B-PER", "O"]], [["B-PER", "0"]])

@@ -147,7 +147,8 @@ def entity_report(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) 
 
     Args:
         gold: per sentence, the gold BIO tags.
-        pred: per sentence, the predicted BIO tags (same lengths).
+        pred: per sentence, the predicted BIO tags (same lengths).  Any other tag (BIOES ``E-X`` /
+            ``S-X``, a typo such as ``0``) is a ValueError, not silently read as ``O``.
 
     Returns:
         type -> {"precision", "recall", "f1", "support"} plus "micro", "macro" and "weighted" rows.
@@ -158,6 +159,10 @@ def entity_report(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) 
     for i, (g, p) in enumerate(zip(gold, pred)):
         if len(g) != len(p):
             raise ValueError(f"sentence {i}: gold has {len(g)} tags, pred has {len(p)}")
+        for name, seq in (("gold", g), ("pred", p)):
+            bad = [t for t in seq if t != "O" and not (t[:2] in ("B-", "I-") and len(t) > 2)]
+            if bad:  # BIOES (E-/S-) or other tags would silently drop entities from the scores
+                raise ValueError(f"sentence {i}: {name} tag {bad[0]!r} is not BIO (O, B-X or I-X)")
         gs, ps = bio_spans(g), bio_spans(p)
         for typ in {s[0] for s in gs | ps}:
             c = counts.setdefault(typ, [0, 0, 0])  # tp, fp, fn
