@@ -211,3 +211,51 @@ def test_dropin_float64_matches_torch_to_float64_tolerance():
             ctor = dict(weight=w, reduction=reduction, label_smoothing=0.1)
             torch.testing.assert_close(vfm.nn.CrossEntropyLoss(**ctor)(x, target),
                                        torch.nn.CrossEntropyLoss(**ctor)(x, target))  # float64 tolerances
+
+
+def _kd_reference(z, teacher, kd, temperature, beta=0.5):
+    """Mean KD over rows in float64 from log_softmax (0 log 0 = 0 via xlogy), differentiable."""
+    log_p = torch.log_softmax(z.double() / temperature, -1)
+    log_q = torch.log_softmax(teacher.double() / temperature, -1)
+    p, q = log_p.exp(), log_q.exp()
+
+    def kl(a, log_a, log_b):
+        return (torch.xlogy(a, a) - a * log_b).sum(-1)
+    if kd == "kl":
+        rows = kl(q, log_q, log_p)
+    elif kd == "reverse_kl":
+        rows = kl(p, log_p, log_q)
+    else:
+        log_m = torch.log(beta * q + (1 - beta) * p)
+        rows = beta * kl(q, log_q, log_m) + (1 - beta) * kl(p, log_p, log_m)
+    return temperature ** 2 * rows.mean()
+
+
+_TRITON_MASKED_NAN = pytest.mark.xfail(
+    strict=True, reason="kernels/kce_common.py: the reverse_kl / jsd gradient is pT * (NaN) = NaN where "
+    "student and teacher are both -inf (needs tl.where(pT == 0, 0, ...)); reported, not this reviewer's file")
+
+
+@pytest.mark.parametrize("backend,kd", [
+    pytest.param(b, kd, marks=_TRITON_MASKED_NAN if (b == "triton" and kd != "kl") else ())
+    for b in vfm.available_backends("knowledge_cross_entropy", "cpu") for kd in ("kl", "reverse_kl", "jsd")])
+def test_kd_with_vocabulary_masked_in_student_and_teacher(backend, kd):
+    # Padding columns at -inf in both student and teacher have p = q = 0 and must add nothing;
+    # the torch backend gave NaN for jsd / reverse_kl (0 * (-inf - -inf)).  Reference: the same
+    # loss on the unmasked columns only.
+    torch.manual_seed(0)
+    z, teacher = torch.randn(6, 10) * 2, torch.randn(6, 10) * 2
+    z[:, 8:] = -math.inf
+    teacher[:, 8:] = -math.inf
+    target = torch.randint(0, 8, (6,))
+    a = z.clone().requires_grad_()
+    with vfm.use_backend(backend):
+        got = vfm.functional.knowledge_cross_entropy(a, target, ce_weight=0.0, kd_weight=1.0, kd=kd,
+                                                     jsd_beta=0.3, teacher_logits=teacher, temperature=2.0)
+    got.backward()
+    b = z[:, :8].clone().requires_grad_()
+    want = _kd_reference(b, teacher[:, :8], kd, 2.0, beta=0.3)
+    want.backward()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.grad[:, :8].double(), b.grad.double(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(a.grad[:, 8:], torch.zeros(6, 2))

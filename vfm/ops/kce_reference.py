@@ -238,18 +238,18 @@ def kce_forward_torch(
             kd = temp * temp * kl
             g_kd = temp * (p_t - q_t)
         elif cfg.kd_mode == KD_REVERSE_KL:
-            diff = log_pt - log_qt
-            kl = (p_t * diff).sum(-1)
+            diff = log_pt - log_qt  # NaN where both are -inf: p_t = 0 there, and so is the term
+            kl = _times(p_t, diff).sum(-1)
             kd = temp * temp * kl
-            g_kd = temp * p_t * (diff - kl[:, None])
+            g_kd = temp * _times(p_t, diff - kl[:, None])
         else:
             beta = float(cfg.jsd_beta)
             m = beta * q_t + (1 - beta) * p_t
             log_m = torch.log(m)
             kl_qm = (torch.xlogy(q_t, q_t) - _times(q_t, log_m)).sum(-1)
-            kl_pm = (p_t * (log_pt - log_m)).sum(-1)
+            kl_pm = _times(p_t, log_pt - log_m).sum(-1)  # -inf - -inf where p_t = q_t = 0
             kd = temp * temp * (beta * kl_qm + (1 - beta) * kl_pm)
-            g_kd = temp * (1 - beta) * p_t * (log_pt - log_m - kl_pm[:, None])
+            g_kd = temp * (1 - beta) * _times(p_t, log_pt - log_m - kl_pm[:, None])
         kd_row = _where_rows(active, sk * kd)
         add_grad(sk, active, g_kd)
 
