@@ -372,3 +372,31 @@ def test_gradient_checkpointing_with_dropout_recomputes_the_same_masks(kind):
     torch.manual_seed(22)  # and the dropout did act: another seed gives other logits
     assert not torch.allclose(fast(input_ids=ids).logits, logits)
 
+
+
+def _dora_outputs_held(loss):
+    """Bytes of layer outputs that DoRA backward nodes keep as a ctx attribute (outside saved tensors)."""
+    held, seen, stack = 0, set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        y = getattr(fn, "y", None)
+        if isinstance(y, torch.Tensor):
+            held += y.numel() * y.element_size()
+        stack.extend(nf for nf, _ in fn.next_functions)
+    return held
+
+
+def test_dora_under_non_reentrant_checkpointing_pins_no_layer_output():
+    """DoRA kept each layer's output on its autograd node (for grad_magnitude), beyond the reach of
+    checkpointing's saved-tensor hooks: every DoRA output of the model stayed in memory."""
+    reference, fast = pair("dora")
+    ids = tokens()
+    fast.train()
+    assert _dora_outputs_held(fast(input_ids=ids, labels=ids).loss) > 0  # without checkpointing: by design
+    for model in (reference, fast):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert _dora_outputs_held(fast(input_ids=ids, labels=ids).loss) == 0
+    assert_same_step(reference, fast, ids)

@@ -203,6 +203,15 @@ def _dora_output_for_backward(bias, dropout_p, y):
     return y
 
 
+_TOP_SAVED_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """True inside ``torch.autograd.graph.saved_tensors_hooks`` (non-reentrant gradient checkpointing,
+    ``save_on_cpu``): saved tensors then go through the hooks, which a tensor kept on ctx would bypass."""
+    return _TOP_SAVED_HOOKS is not None and _TOP_SAVED_HOOKS(False) is not None
+
+
 def _dora_setup(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed = inputs
     ctx.scale, ctx.dropout_p = scale, dropout_p
@@ -235,6 +244,8 @@ class EagerDoRALinear(torch.autograd.Function):
         y, xa, wn = kernels(DORA, x).forward(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed)
         ctx.scale, ctx.dropout_p = scale, dropout_p
         out = _dora_output_for_backward(bias, dropout_p, y)
+        if out is not None and _saved_tensor_hooks_active():
+            out = None  # an alias on ctx would bypass the hooks (checkpointing, save_on_cpu) and pin y in memory
         ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, xa, wn, seed, bias if out is not None else None)
         # The output, for grad_magnitude: kept as a detached alias (it shares y's version counter)
         # rather than saved, so that an in-place change of y after the forward makes the backward
