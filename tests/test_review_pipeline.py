@@ -270,10 +270,9 @@ def test_teacher_cache_not_reused_after_the_teacher_is_retrained_in_place(tmp_pa
 
 
 # ---------------------------------------------------------------------- vfm eval tagging ---
-def test_eval_tagging_with_rules_no_progress_and_full_report(tmp_path, capsys):
+def _tiny_tagger(tmp_path):
     import torch
     from transformers import BertConfig, BertForTokenClassification
-    from transformers.utils import logging as hf_logging
 
     from test_train_utils import WORDS, tiny_tokenizer
 
@@ -286,6 +285,13 @@ def test_eval_tagging_with_rules_no_progress_and_full_report(tmp_path, capsys):
         intermediate_size=32, max_position_embeddings=64, num_labels=3, id2label=dict(enumerate(tags)),
         label2id={t: i for i, t in enumerate(tags)})).save_pretrained(folder)
     tok.save_pretrained(folder)
+    return folder
+
+
+def test_eval_tagging_with_rules_no_progress_and_full_report(tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    folder = _tiny_tagger(tmp_path)
     (tmp_path / "t.conll").write_text("refund O\nmy O\ncard B-ITEM\n\ntrack O\nparcel B-ITEM\ndelivery I-ITEM\n")
     (tmp_path / "rules.yaml").write_text("task: tagging\nlabels: [O, B-ITEM, I-ITEM]\n")
     capsys.readouterr()
@@ -434,3 +440,22 @@ def test_entity_scores_refuse_non_bio_tags():
         entity_report([["O"], ["S-PER", "O"]], [["O"], ["B-PER", "O"]])
     with pytest.raises(ValueError, match=r"sentence 0: pred tag '0' is not BIO"):
         entity_report([["B-PER", "O"]], [["B-PER", "0"]])
+
+
+def test_eval_rules_decoding_with_a_word_the_tokenizer_drops(tmp_path):
+    # a zero-width word has no subword: the constrained decoding put every later word's tag (and
+    # token-rule mask) one word to the left
+    from test_train_utils import tiny_tokenizer
+    from vfm.evaluate import evaluate_model
+
+    folder = _tiny_tagger(tmp_path)
+    words = ["refund", "\u200b", "my", "card"]
+    assert tiny_tokenizer(str(tmp_path / "t"))(words, is_split_into_words=True).word_ids() == [None, 0, 2, 3, None]
+    (tmp_path / "t.jsonl").write_text(json.dumps({"tokens": words, "tags": ["O", "O", "O", "B-ITEM"]}) + "\n")
+    # the token rules fix every word's tag whatever the random model says: card is B-ITEM, the rest O
+    (tmp_path / "r.yaml").write_text("task: tagging\nentities: {ITEM: an item}\ntoken_rules:\n"
+                                     "  - {name: card, keywords: [card], allow: [B-ITEM]}\n"
+                                     "  - {name: other, regex: '(refund|my)', allow: [O]}\n")
+    res = evaluate_model(folder, str(tmp_path / "t.jsonl"), str(tmp_path / "out"), rules_path=str(tmp_path / "r.yaml"),
+                         quiet=True, progress=False)
+    assert res["model+rules"]["micro"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0}

@@ -321,21 +321,25 @@ def _predict_tags(model, tok, sentences, labels, max_length, progress, word_logi
             words = enc.word_ids(0)
             tags = ["O"] * len(tokens)  # words cut off by truncation are predicted O (counted as misses)
             seen = set()
-            firsts = []
+            firsts, kept = [], []
             for pos, w in enumerate(words):
                 if w is not None and w not in seen:
                     seen.add(w)
                     tags[w] = labels[ids[pos]]
                     firsts.append(pos)
+                    kept.append(w)
             preds.append(tags)
-            if word_logits is not None:  # (surviving words, L) logits of each word's first subword
-                word_logits.append(logits[firsts].float())
+            if word_logits is not None:
+                # (the words that have a subword, (n, L) logits of their first subwords): a word the
+                # tokenizer drops (a zero-width or control character) is missing, not only cut-off ones
+                word_logits.append((kept, logits[firsts].float()))
     return preds
 
 
 def _rules_tags(rules_path: str, labels, examples, word_logits) -> List[List[str]]:
     """Per sentence, the tags of constrained Viterbi decoding (transitions, start, token-rule masks)
-    over the words' first-subword logits; words lost to truncation are O.  Returns ``(tags, number
+    over the words' first-subword logits; words without a subword (lost to truncation, or dropped by
+    the tokenizer) are O and left out of the decoded sequence.  Returns ``(tags, number
     of sentences whose token rules allowed no valid path and were decoded under the transitions only)``."""
     import torch
 
@@ -349,15 +353,17 @@ def _rules_tags(rules_path: str, labels, examples, word_logits) -> List[List[str
     masks = rules.compile_tokens([ex.tokens for ex in examples])
     trans, start = rules.transition_mask(), rules.start_mask()
     out, fallback = [], 0
-    for ex, mask, lg in zip(examples, masks, word_logits):
-        n = lg.shape[0]
+    for ex, mask, (kept, lg) in zip(examples, masks, word_logits):
         em = torch.log_softmax(lg.double(), -1)
         try:
-            path = viterbi_decode(em, trans, start, mask[:n]) if n else []
+            path = viterbi_decode(em, trans, start, mask[kept]) if kept else []
         except ValueError:  # the token rules contradict the transitions: decode under the transitions only
             fallback += 1
             path = viterbi_decode(em, trans, start)
-        out.append([labels[i] for i in path] + ["O"] * (len(ex.tokens) - n))
+        tags = ["O"] * len(ex.tokens)
+        for w, t in zip(kept, path):
+            tags[w] = labels[t]
+        out.append(tags)
     return out, fallback
 
 
