@@ -400,3 +400,25 @@ def test_dora_under_non_reentrant_checkpointing_pins_no_layer_output():
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert _dora_outputs_held(fast(input_ids=ids, labels=ids).loss) == 0
     assert_same_step(reference, fast, ids)
+
+
+def test_accelerate_warns_when_the_model_holds_no_adapter_layer(caplog):
+    with caplog.at_level("WARNING", logger="vfm.peft"):
+        report = vfm.peft.accelerate(llama())  # a user calling it before get_peft_model: was silent
+    assert report.num_accelerated == 0 and "holds no PEFT adapter layer" in caplog.text
+
+
+def test_modules_targeted_by_a_later_adapter_run_on_vfm_after_accelerate_again():
+    reference, fast = pair("lora")
+    head = LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head"])
+    for model in (reference, fast):
+        model.add_adapter("head", head)
+    perturb(reference, seed=6)
+    fast.load_state_dict(reference.state_dict())
+    for model in (reference, fast):
+        model.base_model.set_adapter(["default", "head"])
+    report = vfm.peft.accelerate(fast)
+    assert "base_model.model.lm_head" in report.accelerated and not report.skipped
+    before = vfm_calls()
+    assert_same_step(reference, fast, tokens())
+    assert vfm_calls() - before == 2 * (2 * len(TARGETS) + 1)  # every adapter layer, forward and backward

@@ -321,6 +321,10 @@ def accelerate(model: nn.Module, *, mixed_batch_cache: bool = False) -> Accelera
     Returns:
         An :class:`AccelerateReport`: the layers taken over, and the reason for each adapter layer
         left to PEFT.  Calling it again is harmless (already accelerated layers count again).
+
+    Adapter layers PEFT creates afterwards (``add_adapter`` / ``load_adapter`` of an adapter that
+    targets modules no earlier adapter did) are PEFT's own and run PEFT's forward until
+    ``accelerate`` is called again; new adapters on layers already taken over run on vfm at once.
     """
     if not isinstance(mixed_batch_cache, bool):
         raise TypeError(f"mixed_batch_cache must be a bool, got {type(mixed_batch_cache).__name__}")
@@ -350,6 +354,9 @@ def accelerate(model: nn.Module, *, mixed_batch_cache: bool = False) -> Accelera
     if report.skipped:
         logger.warning("vfm.peft: %d adapter layers run on vfm, %d are left to PEFT (see the report for why)",
                        report.num_accelerated, len(report.skipped))
+    elif not report.accelerated:
+        logger.warning("vfm.peft: %s holds no PEFT adapter layer, nothing to accelerate (call accelerate after "
+                       "get_peft_model / PeftModel.from_pretrained)", type(model).__name__)
     return report
 
 
