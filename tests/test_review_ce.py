@@ -259,3 +259,23 @@ def test_kd_with_vocabulary_masked_in_student_and_teacher(backend, kd):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.grad[:, :8].double(), b.grad.double(), rtol=1e-5, atol=1e-6)
     assert torch.equal(a.grad[:, 8:], torch.zeros(6, 2))
+
+
+def test_class_weights_that_require_grad_are_refused_not_silently_ungraded():
+    # torch refuses them; vfm's drop-in returned a wrong weight gradient (from the mean's
+    # denominator only) and knowledge_cross_entropy silently none.
+    x, target = torch.randn(5, 4, requires_grad=True), torch.tensor([0, 1, 2, 3, 1])
+    w = (torch.rand(4) + 0.5).requires_grad_()
+    with pytest.raises(RuntimeError) as want:
+        torch.nn.CrossEntropyLoss(weight=w)(x, target)
+    with pytest.raises(RuntimeError) as got:
+        vfm.nn.CrossEntropyLoss(weight=w)(x, target)
+    assert str(got.value) == str(want.value)
+    with pytest.raises(ValueError, match="weight .*requires grad"):
+        vfm.functional.knowledge_cross_entropy(x, target, weight=w)
+    with pytest.raises(ValueError, match="class_weight.*requires grad"):
+        vfm.functional.fused_linear_knowledge_cross_entropy(torch.randn(5, 3), torch.randn(4, 3), target,
+                                                            class_weight=w)
+    with torch.no_grad():  # no gradient wanted: accepted, torch's number
+        torch.testing.assert_close(vfm.nn.CrossEntropyLoss(weight=w)(x, target),
+                                   torch.nn.CrossEntropyLoss(weight=w)(x, target))

@@ -119,5 +119,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             return False
         if self.weight is None:
             return True
+        if self.weight.requires_grad and torch.is_grad_enabled():
+            return False  # torch refuses class weights that require grad
         w_dtype = torch.float32 if self._autocast_fp32(self.weight) else self.weight.dtype
         return w_dtype == self._result_dtype(input)

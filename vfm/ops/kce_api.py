@@ -380,6 +380,10 @@ def _prepare(a: dict) -> "_Prepared":
         if tuple(w.shape) != (vocab,):
             raise ValueError(f"weight must have shape ({vocab},) (one per class), got {_shape(w)}")
         _same_device("weight", w, device)
+        if w.requires_grad and torch.is_grad_enabled():
+            raise ValueError("weight (the CE class weights; class_weight of the fused linear loss) requires grad, "
+                             "but class weights receive no gradient (torch's cross_entropy refuses them too); "
+                             "pass weight.detach()")
         w = w.to(acc_dtype).contiguous()
 
     teacher_logits, teacher_topk = a["teacher_logits"], a["teacher_topk"]
