@@ -279,3 +279,17 @@ def test_class_weights_that_require_grad_are_refused_not_silently_ungraded():
     with torch.no_grad():  # no gradient wanted: accepted, torch's number
         torch.testing.assert_close(vfm.nn.CrossEntropyLoss(weight=w)(x, target),
                                    torch.nn.CrossEntropyLoss(weight=w)(x, target))
+
+
+def test_dropin_uint8_targets_with_class_weights_mean():
+    # The mean's denominator indexed the weights with the uint8 targets, i.e. as a boolean mask:
+    # a wrong number (here every target nonzero) or a shape error.
+    torch.manual_seed(0)
+    w = torch.rand(5) + 0.5
+    for target in (torch.tensor([3, 1, 4, 4, 2]), torch.tensor([0, 1, 4, 4, 2])):
+        target = target.to(torch.uint8)
+        want, want_g, got, got_g = _both(dict(weight=w), torch.randn(5, 5), target)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got_g, want_g)
+    with pytest.raises(RuntimeError, match="Long but found Byte"):  # as torch for K-dimensional inputs
+        vfm.nn.CrossEntropyLoss(weight=w)(torch.randn(2, 5, 3, 3), torch.randint(0, 5, (2, 3, 3)).to(torch.uint8))

@@ -94,7 +94,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         if self.reduction == "mean":
             valid = target != self.ignore_index
             if self.weight is not None:
-                safe = torch.where(valid, target, torch.zeros_like(target))
+                safe = torch.where(valid, target, torch.zeros_like(target)).long()  # uint8 would be a mask
                 denom = (self.weight.float()[safe] * valid).sum()
             else:
                 denom = valid.sum().float()
@@ -115,8 +115,8 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
 
     def _fused_dtypes(self, input: Tensor, target: Tensor) -> bool:  # noqa: A002
         """False where torch raises on the dtypes (so that torch's own error is raised)."""
-        if target.dtype not in (torch.int64, torch.uint8):
-            return False
+        if target.dtype != torch.int64 and (target.dtype != torch.uint8 or input.dim() > 2):
+            return False  # torch takes uint8 class indices for (C,) / (N, C) inputs only
         if self.weight is None:
             return True
         if self.weight.requires_grad and torch.is_grad_enabled():
