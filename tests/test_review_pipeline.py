@@ -459,3 +459,32 @@ def test_eval_rules_decoding_with_a_word_the_tokenizer_drops(tmp_path):
     res = evaluate_model(folder, str(tmp_path / "t.jsonl"), str(tmp_path / "out"), rules_path=str(tmp_path / "r.yaml"),
                          quiet=True, progress=False)
     assert res["model+rules"]["micro"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+
+
+def test_final_model_save_is_all_or_nothing(tmp_path, umask_022):
+    from vfm.train.run import _save_final
+
+    class Saver:
+        def __init__(self, text, fail=False, name="model.safetensors"):
+            self.text, self.fail, self.name = text, fail, name
+
+        def save_pretrained(self, folder):
+            os.makedirs(folder, exist_ok=True)  # as Transformers does
+            with open(os.path.join(folder, self.name), "w") as fh:
+                fh.write(self.text[: len(self.text) // 2])  # half of it, then the disk fills up
+                if self.fail:
+                    raise OSError("disk full")
+                fh.write(self.text[len(self.text) // 2:])
+
+    final = tmp_path / "run" / "final"
+    final.parent.mkdir()
+    tok = Saver("vocab", name="vocab.txt")
+    _save_final(Saver("first model"), tok, str(final), "none")
+    assert (final / "model.safetensors").read_text() == "first model"
+    with pytest.raises(OSError, match="disk full"):
+        _save_final(Saver("second model", fail=True), tok, str(final), "none")
+    assert (final / "model.safetensors").read_text() == "first model"  # the good model is still there
+    _save_final(Saver("third model"), tok, str(final), "none")
+    assert (final / "model.safetensors").read_text() == "third model"
+    assert os.listdir(final.parent) == ["final"]  # no temporary folders left
+    assert _mode(final) == 0o755 and _mode(final / "model.safetensors") == 0o644

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -456,8 +458,32 @@ def _save_final(model, tok, final_dir: str, method: str) -> None:
 
         vfm.peft.restore(model)  # PEFT's own classes for merging
         model = model.merge_and_unload()
-    model.save_pretrained(final_dir)
-    tok.save_pretrained(final_dir)
+    # into a fresh folder, then swapped in: an interrupted save never leaves a half-written final/
+    parent, name = os.path.split(os.path.abspath(final_dir))
+    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=parent)
+    old = None
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0o700
+        if os.path.exists(final_dir):
+            old = tempfile.mkdtemp(prefix=f".{name}-old-", dir=parent)
+            os.replace(final_dir, os.path.join(old, name))
+        os.replace(tmp, final_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not os.path.exists(final_dir):
+            os.replace(os.path.join(old, name), final_dir)  # put the previous model back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _active_loss_options(opts: Dict[str, Any]) -> Dict[str, Any]:
