@@ -488,3 +488,31 @@ def test_final_model_save_is_all_or_nothing(tmp_path, umask_022):
     assert (final / "model.safetensors").read_text() == "third model"
     assert os.listdir(final.parent) == ["final"]  # no temporary folders left
     assert _mode(final) == 0o755 and _mode(final / "model.safetensors") == 0o644
+
+
+def test_tagging_run_test_scores_count_truncated_entities_as_misses(tmp_path, monkeypatch):
+    # test_metrics.json dropped the words cut off at data.max_length from the gold side, so it
+    # scored higher than vfm eval on the same model and file
+    import torch
+
+    from test_train_tagging import SENTENCES, _conll, save_model
+    from vfm.evaluate import evaluate_model
+    from vfm.train import train
+
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
+    save_model("student", ["x", "y"])
+    _conll("train.conll", SENTENCES[:6])
+    _conll("test.conll", SENTENCES[6:])
+    _cfg(tmp_path, "model: student\ntask: tagging\nlabels: [O, B-DRUG, I-DRUG, B-DOSE, I-DOSE]\n"
+                   "data: {train: train.conll, eval: test.conll, test: test.conll, max_length: 6}\n"
+                   "training: {output_dir: run, epochs: 1, batch_size: 4, progress: false, tensorboard: false, "
+                   "constrained_decoding: false}\n")
+    train(str(tmp_path / "cfg.yaml"), quiet=True)
+    scores = json.loads((tmp_path / "run" / "test_metrics.json").read_text())["entity"]
+    n_gold = sum(tags.split().count("B-DRUG") + tags.split().count("B-DOSE") for _, tags in SENTENCES[6:])
+    assert sum(v["support"] for k, v in scores.items() if k not in ("micro", "macro", "weighted")) == n_gold
+    again = evaluate_model(str(tmp_path / "run" / "final"), "test.conll", "eval", max_length=6, quiet=True,
+                           progress=False)["entity"]
+    for key in ("micro", "macro"):
+        assert scores[key] == pytest.approx(again[key])

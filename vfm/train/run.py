@@ -432,12 +432,17 @@ def _train_tagging(cfg: Config, rules, labels: List[str], say, *, quiet: bool, n
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
         trans, start = tg.bio_tables(labels) if constrained else (None, None)
         gold_tags, pred_tags = [], []
-        for b in range(len(pred.label_ids)):
+        for b, ex in enumerate(splits["test"]):
             keep = torch.as_tensor(pred.label_ids[b]) != IGNORE_INDEX
-            g = torch.as_tensor(pred.label_ids[b])[keep].tolist()
-            p = tg.decode_tags(torch.as_tensor(logits[b])[keep].float(), trans, start) if g else []
-            gold_tags.append([labels[i] for i in g])
-            pred_tags.append([labels[i] for i in p])
+            p = tg.decode_tags(torch.as_tensor(logits[b])[keep].float(), trans, start) if keep.any() else []
+            # whole sentences, as vfm eval scores them: a word without a subword (cut off at
+            # data.max_length) is predicted O and its gold entity counts as missed, not dropped
+            enc = tok(list(ex.tokens), is_split_into_words=True, truncation=True, max_length=cfg.data.max_length)
+            tags = ["O"] * len(ex.tokens)
+            for (_, w), t in zip(tg.first_subwords(enc.word_ids()), p):
+                tags[w] = labels[t]
+            gold_tags.append(list(ex.tags))
+            pred_tags.append(tags)
         test_scores = entity_report(gold_tags, pred_tags)
         if _is_main():
             write_json(os.path.join(out, "test_metrics.json"),
