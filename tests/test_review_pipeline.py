@@ -119,6 +119,9 @@ def test_train_without_labelled_rows_fails_before_training(tmp_path, capsys):
     line = _one_line_error(capsys, "train")
     assert "train.csv: no labelled training rows" in line and "'label'" in line
     assert not os.path.exists(tmp_path / "run" / "final")
+    (tmp_path / "train.csv").write_text("text,label\n")  # empty: a different cause, a different message
+    assert main(["train", cfg]) == 2
+    assert "train.csv: no rows loaded" in _one_line_error(capsys, "train")
 
 
 def test_data_edge_cases_against_plain_python(tmp_path):

@@ -100,6 +100,9 @@ def prepare_data(cfg: Config, labels: Sequence[str], say) -> Tuple[Dict[str, lis
         splits["train"] = [ex for ex in splits["train"] if ex.label is not None]
         splits["pool"] = moved + splits["pool"]
         say(f"  {len(moved)} unlabelled rows of the training file go to the unlabelled pool")
+    if not splits["train"] and not moved:
+        raise ValueError(f"{cfg.data.train}: no rows loaded (an empty file, or every row malformed: see the load "
+                         "report above)")
     if not splits["train"]:  # e.g. a misspelt label column: every row would silently become a pool row
         raise ValueError(f"{cfg.data.train}: no labelled training rows ({len(moved)} rows, none with a label in "
                          f"the field {cfg.data.label_field!r}; set data.label_field to the label column/key)")
