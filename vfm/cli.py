@@ -1,5 +1,10 @@
 """Command line: ``vfm doctor`` (what is installed and why a backend is missing), ``vfm bench``,
-``vfm train CONFIG.yaml``, ``vfm eval --model DIR --data FILE --out DIR``, ``vfm demo [--quick]``."""
+``vfm train CONFIG.yaml``, ``vfm eval --model DIR --data FILE --out DIR``, ``vfm demo [--quick]``,
+``vfm rules RULES.yaml [--data FILE]``.
+
+A missing file or a bad config / rule / data file ends ``train``, ``eval``, ``demo`` and ``rules``
+with one line ``vfm COMMAND: error: ...`` on stderr and exit status 2 (``VFM_TRACEBACK=1`` shows
+the traceback instead)."""
 
 from __future__ import annotations
 
