@@ -519,3 +519,35 @@ def test_tagging_run_test_scores_count_truncated_entities_as_misses(tmp_path, mo
                            progress=False)["entity"]
     for key in ("micro", "macro"):
         assert scores[key] == pytest.approx(again[key])
+
+
+def test_other_label_count_student_and_stale_checkpoint(tmp_path, capsys, monkeypatch):
+    # a classifier checkpoint with 3 labels as the student of a 2-label task failed to load (RuntimeError
+    # traceback); an output_dir holding a run with other labels failed deep inside trainer.train()
+    import csv
+
+    import torch
+
+    from test_train_utils import TEXTS, save_tiny
+
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
+    save_tiny("student", labels=("billing", "shipping", "tech"))
+
+    def run(labels):
+        with open("train.csv", "w", newline="") as fh:
+            csv.writer(fh).writerows([("text", "label")] + [(t, labels[k]) for k, ts in TEXTS.items()
+                                                            if k < len(labels) for t in ts])
+        cfg = _cfg(tmp_path, f"model: student\nlabels: [{', '.join(labels)}]\n"
+                             "data: {train: train.csv, max_length: 16, eval_fraction: 0.34}\n"
+                             "training: {output_dir: run, epochs: 1, batch_size: 4, progress: false, "
+                             "tensorboard: false}\n")
+        return main(["train", cfg])
+
+    assert run(["refund", "delivery"]) == 0  # 2 labels on a 3-label checkpoint: a new head
+    config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert config["id2label"] == {"0": "refund", "1": "delivery"}
+    capsys.readouterr()
+    assert run(["refund", "delivery", "app"]) == 2  # resume=auto would continue the 2-label run
+    line = _one_line_error(capsys, "train")
+    assert "trained on the labels ['refund', 'delivery']" in line and "training.output_dir" in line

@@ -41,11 +41,11 @@ def load_student(model_dir: str, labels: Sequence[str], task: str = "classificat
         raise ValueError(f"task must be 'classification' or 'tagging', got {task!r}")
     labels = list(labels)
     cls = AutoModelForTokenClassification if task == "tagging" else AutoModelForSequenceClassification
-    # tagging: a token-classification checkpoint with other tags gets a new head (Transformers logs it)
-    extra = {"ignore_mismatched_sizes": True} if task == "tagging" else {}
+    # a classifier checkpoint with another number of labels/tags gets a new head (Transformers logs
+    # it) instead of failing to load
     return cls.from_pretrained(
         model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={n: i for i, n in enumerate(labels)}, local_files_only=True, **extra)
+        label2id={n: i for i, n in enumerate(labels)}, local_files_only=True, ignore_mismatched_sizes=True)
 
 
 def _layer_stack(model: nn.Module) -> Tuple[str, nn.ModuleList]:

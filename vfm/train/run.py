@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -220,6 +218,18 @@ def _resume_point(cfg: Config) -> Optional[str]:
     raise ValueError(f"training.resume must be auto, true, false or a checkpoint folder, got {r!r}")
 
 
+def _check_resume_labels(cfg: Config, labels: Sequence[str]) -> None:
+    """A checkpoint to resume from that was trained on other labels is a ValueError (before any work)."""
+    from vfm.train.trainer import checkpoint_labels
+
+    path = _resume_point(cfg)
+    old = checkpoint_labels(path) if path else None
+    if old and old != list(labels):
+        raise ValueError(f"{cfg.source}: training.resume={cfg.training.resume!r} would continue {path}, trained on the "
+                         f"labels {old}, but this config has {list(labels)}; use another training.output_dir (or "
+                         "training.resume: false)")
+
+
 def train(config: Union[str, Config], *, quiet: bool = False, name: str = "") -> TrainResult:
     """Run ``vfm train``: see the module docstring for what is written.
 
@@ -265,6 +275,7 @@ def train(config: Union[str, Config], *, quiet: bool = False, name: str = "") ->
     metric = cfg.training.metric
     if metric is not None and metric.removeprefix("eval_") not in METRICS[task]:  # else a KeyError after epoch 1
         raise ValueError(f"{cfg.source}: training.metric {metric!r} is not a {task} metric; one of {METRICS[task]}")
+    _check_resume_labels(cfg, labels)
     if task == "tagging":
         return _train_tagging(cfg, rules, labels, say, quiet=quiet, name=name)
     l2i = {n: i for i, n in enumerate(labels)}
@@ -461,37 +472,19 @@ def _train_tagging(cfg: Config, rules, labels: List[str], say, *, quiet: bool, n
 
 def _save_final(model, tok, final_dir: str, method: str) -> None:
     """Save the trained model; adapters that can be merged (LoRA, AdaLoRA, IA3) are merged first."""
+    from vfm.train import trainer as vt
+
     if method in ("lora", "adalora", "ia3"):
         import vfm.peft
 
         vfm.peft.restore(model)  # PEFT's own classes for merging
         model = model.merge_and_unload()
-    # into a fresh folder, then swapped in: an interrupted save never leaves a half-written final/
-    parent, name = os.path.split(os.path.abspath(final_dir))
-    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=parent)
-    old = None
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0o700
-        if os.path.exists(final_dir):
-            old = tempfile.mkdtemp(prefix=f".{name}-old-", dir=parent)
-            os.replace(final_dir, os.path.join(old, name))
-        os.replace(tmp, final_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not os.path.exists(final_dir):
-            os.replace(os.path.join(old, name), final_dir)  # put the previous model back
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
+    def write(folder: str) -> None:
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    vt.write_folder_atomically(final_dir, write)  # never a half-written final/ in place of a good one
 
 
 def _active_loss_options(opts: Dict[str, Any]) -> Dict[str, Any]:

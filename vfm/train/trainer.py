@@ -281,3 +281,51 @@ def last_checkpoint(output_dir: str) -> Optional[str]:
                 os.path.exists(os.path.join(output_dir, name, "trainer_state.json")):
             steps.append(int(name[11:]))
     return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def checkpoint_labels(checkpoint: str) -> Optional[List[str]]:
+    """The label names (``config.json``'s ``id2label``) a checkpoint was trained on; None when it has no
+    ``config.json`` (a PEFT adapter checkpoint)."""
+    import json
+
+    path = os.path.join(checkpoint, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        id2label = json.load(fh).get("id2label") or {}
+    return [id2label[k] for k in sorted(id2label, key=int)] or None
+
+
+def write_folder_atomically(folder: str, write) -> None:
+    """Fill a fresh folder with ``write(tmp_folder)``, then swap it in for ``folder``.
+
+    An exception (or a kill) during ``write`` leaves ``folder`` as it was: never half-written.
+
+    Args:
+        folder: the destination (replaced when it exists).
+        write: called with the temporary folder (same parent, so the renames are atomic).
+    """
+    import shutil
+    import tempfile
+
+    parent, name = os.path.split(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=parent)
+    old = None
+    try:
+        write(tmp)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it 0o700
+        if os.path.exists(folder):
+            old = tempfile.mkdtemp(prefix=f".{name}-old-", dir=parent)
+            os.replace(folder, os.path.join(old, name))
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not os.path.exists(folder):
+            os.replace(os.path.join(old, name), folder)  # put the previous one back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
