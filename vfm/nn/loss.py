@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vfm.ops.flce_api import _autocast_on
 from vfm.ops.kce_api import knowledge_cross_entropy
 
 _OPTIONS = [
@@ -108,7 +109,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     @staticmethod
     def _autocast_fp32(t: Tensor) -> bool:
         """Whether autocast runs torch's cross-entropy on ``t`` in fp32 (it is on its fp32 list)."""
-        return t.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(t.device.type)
+        return t.dtype in (torch.float16, torch.bfloat16) and _autocast_on(t.device.type)
 
     def _result_dtype(self, input: Tensor) -> torch.dtype:  # noqa: A002
         return torch.float32 if self._autocast_fp32(input) else input.dtype

@@ -57,6 +57,14 @@ def _check_head(prefix: str, hidden: Tensor, weight: Tensor, bias: Optional[Tens
                             f"expected {hidden.dtype} on {hidden.device}")
 
 
+def _autocast_on(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type), False for devices autocast does not know (meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _autocast_operand(t, low: torch.dtype):
     """``t`` cast to autocast's ``low`` dtype where autocast would cast it (fp64 is left alone)."""
     if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16) and t.dtype != low:
@@ -168,7 +176,7 @@ def prepare_fused_arguments(hidden, weight, target, bias=None, *, teacher_hidden
         raise TypeError(f"fused_linear_knowledge_cross_entropy got unknown options {unknown}; known: "
                         f"{KCE_OPTIONS + ['class_weight', 'teacher_hidden', 'teacher_weight', 'teacher_bias']}"
                         " + ['block_rows', 'grad_accum_dtype', 'grad_filter']")
-    if isinstance(hidden, Tensor) and torch.is_autocast_enabled(hidden.device.type):
+    if isinstance(hidden, Tensor) and _autocast_on(hidden.device.type):
         # As F.linear under autocast: every fp32 / fp16 / bf16 operand of the output layer(s)
         # runs in the autocast dtype (so bf16 hidden states from an autocast body meet an fp32
         # lm_head); the casts are differentiable, so fp32 parameters receive fp32 gradients.

@@ -39,6 +39,11 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _readable(t: Tensor) -> bool:
+    """Whether the host may read ``t``'s values for a check (not traced, fake or on the meta device)."""
+    return t.device.type != "meta" and _ops._is_eager_tensor(t)
+
+
 def _shape(t) -> str:
     return "(" + ", ".join(str(int(s)) for s in t.shape) + ")"
 
@@ -80,7 +85,7 @@ def _check_target_range(target: Tensor, valid: Tensor, vocab: int, ignore_index:
     does there, and a violation fails with the same message at the next synchronisation.  (CUDA
     calls normally take the device path instead: the prologue kernel checks the range there.)
     """
-    if _compiling() or target.numel() == 0:
+    if not _readable(target) or target.numel() == 0:
         return
     msg = f"target holds values outside [0, {vocab}) that are not ignore_index={ignore_index}"
     lo, hi = torch.aminmax(torch.where(valid, target, torch.zeros_like(target)))
@@ -105,7 +110,7 @@ def _normalise_teacher_topk(teacher_topk, lead_shape, n_rows: int, vocab: int, d
     _same_device("teacher_topk logprobs", lp, device)
     idx = idx.reshape(n_rows, -1).long()
     lp = lp.reshape(n_rows, -1).float()
-    if not _compiling() and idx.numel():
+    if _readable(idx) and idx.numel():
         range_msg = f"teacher_topk indices must lie in [0, {vocab}) or be -1 (padding)"
         out_of_range = (idx < -1) | (idx >= vocab)
         srt = idx.sort(dim=-1).values
@@ -156,7 +161,7 @@ def _normalise_allowed(allowed, lead_shape, n_rows: int, vocab: int, device, on_
             bits, unconstrained = _packed_groups(masks, dense=False)
             return bits, gid.reshape(n_rows).contiguous(), unconstrained
         gid = gid.reshape(n_rows).long()
-        if not _compiling() and gid.numel():
+        if _readable(gid) and gid.numel():
             bad = (gid < -1) | (gid >= masks.shape[0])
             msg = f"allowed group_ids must lie in [-1, {masks.shape[0]})"
             if device.type != "cpu":  # no host synchronisation off the CPU

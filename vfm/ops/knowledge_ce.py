@@ -299,8 +299,9 @@ def _(logits, target, weight, teacher, topk_idx, topk_lp, allowed_bits, group_id
 
 # ---------------------------------------------------------------------------- autograd --
 def _is_eager_tensor(t: Tensor) -> bool:
-    """True for a real tensor in eager mode (not fake, functional or being traced)."""
-    if type(t) is not torch.Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    """True for a real tensor in eager mode (not fake, meta, functional or being traced)."""
+    if type(t) is not torch.Tensor or t.device.type == "meta" or torch.compiler.is_compiling() \
+            or torch.jit.is_tracing():
         return False
     key = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "PROXY", None)
     return key is None or torch._C._get_dispatch_mode(key) is None
