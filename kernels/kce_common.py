@@ -153,10 +153,13 @@ def _kce_grad(
     if KD_MODE == 1:
         g -= tl.where(kd_on, ck * q, 0.0)
     elif KD_MODE == 2:
-        g += tl.where(kd_on, ck * pT * (((aT - lseT2) - lq2) * LN2 - kl_nat), 0.0)
+        # pT = 0 adds nothing (0 log 0 = 0): the log terms are -inf - -inf = NaN where student and
+        # teacher are both -inf (masked vocabulary), so select rather than multiply by 0.
+        g += tl.where(kd_on, tl.where(pT != 0.0, ck * pT * (((aT - lseT2) - lq2) * LN2 - kl_nat), 0.0), 0.0)
     elif KD_MODE == 3:
         lm2 = tl.log2(beta * q + (1.0 - beta) * pT)
-        g += tl.where(kd_on, (ck * (1.0 - beta)) * pT * (((aT - lseT2) - lm2) * LN2 - kl_nat), 0.0)
+        g += tl.where(kd_on, tl.where(pT != 0.0, (ck * (1.0 - beta)) * pT * (((aT - lseT2) - lm2) * LN2 - kl_nat),
+                                      0.0), 0.0)
     if PEN_MODE == 2:
         if HAS_TEACHER:
             base = q
