@@ -551,3 +551,17 @@ def test_other_label_count_student_and_stale_checkpoint(tmp_path, capsys, monkey
     assert run(["refund", "delivery", "app"]) == 2  # resume=auto would continue the 2-label run
     line = _one_line_error(capsys, "train")
     assert "trained on the labels ['refund', 'delivery']" in line and "training.output_dir" in line
+
+
+def test_near_duplicate_progress_bar_can_be_silenced(capsys, monkeypatch):
+    # the bar appeared (from 5000 texts on) even under training.progress: false
+    import vfm.data.dedup as dd
+    from vfm.data import Example, deduplicate
+
+    monkeypatch.setattr(dd, "_PROGRESS_MIN", 3)  # as if there were 5000 texts
+    rows = [Example(t) for t in ("my parcel is late", "refund my card", "app crash", "my parcel is late!")]
+    kept, _ = deduplicate(rows, exact=False, threshold=0.5, progress=False)
+    assert "near-duplicates" not in capsys.readouterr().err
+    again, _ = deduplicate(rows, exact=False, threshold=0.5)
+    assert "near-duplicates" in capsys.readouterr().err  # shown by default
+    assert [e.text for e in kept] == [e.text for e in again] == ["my parcel is late", "refund my card", "app crash"]

@@ -58,7 +58,7 @@ def jaccard(a: Set[str], b: Set[str]) -> float:
 
 def deduplicate(examples: Sequence[Example], *, exact: bool = True, near: bool = True, threshold: float = 0.8,
                 num_perm: int = 128, seed: int = 0, ngram: Optional[int] = None,
-                lsh_threshold: Optional[float] = None) -> Tuple[List[Example], StepReport]:
+                lsh_threshold: Optional[float] = None, progress: bool = True) -> Tuple[List[Example], StepReport]:
     """Remove exact and near duplicates, keeping the first occurrence.
 
     Args:
@@ -71,6 +71,7 @@ def deduplicate(examples: Sequence[Example], *, exact: bool = True, near: bool =
         ngram: shingle size (default: 2 for CJK texts, 5 otherwise).
         lsh_threshold: threshold the LSH index is tuned for (default ``threshold - 0.1``, so that
             pairs just above ``threshold`` are not missed; candidates are verified exactly).
+        progress: show a tqdm bar for the near-duplicate pass (only from 5000 texts on).
 
     Returns:
         ``(kept examples, StepReport)``; ``removed`` names, for each removed row, the row it
@@ -103,7 +104,7 @@ def deduplicate(examples: Sequence[Example], *, exact: bool = True, near: bool =
             else:
                 first[key] = i
     if near:
-        _near(examples, keep, drop, threshold, num_perm, seed, ngram, lsh_threshold)
+        _near(examples, keep, drop, threshold, num_perm, seed, ngram, lsh_threshold, progress)
     out = [ex for ex, k in zip(examples, keep) if k]
     report.removed.sort(key=lambda c: c.index)
     report.n_out = len(out)
@@ -114,7 +115,7 @@ def deduplicate(examples: Sequence[Example], *, exact: bool = True, near: bool =
     return out, report.log()
 
 
-def _near(examples, keep, drop, threshold, num_perm, seed, ngram, lsh_threshold):
+def _near(examples, keep, drop, threshold, num_perm, seed, ngram, lsh_threshold, progress):
     from datasketch import MinHash, MinHashLSH
 
     if lsh_threshold is None:
@@ -126,7 +127,7 @@ def _near(examples, keep, drop, threshold, num_perm, seed, ngram, lsh_threshold)
     signatures = MinHash.generator(([s.encode("utf-8") for s in sorted(sh)] for sh in sets),
                                    num_perm=num_perm, seed=seed)
     rows = zip(indices, sets, signatures)
-    if len(indices) >= _PROGRESS_MIN:
+    if progress and len(indices) >= _PROGRESS_MIN:
         from tqdm.auto import tqdm
 
         rows = tqdm(rows, total=len(indices), desc="near-duplicates", unit="text")

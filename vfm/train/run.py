@@ -120,7 +120,8 @@ def prepare_data(cfg: Config, labels: Sequence[str], say) -> Tuple[Dict[str, lis
             ex.meta["_vfm_split"] = "train"
         for ex in splits["pool"]:
             ex.meta["_vfm_split"] = "pool"
-        merged, rep = vd.deduplicate(splits["train"] + splits["pool"], threshold=cfg.data.near_duplicate_threshold)
+        merged, rep = vd.deduplicate(splits["train"] + splits["pool"], threshold=cfg.data.near_duplicate_threshold,
+                                     progress=cfg.training.progress and _is_main())
         say(f"  [train+pool] {rep.summary()}")
         notes.append(str(rep))
         splits["train"] = [ex for ex in merged if ex.meta.get("_vfm_split") == "train"]
@@ -129,7 +130,8 @@ def prepare_data(cfg: Config, labels: Sequence[str], say) -> Tuple[Dict[str, lis
         if held:
             for ex in held:
                 ex.meta["_vfm_split"] = "held"
-            merged, rep = vd.deduplicate(held + splits["train"], threshold=cfg.data.near_duplicate_threshold)
+            merged, rep = vd.deduplicate(held + splits["train"], threshold=cfg.data.near_duplicate_threshold,
+                                         progress=cfg.training.progress and _is_main())
             kept = {id(ex) for ex in merged}
             n_before = len(splits["train"])
             splits["train"] = [ex for ex in splits["train"] if id(ex) in kept]
