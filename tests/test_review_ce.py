@@ -307,8 +307,8 @@ def test_meta_and_fake_tensors_trace_like_torch(dtype):
         assert x.grad.shape == x.shape
         h = torch.randn(6, 3, device="meta", dtype=dtype, requires_grad=True)
         w = torch.randn(7, 3, device="meta", dtype=dtype, requires_grad=True)
-        loss = vfm.functional.fused_linear_knowledge_cross_entropy(h, w, torch.zeros(6, dtype=torch.long, device="meta"),
-                                                                   reduction=reduction, block_rows=4)
+        t6 = torch.zeros(6, dtype=torch.long, device="meta")
+        loss = vfm.functional.fused_linear_knowledge_cross_entropy(h, w, t6, reduction=reduction, block_rows=4)
         loss.sum().backward()
         assert loss.device.type == "meta" and h.grad.shape == h.shape and w.grad.shape == w.shape
     with FakeTensorMode():
