@@ -565,3 +565,15 @@ def test_near_duplicate_progress_bar_can_be_silenced(capsys, monkeypatch):
     again, _ = deduplicate(rows, exact=False, threshold=0.5)
     assert "near-duplicates" in capsys.readouterr().err  # shown by default
     assert [e.text for e in kept] == [e.text for e in again] == ["my parcel is late", "refund my card", "app crash"]
+
+
+def test_utf16_data_file_is_named(tmp_path):
+    # every line used to be "not valid UTF-8" (or a header of mojibake): say what the file is
+    from vfm.data import load_examples
+
+    for suffix in ("tsv", "jsonl", "conll"):
+        path = tmp_path / f"d.{suffix}"
+        text = {"tsv": "text\tlabel\nhello\tpos\n", "jsonl": '{"text": "hello"}\n', "conll": "hello O\n"}[suffix]
+        path.write_bytes(text.encode("utf-16"))  # with its BOM
+        with pytest.raises(ValueError, match=r"d\.%s: UTF-16 text .*save it as UTF-8" % suffix):
+            load_examples(str(path))

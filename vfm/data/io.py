@@ -83,6 +83,9 @@ def _decoded_lines(path: str, bad: set, keepends: bool = False):
         for lineno, raw in enumerate(fh, 1):
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
+            elif lineno == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # e.g. Excel's "Unicode text"
+                raise ValueError(f"{path}: UTF-16 text (byte-order mark {raw[:2].hex(' ').upper()}); save it as "
+                                 "UTF-8")
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
