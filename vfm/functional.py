@@ -1,6 +1,8 @@
 """Functional form of vfm's ops.
 
 * :func:`knowledge_cross_entropy` - cross-entropy + distillation + knowledge penalty + z-loss.
+* :func:`fused_linear_knowledge_cross_entropy` - the same loss of ``hidden @ weight.T + bias``
+  without materialising the logits.
 * :func:`lora_linear`, :func:`dora_linear`, :func:`adalora_linear`, :func:`lora_linear_multi` - a
   linear layer with low-rank adapters (LoRA / rsLoRA, DoRA, AdaLoRA, several adapters per batch).
 """
