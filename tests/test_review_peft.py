@@ -422,3 +422,41 @@ def test_modules_targeted_by_a_later_adapter_run_on_vfm_after_accelerate_again()
     before = vfm_calls()
     assert_same_step(reference, fast, tokens())
     assert vfm_calls() - before == 2 * (2 * len(TARGETS) + 1)  # every adapter layer, forward and backward
+
+
+def test_compiled_lora_linear_module_follows_changes_of_its_scaling_and_dropout():
+    """torch.compile makes a float attribute symbolic once it has changed; the argument checks called
+    math.isnan on it, which dynamo cannot trace (fullgraph: Unsupported, otherwise a graph break)."""
+    torch._dynamo.reset()
+    layer = _module()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 6)
+    for scaling in (2.0, 3.0, 0.5):
+        layer.scaling = scaling
+        torch.testing.assert_close(compiled(x), _plain(layer, x), rtol=1e-5, atol=1e-5)
+    for p in (0.1, 0.2, 0.3):
+        layer.dropout = p
+        assert compiled(x).shape == (3, 5)
+    layer.eval()
+    torch.testing.assert_close(compiled(x), _plain(layer, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["lora", "adalora"])
+def test_compiled_peft_model_follows_rescaled_adapters(kind):
+    from peft.helpers import rescale_adapter_scale
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    if kind == "adalora":
+        cfg = AdaLoraConfig(init_r=4, target_r=2, total_step=6, target_modules=["q", "v"], lora_alpha=8)
+    else:
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], use_dora=kind == "dora")
+    reference = get_peft_model(_Tiny(), cfg)
+    perturb(reference)
+    fast = copy.deepcopy(reference)
+    vfm.peft.accelerate(fast)
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 8)
+    for factor in (1.0, 0.5, 0.25):
+        with rescale_adapter_scale(reference, factor), rescale_adapter_scale(fast, factor):
+            want, got = reference(x), compiled(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from vfm.ops import lora_ops as _ops
-from vfm.ops.kce_api import _require_number, _require_tensor, _shape
+from vfm.ops.kce_api import _require_tensor, _shape
 
 _SEED_LIMIT = 2 ** 63 - 1
 _NO_SEED = torch.zeros((), dtype=torch.int64)  # passed when dropout is off; never read
@@ -85,6 +85,23 @@ def _check_vector(name: str, t, length: int, dtype: torch.dtype, dtype_of: str, 
     return t
 
 
+def _require_number(name: str, value, *, low: Optional[float] = None) -> float:
+    """``value`` as a float, checked: a real number (TypeError), not NaN and >= ``low`` (ValueError).
+
+    Written with comparisons only (no ``math.isnan``), so that torch.compile can trace it when the
+    value is a symbolic float: dynamo makes a module's float attribute (a LoRA scaling or dropout
+    probability) symbolic once it has seen it change, and cannot trace ``math.isnan`` on one.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if value != value:
+        raise ValueError(f"{name} must not be NaN")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
 def _dropout(dropout_p, training, seed) -> tuple:
     """(effective p, seed tensor): p is 0.0 when dropout is off."""
     p = _require_number("dropout_p", dropout_p, low=0.0)
@@ -115,7 +132,7 @@ def _dropout(dropout_p, training, seed) -> tuple:
 
 def _scaling(scaling, name: str = "scaling") -> float:
     value = _require_number(name, scaling)
-    if math.isinf(value):
+    if value == math.inf or value == -math.inf:  # not math.isinf: see _require_number
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 
