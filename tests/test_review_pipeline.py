@@ -577,3 +577,29 @@ def test_utf16_data_file_is_named(tmp_path):
         path.write_bytes(text.encode("utf-16"))  # with its BOM
         with pytest.raises(ValueError, match=r"d\.%s: UTF-16 text .*save it as UTF-8" % suffix):
             load_examples(str(path))
+
+
+def test_foreign_teacher_cache_is_recomputed_not_a_crash(tmp_path):
+    # a cache without label names or with float indices raised KeyError / TypeError out of build_teacher
+    import torch
+    from safetensors.torch import save_file
+
+    from test_train_utils import tiny_model, tiny_tokenizer
+    from vfm.teacher import build_teacher, load_topk
+
+    folder = str(tmp_path / "teacher")
+    tiny_tokenizer(folder).save_pretrained(folder)
+    tiny_model(3).save_pretrained(folder)
+    cache = str(tmp_path / "c.safetensors")
+    bad_files = [
+        ({"indices": torch.zeros(2, 1, dtype=torch.long), "logprobs": torch.zeros(2, 1)}, {"format": "vfm-teacher-topk/1"}),
+        ({"indices": torch.zeros(2, 1), "logprobs": torch.zeros(2, 1)}, {"format": "vfm-teacher-topk/1", "labels": ["a"]}),
+        ({"indices": torch.zeros(2, 1, dtype=torch.long), "logprobs": torch.zeros(2, 1)}, ["not", "a", "dict"]),
+    ]
+    for tensors, header in bad_files:
+        save_file(tensors, cache, metadata={"vfm_teacher": json.dumps(header)})
+        with pytest.raises(ValueError, match="c.safetensors"):
+            load_topk(cache)
+        topk, reused = build_teacher("model", folder, ["refund my money", "package late"], k=2, cache_path=cache,
+                                     progress=False)
+        assert not reused and topk.indices.shape == (2, 2) and load_topk(cache).labels == topk.labels

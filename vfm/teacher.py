@@ -331,9 +331,16 @@ def load_topk(path: str) -> TeacherTopK:
         header = json.loads(meta["vfm_teacher"])
     except (KeyError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: missing or malformed 'vfm_teacher' metadata ({exc})") from exc
-    if header.get("format") != _FORMAT:
-        raise ValueError(f"{path}: format {header.get('format')!r}, expected {_FORMAT!r}")
-    return TeacherTopK(indices, logprobs, list(header["labels"]), dict(header.get("meta") or {}))
+    if not isinstance(header, dict) or header.get("format") != _FORMAT:
+        found = header.get("format") if isinstance(header, dict) else header
+        raise ValueError(f"{path}: format {found!r}, expected {_FORMAT!r}")
+    labels, meta = header.get("labels"), header.get("meta") or {}
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels) or not isinstance(meta, dict):
+        raise ValueError(f"{path}: the 'vfm_teacher' metadata needs a list of label names and a meta mapping")
+    try:
+        return TeacherTopK(indices, logprobs, labels, dict(meta))
+    except (TypeError, ValueError) as exc:  # wrong shapes or dtypes: a ValueError, so build_teacher recomputes
+        raise ValueError(f"{path}: {exc}") from exc
 
 
 def build_teacher(kind: str, model_dir: str, texts: Sequence[str], *, k: int, cache_path: Optional[str] = None,
