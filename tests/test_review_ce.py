@@ -319,3 +319,22 @@ def test_meta_and_fake_tensors_trace_like_torch(dtype):
             penalty_weight=0.1, allowed=(torch.ones(2, 5, dtype=torch.bool), torch.zeros(4, dtype=torch.long)))
         loss.backward()
         assert loss.shape == () and x.grad.shape == (4, 5)
+
+
+@pytest.mark.parametrize("backend", vfm.available_backends("knowledge_cross_entropy", "cpu"))
+def test_inplace_backward_refuses_logits_whose_rows_share_memory(backend):
+    # expand()ed logits: the cpp kernel wrote every row's gradient into the one shared row
+    # (wrong loss and gradient, silently); torch's in-place ops refuse such tensors.
+    row = torch.randn(1, 6, requires_grad=True)
+    logits = (row * 1).expand(4, 6)
+    target = torch.tensor([0, 1, 2, 3])
+    with vfm.use_backend(backend):
+        with pytest.raises(ValueError, match="inplace_backward.*share memory"):
+            vfm.functional.knowledge_cross_entropy(logits, target, inplace_backward=True)
+        loss = vfm.functional.knowledge_cross_entropy(logits, target)  # out of place: fine
+    loss.backward()
+    ref = row.detach().clone().requires_grad_()
+    want = torch.nn.functional.cross_entropy((ref * 1).expand(4, 6), target)
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(row.grad, ref.grad)

@@ -460,6 +460,11 @@ def _prepare(a: dict) -> "_Prepared":
     if kd_mode == KD_NONE:
         topk_idx = topk_lp = None
     compute_grad = z2d.requires_grad and torch.is_grad_enabled()
+    if a["inplace_backward"] and compute_grad and _ops._is_eager_tensor(z2d) \
+            and torch._debug_has_internal_overlap(z2d) != 0:  # e.g. expand(): rows share memory
+        raise ValueError(f"inplace_backward=True writes the gradient into the logits, but their rows share memory "
+                         f"(shape {_shape(logits)}, strides {tuple(logits.stride())}); pass logits.contiguous() "
+                         "or inplace_backward=False")
     args = (z2d, tgt, w, teacher, topk_idx, topk_lp, allowed_bits, group_ids, scales, ignore_index,
             o.label_smoothing, o.softcap, o.temperature, kd_mode, o.jsd_beta, pen_mode, o.strength,
             o.ce_weight != 0.0, o.z_loss != 0.0)
