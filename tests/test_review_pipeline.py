@@ -81,6 +81,11 @@ BASE = "model: m\nlabels: [a, b]\ndata: {train: t.csv}\n"
     (BASE + "training: {epochs: 0}\n", r"training.epochs must be > 0"),
     (BASE.replace("data: {train: t.csv}", "data: {train: t.csv, near_duplicate_threshold: 0}"),
      r"data.near_duplicate_threshold"),
+    # these failed at the first training step, after data preparation and the teacher run
+    (BASE + "teacher: {kind: model, model: m}\nloss: {kd_weight: 0.5, kd: jsd}\n", r"loss.kd 'jsd' needs"),
+    (BASE + "loss: {kd: kll}\n", r"loss.kd must be 'kl', 'reverse_kl' or 'jsd', got 'kll'"),
+    (BASE + "loss: {penalty: mas}\n", r"loss.penalty must be 'mass' or 'posterior'"),
+    (BASE + "loss: {temperature: 0}\n", r"loss.temperature is out of range, got 0"),
 ])
 def test_config_errors_name_file_line_and_key(tmp_path, text, match):
     from vfm.train.config import load_config

@@ -313,6 +313,21 @@ def _validate(cfg: Config) -> Config:
     for name, value in (("data.augment", cfg.data.augment), ("training.warmup_steps", tr.warmup_steps)):
         if value < 0:
             raise ValueError(f"{src}: {name} must be >= 0, got {value}")
+    loss = cfg.loss
+    if loss.kd not in ("kl", "reverse_kl", "jsd"):
+        raise ValueError(f"{src}: loss.kd must be 'kl', 'reverse_kl' or 'jsd', got {loss.kd!r}")
+    if loss.kd != "kl" and loss.kd_weight > 0:  # else a ValueError at the first training step
+        raise ValueError(f"{src}: loss.kd {loss.kd!r} needs the teacher's full logits, but vfm train caches the "
+                         "teacher as top-k, which supports loss.kd 'kl' only")
+    if loss.penalty not in ("mass", "posterior"):
+        raise ValueError(f"{src}: loss.penalty must be 'mass' or 'posterior', got {loss.penalty!r}")
+    for name, value, ok in (("loss.temperature", loss.temperature, loss.temperature > 0),
+                            ("loss.label_smoothing", loss.label_smoothing, 0 <= loss.label_smoothing <= 1),
+                            ("loss.z_loss", loss.z_loss, loss.z_loss >= 0),
+                            ("loss.rule_strength", loss.rule_strength,
+                             loss.rule_strength is None or loss.rule_strength >= 0)):
+        if not ok:
+            raise ValueError(f"{src}: {name} is out of range, got {value}")
     if not (math.isfinite(tr.learning_rate) and tr.learning_rate >= 0):
         raise ValueError(f"{src}: training.learning_rate must be a finite number >= 0, got {tr.learning_rate}")
     if tr.max_steps <= 0 and not (math.isfinite(tr.epochs) and tr.epochs > 0):
