@@ -406,6 +406,8 @@ def test_accelerate_warns_when_the_model_holds_no_adapter_layer(caplog):
     with caplog.at_level("WARNING", logger="vfm.peft"):
         report = vfm.peft.accelerate(llama())  # a user calling it before get_peft_model: was silent
     assert report.num_accelerated == 0 and "holds no PEFT adapter layer" in caplog.text
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):  # was AttributeError
+        vfm.peft.accelerate({"model": llama()})
 
 
 def test_modules_targeted_by_a_later_adapter_run_on_vfm_after_accelerate_again():

@@ -326,6 +326,8 @@ def accelerate(model: nn.Module, *, mixed_batch_cache: bool = False) -> Accelera
     targets modules no earlier adapter did) are PEFT's own and run PEFT's forward until
     ``accelerate`` is called again; new adapters on layers already taken over run on vfm at once.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a PeftModel), got {type(model).__name__}")
     if not isinstance(mixed_batch_cache, bool):
         raise TypeError(f"mixed_batch_cache must be a bool, got {type(mixed_batch_cache).__name__}")
     report = AccelerateReport()
