@@ -86,6 +86,7 @@ BASE = "model: m\nlabels: [a, b]\ndata: {train: t.csv}\n"
     (BASE + "loss: {kd: kll}\n", r"loss.kd must be 'kl', 'reverse_kl' or 'jsd', got 'kll'"),
     (BASE + "loss: {penalty: mas}\n", r"loss.penalty must be 'mass' or 'posterior'"),
     (BASE + "loss: {temperature: 0}\n", r"loss.temperature is out of range, got 0"),
+    (BASE + "peft: {method: lora2}\n", r"peft.method must be 'none' or a PEFT method .*got 'lora2'"),
 ])
 def test_config_errors_name_file_line_and_key(tmp_path, text, match):
     from vfm.train.config import load_config
@@ -93,6 +94,15 @@ def test_config_errors_name_file_line_and_key(tmp_path, text, match):
     (tmp_path / "m").mkdir()
     with pytest.raises(ValueError, match=match):
         load_config(_cfg(tmp_path, text))
+
+
+def test_peft_method_is_case_insensitive_everywhere():
+    # apply_peft lower-cased it, but the merge into final/ and the AdaLoRA schedule compared "adalora" exactly
+    from vfm.train.config import config_from_dict
+
+    for given in ("AdaLoRA", "LoRA", "IA3", "None"):
+        cfg = config_from_dict({"model": "m", "labels": ["a"], "data": {"train": "t.csv"}, "peft": {"method": given}})
+        assert cfg.peft.method == given.lower()
 
 
 def test_config_with_bom_and_max_steps_without_epochs(tmp_path):

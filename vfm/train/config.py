@@ -293,6 +293,15 @@ def _validate(cfg: Config) -> Config:
         raise ValueError(f"{src}: loss.kd_weight={cfg.loss.kd_weight} needs a teacher section")
     if cfg.loss.penalty_weight > 0 and cfg.rules is None:
         raise ValueError(f"{src}: loss.penalty_weight={cfg.loss.penalty_weight} needs a rules file")
+    # lower case, as apply_peft reads it (run.py's merge / AdaLoRA-schedule checks compare lower case)
+    method = cfg.peft.method = cfg.peft.method.lower()
+    if method not in ("none", "lora", "adalora"):  # else a KeyError from PEFT after data preparation
+        import peft
+
+        known = sorted(m.name.lower() for m in peft.PeftType)
+        if method.upper() not in peft.PeftType.__members__:
+            raise ValueError(f"{src}: peft.method must be 'none' or a PEFT method ({', '.join(known)}), "
+                             f"got {cfg.peft.method!r}")
     if cfg.peft.freeze_bottom_layers is not None:
         if cfg.peft.method != "none":
             raise ValueError(f"{src}: peft.freeze_bottom_layers (top-layer tuning) needs peft.method 'none', "
