@@ -105,6 +105,19 @@ def test_peft_method_is_case_insensitive_everywhere():
         assert cfg.peft.method == given.lower()
 
 
+def test_resume_folder_is_relative_to_the_config_like_every_path(tmp_path):
+    from vfm.train.config import load_config
+
+    (tmp_path / "m").mkdir()
+    cfg = load_config(_cfg(tmp_path, BASE + "training: {output_dir: run, resume: run/checkpoint-4}\n"))
+    assert cfg.training.output_dir == str(tmp_path / "run")
+    assert cfg.training.resume == str(tmp_path / "run" / "checkpoint-4")
+    for keep in ("auto", "never", True, False):
+        value = keep if isinstance(keep, bool) else f"'{keep}'"
+        cfg = load_config(_cfg(tmp_path, BASE + f"training: {{resume: {str(value).lower()}}}\n"))
+        assert cfg.training.resume == keep
+
+
 def test_config_with_bom_and_max_steps_without_epochs(tmp_path):
     from vfm.train.config import load_config
 

@@ -260,7 +260,9 @@ def _build(cls: type, mapping: Any, source: str, section: str, base_dir: str) ->
             kwargs[key] = _build(_SECTIONS[key], value if value is not None else {}, source, key, base_dir)
             continue
         value = _check_type(value, hints[key], where, name)
-        if (section, key) in _PATH_KEYS and isinstance(value, str) and value and not os.path.isabs(value):
+        is_path = (section, key) in _PATH_KEYS or ((section, key) == ("training", "resume")
+                                                    and value not in ("auto", "never"))  # a checkpoint folder
+        if is_path and isinstance(value, str) and value and not os.path.isabs(value):
             value = os.path.normpath(os.path.join(base_dir, value))
         if (section, key) in _MODEL_KEYS and isinstance(value, str) and value:
             value = resolve_model_path(value)
