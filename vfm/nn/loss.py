@@ -68,6 +68,12 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     torch (with a zero gradient).  Probability (soft) targets, float64 inputs, dtypes torch
     rejects and calls under torch.func transforms are passed to torch's own implementation: the
     fused path covers fp32 / fp16 / bf16 logits with class indices.
+
+    One difference from torch: the fused path computes the gradient during the forward and hands
+    that buffer to autograd on the first backward when no copy is needed (``reduction="sum"``, or a
+    mean over exactly one counted row, with an upstream gradient of 1), so a second backward through
+    the same graph (``retain_graph=True``) raises a RuntimeError saying so; recompute the loss, or
+    use torch's module for that pattern.
     """
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:  # noqa: A002 - torch's names
