@@ -250,7 +250,10 @@ def knowledge_cross_entropy(
         kd: ``"kl"`` = KL(q||p), ``"reverse_kl"`` = KL(p||q) or ``"jsd"`` (generalised, beta).
         jsd_beta: beta in (0, 1) of ``kd="jsd"``.
         allowed: allowed labels per row: bool (N, V), or (group_masks (G, V) bool,
-            group_ids (N,) int, -1 = unconstrained).
+            group_ids (N,) int, -1 = unconstrained).  The packed bits of the last few group_masks
+            tensors are kept between calls, keyed by the tensor and its version counter: change
+            the masks in place through normal tensor ops (or pass a new tensor), not through
+            ``.data`` or a NumPy array sharing their memory, which the counter does not see.
         penalty_weight: weight of the knowledge penalty (needs ``allowed`` when nonzero).
         penalty: ``"mass"`` (-log of the probability mass on the allowed labels) or
             ``"posterior"`` (KL to the rule-projected teacher, Hu et al. 2016).
