@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 import vfm.peft  # noqa: E402
 from vfm import _registry  # noqa: E402
 from vfm.adalora import attach_schedule, find_adalora_model  # noqa: E402
-from vfm.functional import adalora_linear, lora_linear, lora_linear_multi  # noqa: E402
+from vfm.functional import adalora_linear, dora_linear, lora_linear, lora_linear_multi  # noqa: E402
 from vfm.nn import LoRALinear  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -462,3 +462,56 @@ def test_compiled_peft_model_follows_rescaled_adapters(kind):
         with rescale_adapter_scale(reference, factor), rescale_adapter_scale(fast, factor):
             want, got = reference(x), compiled(x)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class _MaskDropout(torch.nn.Module):
+    """vfm's keep-mask for a seed, as a dropout module PEFT's layer can run."""
+
+    def __init__(self, seed, p):
+        super().__init__()
+        self.seed, self.p = seed, p
+
+    def forward(self, x):
+        from vfm.ops.lora_reference import apply_dropout
+        return apply_dropout(x.reshape(-1, x.shape[-1]), self.seed, self.p).reshape(x.shape)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "adalora"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_training_dropout_is_pefts_formula_with_vfms_mask(kind, bias, backend):
+    """With PEFT's dropout module replaced by one applying vfm's mask, PEFT's own layer (DoRA: its extra
+    base pass on the dropped input) gives vfm's outputs and gradients: the only difference is the mask."""
+    torch.manual_seed(0)
+    base = _Tiny()
+    if not bias:
+        base.q.bias = None
+    if kind == "adalora":
+        cfg = AdaLoraConfig(init_r=4, target_r=2, total_step=6, target_modules=["q"], lora_alpha=8, lora_dropout=0.3)
+    else:
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q"], use_dora=kind == "dora", lora_dropout=0.3)
+    model = get_peft_model(base, cfg)
+    perturb(model)
+    model.train()
+    layer = model.base_model.model.q
+    layer.lora_dropout["default"] = _MaskDropout(77, 0.3)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    want = layer(x)
+    weight, b = layer.base_layer.weight, layer.base_layer.bias
+    a, bb, s = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
+    with vfm.use_backend(backend):
+        if kind == "lora":
+            got = lora_linear(x, weight, b, a.weight, bb.weight, s, dropout_p=0.3, seed=77)
+        elif kind == "dora":
+            got = dora_linear(x, weight, b, a.weight, bb.weight, layer.lora_magnitude_vector["default"].weight, s,
+                              dropout_p=0.3, seed=77)
+        else:
+            got = adalora_linear(x, weight, b, a, layer.lora_E["default"], bb, s, layer.ranknum["default"],
+                                 dropout_p=0.3, seed=77)
+        grad = torch.randn(got.shape)
+        params = [x] + [p for p in model.parameters() if p.requires_grad]
+        got_g = torch.autograd.grad(got, params, grad)
+    want_g = torch.autograd.grad(want, params, grad)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_g, want_g):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
