@@ -631,3 +631,52 @@ def test_foreign_teacher_cache_is_recomputed_not_a_crash(tmp_path):
         topk, reused = build_teacher("model", folder, ["refund my money", "package late"], k=2, cache_path=cache,
                                      progress=False)
         assert not reused and topk.indices.shape == (2, 2) and load_topk(cache).labels == topk.labels
+
+
+def test_max_length_beyond_the_models_positions_is_capped_with_a_note(tmp_path, capsys, monkeypatch):
+    # data.max_length (default 128) above max_position_embeddings failed with a tensor-size RuntimeError
+    # at the first text longer than the model's positions
+    import torch
+
+    from test_train_utils import save_tiny
+    from vfm.train import load_config, train
+    from vfm.train.model import max_positions
+
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
+    save_tiny("student")  # max_position_embeddings 64
+    assert max_positions("student") == 64
+    long_text = "refund my money please " * 20  # 80 words: 82 tokens
+    rows = [(long_text, "billing"), ("package late", "shipping"), ("bill paid twice", "billing"),
+            ("parcel late", "shipping"), ("refund the charge", "billing"), ("track my parcel", "shipping")]
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
+    cfg = load_config(_cfg(tmp_path, "model: student\nlabels: [billing, shipping]\n"
+                                     "data: {train: train.csv, eval_fraction: 0.34}\n"
+                                     "training: {output_dir: run, epochs: 1, batch_size: 8, progress: false, "
+                                     "tensorboard: false}\n"))
+    capsys.readouterr()
+    result = train(cfg)
+    assert "data.max_length=128 exceeds the 64 positions of model" in capsys.readouterr().out
+    assert cfg.data.max_length == 128 and os.path.isdir(result.final_model_dir)  # the caller's config untouched
+    from transformers import RobertaConfig
+
+    os.makedirs("roberta")
+    RobertaConfig(max_position_embeddings=514, pad_token_id=1).save_pretrained("roberta")
+    assert max_positions("roberta") == 512
+
+
+def test_eval_max_length_beyond_the_models_positions(tmp_path, capsys):
+    from test_train_utils import save_tiny
+
+    model = save_tiny(str(tmp_path / "m"))  # 64 positions
+    long_text = "refund my money please " * 20
+    (tmp_path / "d.csv").write_text(f"text,label\n{long_text},billing\npackage late,shipping\n")
+    from transformers.utils import logging as hf_logging
+
+    try:
+        assert main(["eval", "--model", model, "--data", str(tmp_path / "d.csv"), "--out", str(tmp_path / "o"),
+                     "--no-progress"]) == 0  # the default --max-length 128 used to fail on the long row
+    finally:
+        hf_logging.enable_progress_bar()
+    assert "--max-length=128 exceeds the 64 positions of --model" in capsys.readouterr().out
+    assert len((tmp_path / "o" / "predictions.csv").read_text().splitlines()) == 3

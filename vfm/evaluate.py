@@ -402,6 +402,11 @@ def evaluate_model(model_dir: str, data_path: str, out_dir: str, *, rules_path: 
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     tagging = any(ex.tags for ex in examples)
     model, tok, labels = _load_for_eval(model_dir, tagging)
+    from vfm.train.model import fit_max_length
+
+    max_length, note = fit_max_length(max_length, {"--model": model_dir}, "--max-length")
+    if note and not quiet:  # a longer input would fail with a tensor-size RuntimeError
+        print(note)
     os.makedirs(out_dir, exist_ok=True)
     if tagging:
         gold = [ex.tags for ex in examples]

@@ -131,6 +131,47 @@ def apply_peft(model: nn.Module, method: str, options: Optional[Dict[str, Any]] 
     return peft_model, report
 
 
+def max_positions(model_dir: str) -> Optional[int]:
+    """Tokens a model folder's position embeddings cover (None when its config does not say).
+
+    RoBERTa-family models offset positions by ``pad_token_id + 1`` (514 embeddings: 512 tokens).
+    """
+    import os
+
+    from transformers import AutoConfig
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        return None  # not a model folder: loading it fails later with Transformers' own message
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    n = getattr(config, "max_position_embeddings", None)
+    if not isinstance(n, int) or n <= 0:
+        return None
+    if config.model_type in ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text"):
+        n -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return n
+
+
+def fit_max_length(max_length: int, models: Dict[str, str],
+                   name: str = "data.max_length") -> Tuple[int, Optional[str]]:
+    """``max_length`` capped at the positions of every model (a longer batch fails with a tensor-size
+    RuntimeError), and the note to print when it was capped.
+
+    Args:
+        max_length: tokens kept per text (``data.max_length``).
+        models: config key -> model folder (``{"model": ..., "teacher.model": ...}``).
+        name: what ``max_length`` is called in the note.
+
+    Returns:
+        ``(max_length to use, note or None)``.
+    """
+    limits = {key: n for key, folder in models.items() if (n := max_positions(folder)) is not None}
+    if not limits or max_length <= min(limits.values()):
+        return max_length, None
+    key = min(limits, key=limits.get)
+    return limits[key], (f"{name}={max_length} exceeds the {limits[key]} positions of {key} "
+                         f"{models[key]!r}: texts are truncated at {limits[key]} tokens")
+
+
 def count_trainable(model: nn.Module) -> Tuple[int, int]:
     """``(trainable parameters, all parameters)``."""
     total = sum(p.numel() for p in model.parameters())

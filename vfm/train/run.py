@@ -14,6 +14,7 @@ the confusion matrix: ``test_metrics.json`` holds entity-level scores.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -255,7 +256,14 @@ def train(config: Union[str, Config], *, quiet: bool = False, name: str = "") ->
         if path is not None and not os.path.isdir(path):  # else Transformers would look it up on the Hub
             raise ValueError(f"{cfg.source}: {key} {path!r} is not a local model directory (vfm never downloads: "
                              f"give a Transformers model folder or {BUILTIN_MINILM!r})")
+    from vfm.train.model import fit_max_length
+
     say = _printer(quiet)
+    fitted, note = fit_max_length(  # else a tensor-size RuntimeError at the first long batch
+        cfg.data.max_length, {"model": cfg.model, **({"teacher.model": cfg.teacher.model} if cfg.teacher else {})})
+    if note:  # a copy: the caller's Config is left as it was
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=fitted))
+        say(note)
     hf_logging.disable_progress_bar()
     out = cfg.training.output_dir
     os.makedirs(out, exist_ok=True)
