@@ -680,3 +680,21 @@ def test_eval_max_length_beyond_the_models_positions(tmp_path, capsys):
         hf_logging.enable_progress_bar()
     assert "--max-length=128 exceeds the 64 positions of --model" in capsys.readouterr().out
     assert len((tmp_path / "o" / "predictions.csv").read_text().splitlines()) == 3
+
+
+def test_eval_refuses_a_model_of_the_other_task(tmp_path, capsys):
+    # a token classifier on a labelled CSV was loaded as a sequence classifier with a random head and
+    # its (random) scores written, exit 0
+    from test_train_utils import save_tiny
+
+    tagger = _tiny_tagger(tmp_path)
+    (tmp_path / "d.csv").write_text("text,label\nrefund my card,O\n")
+    capsys.readouterr()
+    assert main(["eval", "--model", tagger, "--data", str(tmp_path / "d.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert "is a BertForTokenClassification but --data holds sentence labels" in _one_line_error(capsys, "eval")
+    classifier = save_tiny(str(tmp_path / "cls"))
+    (tmp_path / "t.conll").write_text("refund O\ncard B-ITEM\n")
+    capsys.readouterr()
+    assert main(["eval", "--model", classifier, "--data", str(tmp_path / "t.conll"), "--out", str(tmp_path / "o")]) == 2
+    assert "is a BertForSequenceClassification but --data holds BIO-tagged" in _one_line_error(capsys, "eval")
+    assert not os.path.exists(tmp_path / "o")

@@ -281,6 +281,14 @@ def _load_for_eval(model_dir: str, tagging: bool):
 
     if not os.path.isdir(model_dir):
         raise ValueError(f"--model {model_dir!r} is not a directory")
+    config_file = os.path.join(model_dir, "config.json")
+    if os.path.isfile(config_file):  # a token classifier on sentence labels (or the reverse) got a random head
+        with open(config_file, encoding="utf-8") as fh:
+            arch = " ".join(json.load(fh).get("architectures") or [])
+        wrong = "ForSequenceClassification" if tagging else "ForTokenClassification"
+        if wrong in arch:
+            raise ValueError(f"--model {model_dir!r} is a {arch} but --data holds "
+                             f"{'BIO-tagged sentences' if tagging else 'sentence labels'}")
     if os.path.exists(os.path.join(model_dir, "adapter_config.json")):  # a PEFT adapter folder
         from peft import AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification
 
