@@ -698,3 +698,27 @@ def test_eval_refuses_a_model_of_the_other_task(tmp_path, capsys):
     assert main(["eval", "--model", classifier, "--data", str(tmp_path / "t.conll"), "--out", str(tmp_path / "o")]) == 2
     assert "is a BertForSequenceClassification but --data holds BIO-tagged" in _one_line_error(capsys, "eval")
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_model_teacher_needs_a_classification_head(tmp_path):
+    # an encoder without a head (kind: model on the built-in MiniLM) or a token classifier got a random
+    # head, and that noise was distilled into the student
+    from transformers import BertConfig, BertModel
+
+    from test_train_utils import save_tiny, tiny_tokenizer
+    from vfm.teacher import build_teacher
+    from vfm.train.tagging import model_teacher_words
+
+    encoder = str(tmp_path / "encoder")
+    tiny_tokenizer(encoder).save_pretrained(encoder)
+    BertModel(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(encoder)
+    with pytest.raises(ValueError, match=r"ForSequenceClassification checkpoint, but .* is a BertModel .*zero_shot"):
+        build_teacher("model", encoder, ["refund my money"], k=1, progress=False)
+    tagger = _tiny_tagger(tmp_path)
+    with pytest.raises(ValueError, match=r"is a BertForTokenClassification$"):
+        build_teacher("model", tagger, ["refund my money"], k=1, progress=False)
+    with pytest.raises(ValueError, match=r"tagging teacher .* is a BertForSequenceClassification"):
+        model_teacher_words(save_tiny(str(tmp_path / "cls")), [["refund", "card"]], 1)
+    topk, _ = build_teacher("model", str(tmp_path / "cls"), ["refund my money"], k=1, progress=False)
+    assert topk.indices.shape == (1, 1)

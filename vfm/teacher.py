@@ -165,6 +165,27 @@ def _batches(n: int, batch_size: int, desc: str, progress: bool):
     return tqdm(starts, desc=desc, total=len(starts), disable=not progress, leave=False)
 
 
+def require_head(model_dir: str, head: str, role: str) -> None:
+    """ValueError unless ``config.json``'s ``architectures`` (when it lists any) name a ``head`` model
+    (e.g. ``"ForSequenceClassification"``): Transformers would give any other checkpoint a random
+    head without an error, and a teacher with a random head is noise.
+
+    Args:
+        model_dir: the model folder.
+        head: the class-name suffix needed.
+        role: what the model is for, in the message.
+    """
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        arch = json.load(fh).get("architectures") or []
+    if arch and not any(a.endswith(head) for a in arch):
+        bare = all(a.endswith("Model") for a in arch)  # an encoder without a head, e.g. BertModel
+        hint = " (an embedding model: use teacher kind 'zero_shot')" if bare and "Sequence" in head else ""
+        raise ValueError(f"{role} needs a *{head} checkpoint, but {model_dir!r} is a {', '.join(arch)}{hint}")
+
+
 @torch.no_grad()
 def model_teacher_logits(model_dir: str, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 128,
                          progress: bool = True) -> Tuple[Tensor, List[str]]:
@@ -184,6 +205,7 @@ def model_teacher_logits(model_dir: str, texts: Sequence[str], *, batch_size: in
 
     if not os.path.isdir(model_dir):
         raise ValueError(f"teacher model directory {model_dir!r} does not exist")
+    require_head(model_dir, "ForSequenceClassification", "a teacher of kind 'model'")
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True).eval()
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]

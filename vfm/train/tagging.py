@@ -220,6 +220,9 @@ def model_teacher_words(model_dir: str, sentences: Sequence[Sequence[str]], k: i
 
     if not os.path.isdir(model_dir):
         raise ValueError(f"teacher.model {model_dir!r} is not a directory")
+    from vfm.teacher import require_head
+
+    require_head(model_dir, "ForTokenClassification", "a tagging teacher (teacher.model)")
     model = AutoModelForTokenClassification.from_pretrained(model_dir, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     t_labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
