@@ -25,10 +25,6 @@ import torch
 from vfm.train.config import BUILTIN_MINILM, Config, load_config
 
 IGNORE_INDEX = -100
-# names training.metric may take (the evaluation's metrics, "eval_" prefix optional)
-METRICS = {"classification": ["loss", "accuracy"] + [f"{avg}_{m}" for avg in ("micro", "macro", "weighted")
-                                                     for m in ("precision", "recall", "f1")],
-           "tagging": ["loss", "f1", "precision", "recall", "macro_f1", "token_accuracy"]}
 
 
 @dataclass
@@ -221,18 +217,6 @@ def _resume_point(cfg: Config) -> Optional[str]:
     raise ValueError(f"training.resume must be auto, true, false or a checkpoint folder, got {r!r}")
 
 
-def _check_resume_labels(cfg: Config, labels: Sequence[str]) -> None:
-    """A checkpoint to resume from that was trained on other labels is a ValueError (before any work)."""
-    from vfm.train.trainer import checkpoint_labels
-
-    path = _resume_point(cfg)
-    old = checkpoint_labels(path) if path else None
-    if old and old != list(labels):
-        raise ValueError(f"{cfg.source}: training.resume={cfg.training.resume!r} would continue {path}, trained on the "
-                         f"labels {old}, but this config has {list(labels)}; use another training.output_dir (or "
-                         "training.resume: false)")
-
-
 def train(config: Union[str, Config], *, quiet: bool = False, name: str = "") -> TrainResult:
     """Run ``vfm train``: see the module docstring for what is written.
 
@@ -282,10 +266,7 @@ def train(config: Union[str, Config], *, quiet: bool = False, name: str = "") ->
 
         check_tagging(cfg)
     labels = list(rules.labels if rules is not None else cfg.labels)
-    metric = cfg.training.metric
-    if metric is not None and metric.removeprefix("eval_") not in METRICS[task]:  # else a KeyError after epoch 1
-        raise ValueError(f"{cfg.source}: training.metric {metric!r} is not a {task} metric; one of {METRICS[task]}")
-    _check_resume_labels(cfg, labels)
+    vt.check_before_training(cfg, task, labels, _resume_point(cfg))  # training.metric, a stale checkpoint
     if task == "tagging":
         return _train_tagging(cfg, rules, labels, say, quiet=quiet, name=name)
     l2i = {n: i for i, n in enumerate(labels)}

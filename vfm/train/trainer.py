@@ -329,3 +329,30 @@ def write_folder_atomically(folder: str, write) -> None:
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+# names training.metric may take (the evaluation's metrics, "eval_" prefix optional)
+METRICS = {"classification": ["loss", "accuracy"] + [f"{avg}_{m}" for avg in ("micro", "macro", "weighted")
+                                                     for m in ("precision", "recall", "f1")],
+           "tagging": ["loss", "f1", "precision", "recall", "macro_f1", "token_accuracy"]}
+
+
+def check_before_training(cfg, task: str, labels: Sequence[str], resume: Optional[str]) -> None:
+    """ValueErrors that would otherwise come after data preparation (or an epoch) of ``vfm train``:
+    a ``training.metric`` the task does not produce (a KeyError after the first evaluation), and a
+    checkpoint to resume from that was trained on other labels (a state-dict RuntimeError).
+
+    Args:
+        cfg: the :class:`vfm.train.config.Config`.
+        task: "classification" or "tagging".
+        labels: the run's label names.
+        resume: the checkpoint the run would resume from (None: a fresh run).
+    """
+    metric = cfg.training.metric
+    if metric is not None and metric.removeprefix("eval_") not in METRICS[task]:
+        raise ValueError(f"{cfg.source}: training.metric {metric!r} is not a {task} metric; one of {METRICS[task]}")
+    old = checkpoint_labels(resume) if resume else None
+    if old and old != list(labels):
+        raise ValueError(f"{cfg.source}: training.resume={cfg.training.resume!r} would continue {resume}, trained on "
+                         f"the labels {old}, but this config has {list(labels)}; use another training.output_dir "
+                         "(or training.resume: false)")
