@@ -722,3 +722,51 @@ def test_model_teacher_needs_a_classification_head(tmp_path):
         model_teacher_words(save_tiny(str(tmp_path / "cls")), [["refund", "card"]], 1)
     topk, _ = build_teacher("model", str(tmp_path / "cls"), ["refund my money"], k=1, progress=False)
     assert topk.indices.shape == (1, 1)
+
+
+def test_eval_prepares_texts_as_the_model_was_trained(tmp_path, monkeypatch):
+    # vfm train cleans the texts (data.clean, on by default) but vfm eval scored the raw file, so
+    # its scores differed from the run's test_metrics.json wherever cleaning changes a text
+    import csv
+
+    import torch
+
+    from test_train_utils import TEXTS, save_tiny
+    from vfm.data import clean_text
+    from vfm.evaluate import evaluate_model
+
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
+    save_tiny("student", labels=("billing", "shipping", "tech"))
+    labels = ["billing", "shipping", "tech"]
+    rows = [(t, labels[k]) for k, ts in TEXTS.items() for t in ts]
+    raw_test = [("<b>REFUND</b> my  card", "billing"), ("ｐａｃｋａｇｅ late\u200b", "shipping"),
+                ("the app&nbsp;crash", "tech"), ("login <i>error</i>", "tech")]
+    for name, data in (("train.csv", rows), ("test.csv", raw_test)):
+        with open(name, "w", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerows([("text", "label")] + list(data))
+    cfg = _cfg(tmp_path, "model: student\nlabels: [billing, shipping, tech]\n"
+                         "data: {train: train.csv, test: test.csv, max_length: 16, eval_fraction: 0.34, "
+                         "deduplicate: false}\n"
+                         "training: {output_dir: run, epochs: 1, batch_size: 4, progress: false, tensorboard: false}\n")
+    assert main(["train", cfg]) == 0
+    final = tmp_path / "run" / "final"
+    assert json.loads((final / "vfm_preprocessing.json").read_text()) == {"clean": True}
+
+    def predicted(out):
+        with open(tmp_path / out / "predictions.csv", encoding="utf-8") as fh:
+            return [(r["text"], r["predicted"]) for r in csv.DictReader(fh)]
+
+    evaluate_model(str(final), "test.csv", "eval", quiet=True, progress=False)
+    evaluate_model(str(final), "test.csv", "raw", quiet=True, progress=False, clean=False)
+    cleaned = [clean_text(t)[0] for t, _ in raw_test]
+    assert cleaned != [t for t, _ in raw_test]  # cleaning changes every one of them
+    assert [t for t, _ in predicted("eval")] == cleaned
+    assert [t for t, _ in predicted("raw")] == [t for t, _ in raw_test]
+    want = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
+    got = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert got["confusion"] == want["confusion"] and got["accuracy"] == pytest.approx(want["accuracy"])
+    # a model folder without the file (not trained by vfm train) is scored on the raw texts
+    (final / "vfm_preprocessing.json").unlink()
+    evaluate_model(str(final), "test.csv", "plain", quiet=True, progress=False)
+    assert predicted("plain") == predicted("raw")

@@ -109,6 +109,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p_eval.add_argument("--label-field", default="label")
     p_eval.add_argument("--max-length", type=int, default=128)
     p_eval.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p_eval.add_argument("--clean", action=argparse.BooleanOptionalAction, default=None,
+                        help="clean the texts first (vfm.data.clean); default: as the model was trained "
+                             "(vfm train records it in final/)")
     p_demo = sub.add_parser("demo", help="few-shot MiniLM on real airline tweets and Twitter NER: CE vs CE + "
                                          "rules + teacher")
     p_demo.add_argument("--out", default="vfm-demo", help="output folder (default: ./vfm-demo)")
@@ -159,7 +162,8 @@ def _run_command(args: argparse.Namespace) -> int:
 
             hf_logging.disable_progress_bar()  # Transformers' "Loading weights" bar too
         evaluate_model(args.model, args.data, args.out, rules_path=args.rules, text_field=args.text_field,
-                       label_field=args.label_field, max_length=args.max_length, progress=not args.no_progress)
+                       label_field=args.label_field, max_length=args.max_length, progress=not args.no_progress,
+                       clean=args.clean)
         return 0
     if args.command == "demo":
         from vfm.demo import run_demo

@@ -375,9 +375,25 @@ def _rules_tags(rules_path: str, labels, examples, word_logits) -> List[List[str
     return out, fallback
 
 
+def _trained_on_clean_text(model_dir: str) -> bool:
+    """Whether ``vfm train`` cleaned the texts this model was trained on (its ``vfm_preprocessing.json``)."""
+    path = os.path.join(model_dir, "vfm_preprocessing.json")
+    if not os.path.exists(path):
+        return False
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = json.load(fh).get("clean")
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{path}: not a JSON object with a boolean 'clean' ({err})") from None
+    if not isinstance(value, bool):
+        raise ValueError(f"{path}: 'clean' must be true or false, got {value!r}")
+    return value
+
+
 def evaluate_model(model_dir: str, data_path: str, out_dir: str, *, rules_path: Optional[str] = None,
                    text_field: str = "text", label_field: str = "label", batch_size: int = 64,
-                   max_length: int = 128, progress: bool = True, quiet: bool = False) -> Dict[str, object]:
+                   max_length: int = 128, progress: bool = True, quiet: bool = False,
+                   clean: Optional[bool] = None) -> Dict[str, object]:
     """``vfm eval``: score a saved model on a labelled file and write the reports.
 
     Classification files (CSV/JSONL with a label): per-label P/R/F1, averages, accuracy, a
@@ -394,6 +410,10 @@ def evaluate_model(model_dir: str, data_path: str, out_dir: str, *, rules_path: 
         data_path: the labelled file (read with :func:`vfm.data.load_examples`).
         out_dir: where the reports go.
         rules_path: optional rule file (classification, or tagging for CoNLL data).
+        clean: run :func:`vfm.data.clean` on the file's texts first (rows it leaves empty are
+            dropped and reported).  None (default): as the model was trained, read from the
+            ``vfm_preprocessing.json`` that ``vfm train`` writes into ``final/`` (no cleaning for a
+            model without one), so that the scores match the run's ``test_metrics.json``.
 
     Returns:
         The metrics dict that is also written to ``metrics.json``.
@@ -408,6 +428,19 @@ def evaluate_model(model_dir: str, data_path: str, out_dir: str, *, rules_path: 
                          "malformed)")
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if clean is None:
+        clean = _trained_on_clean_text(model_dir)
+        why = "as the model was trained"
+    else:
+        why = "as asked"
+    if clean:
+        from vfm.data import clean as clean_examples
+
+        examples, clean_report = clean_examples(examples)
+        if not quiet:
+            print(f"texts cleaned {why}: {clean_report.summary()}")
+        if not examples:
+            raise ValueError(f"{data_path}: no examples left after cleaning")
     tagging = any(ex.tags for ex in examples)
     model, tok, labels = _load_for_eval(model_dir, tagging)
     from vfm.train.model import fit_max_length

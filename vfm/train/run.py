@@ -15,6 +15,7 @@ the confusion matrix: ``test_metrics.json`` holds entity-level scores.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -331,7 +332,7 @@ def train(config: Union[str, Config], *, quiet: bool = False, name: str = "") ->
     final_dir = os.path.join(out, "final")
     if trainer.is_world_process_zero():
         write_json(os.path.join(out, "eval_metrics.json"), eval_metrics)
-        _save_final(trainer.model, tok, final_dir, cfg.peft.method)
+        _save_final(trainer.model, tok, final_dir, cfg.peft.method, cfg.data.clean)
     return TrainResult(out, final_dir, trainer.state.best_model_checkpoint, eval_metrics, test_report, teacher_acc,
                        labels, {k: len(v) for k, v in splits.items()})
 
@@ -456,13 +457,18 @@ def _train_tagging(cfg: Config, rules, labels: List[str], say, *, quiet: bool, n
     final_dir = os.path.join(out, "final")
     if trainer.is_world_process_zero():
         write_json(os.path.join(out, "eval_metrics.json"), eval_metrics)
-        _save_final(trainer.model, tok, final_dir, cfg.peft.method)
+        _save_final(trainer.model, tok, final_dir, cfg.peft.method, cfg.data.clean)
     return TrainResult(out, final_dir, trainer.state.best_model_checkpoint, eval_metrics, test_scores, {},
                        labels, {k: len(v) for k, v in splits.items()})
 
 
-def _save_final(model, tok, final_dir: str, method: str) -> None:
-    """Save the trained model; adapters that can be merged (LoRA, AdaLoRA, IA3) are merged first."""
+PREPROCESSING_FILE = "vfm_preprocessing.json"  # in final/: how the training texts were prepared (vfm eval reads it)
+
+
+def _save_final(model, tok, final_dir: str, method: str, clean: bool = True) -> None:
+    """Save the trained model; adapters that can be merged (LoRA, AdaLoRA, IA3) are merged first.
+    ``vfm_preprocessing.json`` records whether the texts were cleaned (``vfm.data.clean``'s
+    defaults), so that ``vfm eval`` prepares a test file the same way."""
     from vfm.train import trainer as vt
 
     if method in ("lora", "adalora", "ia3"):
@@ -474,6 +480,8 @@ def _save_final(model, tok, final_dir: str, method: str) -> None:
     def write(folder: str) -> None:
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
+        with open(os.path.join(folder, PREPROCESSING_FILE), "w", encoding="utf-8") as fh:
+            json.dump({"clean": bool(clean)}, fh)
 
     vt.write_folder_atomically(final_dir, write)  # never a half-written final/ in place of a good one
 
