@@ -770,3 +770,13 @@ def test_eval_prepares_texts_as_the_model_was_trained(tmp_path, monkeypatch):
     (final / "vfm_preprocessing.json").unlink()
     evaluate_model(str(final), "test.csv", "plain", quiet=True, progress=False)
     assert predicted("plain") == predicted("raw")
+
+
+def test_conllu_file_is_refused_not_misread(tmp_path):
+    # .conllu went to the 'token ... tag' reader: the ID column became the tokens and MISC the tags
+    from vfm.data import load_examples
+
+    path = tmp_path / "dev.conllu"
+    path.write_text("# sent_id = 1\n1\tAspirin\taspirin\tNOUN\t_\t_\t0\troot\t_\t_\n\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"dev\.conllu.*CoNLL-U"):
+        load_examples(str(path))

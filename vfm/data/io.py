@@ -21,7 +21,7 @@ from vfm.data.text import join_tokens
 logger = logging.getLogger("vfm.data")
 FORMATS = ("csv", "tsv", "jsonl", "conll")
 _SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".conll": "conll",
-             ".conllu": "conll", ".bio": "conll", ".iob": "conll"}
+             ".bio": "conll", ".iob": "conll"}
 
 
 @dataclass
@@ -270,6 +270,10 @@ def load_examples(path, format: Optional[str] = None, text_field: str = "text", 
     path = os.fspath(path)
     if format is None:
         suffix = os.path.splitext(path)[1].lower()
+        if suffix == ".conllu":  # read as 'token ... tag' it would give the ID column as tokens, silently
+            raise ValueError(f"{path}: CoNLL-U (.conllu) is not read: its columns are ID FORM LEMMA ... MISC and it "
+                             "has no standard entity-tag column; write one 'token tag' line per word (.conll), or "
+                             "pass format='conll' if the file really has the token first and the tag last")
         if suffix not in _SUFFIXES:
             raise ValueError(f"cannot tell the format of {path!r} from its suffix {suffix!r}; pass format= one of "
                              f"{FORMATS}")
