@@ -780,3 +780,18 @@ def test_conllu_file_is_refused_not_misread(tmp_path):
     path.write_text("# sent_id = 1\n1\tAspirin\taspirin\tNOUN\t_\t_\t0\troot\t_\t_\n\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"dev\.conllu.*CoNLL-U"):
         load_examples(str(path))
+
+
+def test_augmented_copies_of_a_row_are_all_different(tmp_path):
+    # n_per_example=3 could add the same copy twice ("angina today" twice)
+    from vfm.data import Example, augment
+
+    rows = [Example("angina today", label="cardio"), Example("chest pain at night again", label="cardio"),
+            Example("the patient reports mild fever and cough", label="resp")]
+    for seed in range(20):
+        out, report = augment(rows, n_per_example=3, seed=seed, lexicon={"angina": ["chest pain"]})
+        for i, ex in enumerate(rows):
+            copies = [o.text for o in out[len(rows):] if o.meta["augmented_from"] == i]
+            assert len(copies) == len(set(copies)), (seed, copies)
+            assert ex.text not in copies
+        assert len(out) - len(rows) + len(report.skipped) == 3 * len(rows)  # every copy made or reported

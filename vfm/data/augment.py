@@ -130,6 +130,9 @@ class _Editor:
         return words, tags
 
 
+_ATTEMPTS = 4  # rounds over the operations to find a copy unlike the earlier ones
+
+
 def augment(examples: Sequence[Example], *, n_per_example: int = 1,
             lexicon: Union[None, str, Dict[str, Sequence[str]]] = None, ops: Sequence[str] = OPS, seed: int = 0,
             p: float = 0.1) -> Tuple[List[Example], StepReport]:
@@ -146,7 +149,8 @@ def augment(examples: Sequence[Example], *, n_per_example: int = 1,
 
     Returns:
         ``(originals + new examples, StepReport)``: ``added`` lists each new row with the
-        operation and the row it came from; ``skipped`` the copies no operation could make.
+        operation and the row it came from; ``skipped`` the copies no operation could make (every
+        copy differs from its original and from the other copies of the same row).
         New rows keep ``source``/``line`` of their origin and carry ``meta["augmented_from"]``
         (the input index) and ``meta["augmentation"]`` (the operation).
     """
@@ -169,20 +173,28 @@ def augment(examples: Sequence[Example], *, n_per_example: int = 1,
             base_words, base_tags = list(ex.tokens), (list(ex.tags) if ex.tags is not None else None)
         else:
             base_words, base_tags = tokenize_words(ex.text, keep=keep_words), None
+        made = {tuple(base_words)}  # the original and the copies so far: a copy must differ from all of them
         for _ in range(n_per_example):
-            order = rng.sample(ops, len(ops))
-            result = None
-            for op in order:
-                words = list(base_words)
-                tags = None if base_tags is None else list(base_tags)
-                edited = getattr(editor, op)(words, tags)
-                if edited is not None and edited[0] != base_words:
-                    result = (op, edited)
+            result, changed = None, False
+            for _attempt in range(_ATTEMPTS):
+                for op in rng.sample(ops, len(ops)):
+                    words = list(base_words)
+                    tags = None if base_tags is None else list(base_tags)
+                    edited = getattr(editor, op)(words, tags)
+                    if edited is not None and edited[0] != base_words:
+                        changed = True
+                        if tuple(edited[0]) not in made:
+                            result = (op, edited)
+                            break
+                if result is not None or not changed:
                     break
             if result is None:
-                report.skipped.append(Change(i, ex.where, f"no operation of {ops} changes this text", ex.text[:80]))
+                why = "no new variant after {} attempts".format(_ATTEMPTS) if changed else \
+                    f"no operation of {ops} changes this text"
+                report.skipped.append(Change(i, ex.where, why, ex.text[:80]))
                 continue
             op, (words, tags) = result
+            made.add(tuple(words))
             text = join_tokens(words)
             meta = dict(ex.meta)
             meta.update(augmented_from=i, augmentation=op)
