@@ -795,3 +795,18 @@ def test_augmented_copies_of_a_row_are_all_different(tmp_path):
             assert len(copies) == len(set(copies)), (seed, copies)
             assert ex.text not in copies
         assert len(out) - len(rows) + len(report.skipped) == 3 * len(rows)  # every copy made or reported
+
+
+@pytest.mark.parametrize("keyword,text,fires", [
+    ("café", "deux cafés", False), ("café", "un café noir", True),          # Latin with accents
+    ("кот", "который час", False), ("кот", "мой кот спит", True),            # Cyrillic
+    ("art", "le héart", False), ("heart", "sweetheart", False), ("heart", "heart attack", True),
+    ("Übelkeit", "Magenübelkeit", False), ("übelkeit", "Übelkeit seit gestern", True),
+    ("心脏", "患者心脏不适", True), ("heart", "心heart病", True),               # CJK: substrings
+    ("ปวด", "ผู้ป่วยปวดหัว", True), ("환자", "환자가 왔다", True),               # Thai, Korean: substrings
+])
+def test_keyword_word_boundaries_in_every_space_separated_script(keyword, text, fires):
+    # boundaries applied only at ASCII letters: café fired inside cafés and кот inside который
+    from vfm.knowledge.matching import keyword_pattern
+
+    assert bool(keyword_pattern([keyword], case_sensitive=False).search(text)) is fires

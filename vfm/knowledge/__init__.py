@@ -27,8 +27,8 @@ lexicon, allow_outside}``) and ``token_rules`` (rules applied to one token at a 
 Semantics:
 
 * A rule fires on a text when any (``match: all``: every) condition holds and no ``unless``
-  condition holds.  Keywords/lexicon entries: case-insensitive by default, whole words at ASCII
-  edges, substrings for CJK; ``regex``: Python ``re.search``.
+  condition holds.  Keywords/lexicon entries: case-insensitive by default, whole words at the
+  edges of space-separated scripts (Latin, Cyrillic, ...), substrings at CJK / Thai edges; ``regex``: Python ``re.search``.
 * Each fired rule allows its ``allow`` labels (every label when absent) minus its ``forbid``
   labels.  The fired rules on a text are **intersected**.  No rule fired, or everything allowed:
   no constraint (group -1).  An empty intersection (rules contradict each other) also leaves

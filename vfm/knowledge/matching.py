@@ -4,9 +4,11 @@ Matching rules (documented in :mod:`vfm.knowledge`):
 
 * keywords, lexicon entries and regexes match case-insensitively unless ``case_sensitive: true``
   (per rule, or for the whole file under ``options``);
-* a keyword that begins or ends with an ASCII letter/digit must stand as a whole word there
-  (``heart`` does not fire on ``sweetheart``); CJK keywords match as substrings, since Chinese is
-  written without spaces (``心脏`` fires on ``患者心脏不适``);
+* a keyword that begins or ends with a letter or digit of a script written with spaces between
+  words (Latin, Cyrillic, Greek, Arabic, ...) must stand as a whole word there: ``heart`` does not
+  fire on ``sweetheart``, nor ``café`` on ``cafés``, nor ``кот`` on ``который``; at a CJK, Thai,
+  Lao, Khmer or Myanmar character (scripts written without spaces; Korean attaches particles to
+  nouns) keywords match as substrings: ``心脏`` fires on ``患者心脏不适``;
 * regexes use Python's :mod:`re` syntax and ``re.search`` on texts (``re.fullmatch`` on tokens);
 * on tokens (tagging rules) keywords and lexicon entries must equal the whole token.
 """
@@ -17,11 +19,17 @@ import re
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
-_ASCII_WORD = re.compile(r"[A-Za-z0-9_]")
+# Letters of scripts written without spaces between words: CJK (ideographs, kana, hangul), Thai,
+# Lao, Myanmar, Khmer.  A keyword edge in one of them needs no word boundary.
+_NO_SPACE = (r"\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
+             r"\uf900-\ufaff\U00020000-\U0002ebef")
+_WORD = f"[^\\W{_NO_SPACE}]"  # a word character (any script, digits, _) outside those scripts
+_WORD_RE = re.compile(_WORD)
 
 
 def keyword_pattern(words: Sequence[str], case_sensitive: bool) -> Optional[re.Pattern]:
-    """One alternation regex for ``words`` (longest first), with ASCII word boundaries.
+    """One alternation regex for ``words`` (longest first), with word boundaries at word-character
+    edges of space-separated scripts (see the module docs).
 
     Args:
         words: keywords or lexicon entries (empty strings are ignored).
@@ -33,10 +41,10 @@ def keyword_pattern(words: Sequence[str], case_sensitive: bool) -> Optional[re.P
     parts = []
     for word in sorted({w for w in words if w}, key=lambda w: (-len(w), w)):
         body = r"\s+".join(re.escape(piece) for piece in word.split())
-        if _ASCII_WORD.match(word[0]):
-            body = r"(?<![A-Za-z0-9_])" + body
-        if _ASCII_WORD.match(word[-1]):
-            body = body + r"(?![A-Za-z0-9_])"
+        if _WORD_RE.match(word[0]):
+            body = f"(?<!{_WORD})" + body
+        if _WORD_RE.match(word[-1]):
+            body = body + f"(?!{_WORD})"
         parts.append(body)
     if not parts:
         return None
