@@ -515,3 +515,86 @@ def test_training_dropout_is_pefts_formula_with_vfms_mask(kind, bias, backend):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for g, w in zip(got_g, want_g):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ torch.func --
+def _plain_lora(x, w, b, a, bb, s):
+    return x @ w.T + b + s * (x @ a.T) @ bb.T
+
+
+def test_torch_func_grad_and_per_sample_grads_of_every_op():
+    # torch.func.grad / vmap(grad) raised ("autograd.Function ... must override setup_context")
+    from torch.func import grad, vmap
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(5, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    a, bb = torch.randn(3, 8, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+
+    def fused(a, bb, x):
+        return lora_linear(x, w, b, a, bb, 2.0).pow(2).sum()
+
+    def plain(a, bb, x):
+        return _plain_lora(x, w, b, a, bb, 2.0).pow(2).sum()
+    for got, want in zip(grad(fused, argnums=(0, 1))(a, bb, x), grad(plain, argnums=(0, 1))(a, bb, x)):
+        torch.testing.assert_close(got, want)
+    per_sample = vmap(grad(fused), in_dims=(None, None, 0))(a, bb, x)
+    assert per_sample.shape == (5, 3, 8)
+    torch.testing.assert_close(per_sample, vmap(grad(plain), in_dims=(None, None, 0))(a, bb, x))
+
+    m = torch.rand(6, dtype=torch.float64) + 0.5
+
+    def dora(a, m, x):
+        return dora_linear(x, w, b, a, bb, m, 2.0).pow(2).sum()
+
+    def dora_plain(a, m, x):  # PEFT's DoRA: g = m / ||W + s B A|| (norm detached), y = g (x W^T + s x A^T B^T) + b
+        g = m / torch.linalg.vector_norm(w + 2.0 * bb @ a, dim=1).detach()
+        return (g * (x @ w.T + 2.0 * (x @ a.T) @ bb.T) + b).pow(2).sum()
+    for got, want in zip(grad(dora, argnums=(0, 1))(a, m, x), grad(dora_plain, argnums=(0, 1))(a, m, x)):
+        torch.testing.assert_close(got, want)
+
+    e = torch.randn(3, 1, dtype=torch.float64)
+
+    def ada(e, x):
+        return adalora_linear(x, w, b, a, e, bb, 2.0, 3.0).pow(2).sum()
+
+    def ada_plain(e, x):  # PEFT: y = x W^T + b + (x (A * E)^T) B^T * scaling / (ranknum + 1e-5)
+        return (x @ w.T + b + (x @ (a * e).T) @ bb.T * 2.0 / (3.0 + 1e-5)).pow(2).sum()
+    torch.testing.assert_close(grad(ada)(e, x), grad(ada_plain)(e, x))
+
+    stacks_a, stacks_b = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 6, 3, dtype=torch.float64)
+    ids = [0, 1, -1, 0, 1]
+
+    def multi(sa, sb):
+        return lora_linear_multi(x, w, b, sa, sb, [1.0, 2.0], torch.tensor(ids)).pow(2).sum()
+
+    def multi_plain(sa, sb):
+        rows = [x[i] @ w.T + b + (0.0 if k < 0 else (1.0, 2.0)[k] * (x[i] @ sa[k].T) @ sb[k].T)
+                for i, k in enumerate(ids)]
+        return torch.stack(rows).pow(2).sum()
+    for got, want in zip(grad(multi, argnums=(0, 1))(stacks_a, stacks_b),
+                         grad(multi_plain, argnums=(0, 1))(stacks_a, stacks_b)):
+        torch.testing.assert_close(got, want)
+
+    with vfm.use_backend("cpp"), pytest.raises(RuntimeError, match="torch.func.*'cpp' is forced"):
+        grad(fused)(a, bb, x)
+
+
+def test_torch_func_per_sample_gradients_of_an_accelerated_peft_model():
+    # the Opacus / functorch recipe: vmap(grad(functional_call(model, params, ...))) over the batch
+    from torch.func import functional_call, grad, vmap
+
+    reference, fast = pair("lora")
+    ids = tokens(n=3, t=5)
+
+    def per_sample(model):
+        params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+        def loss(p, row):
+            logits = functional_call(model, p, (row.unsqueeze(0),)).logits
+            return F.cross_entropy(logits[0, :-1], row[1:])
+        return vmap(grad(loss), in_dims=(None, 0))(params, ids)
+    want, got = per_sample(reference), per_sample(fast)
+    assert set(got) == set(want) and len(got) == 2 * len(TARGETS) * 2
+    for name in want:
+        assert got[name].shape[0] == 3
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)

@@ -10,6 +10,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
+from vfm import _registry
 from vfm.ops import lora_ops as _ops
 from vfm.ops.kce_api import _require_tensor, _shape
 
@@ -167,6 +168,14 @@ def _nothing_to_differentiate(args: tuple) -> bool:
 
 
 def _run(eager_fn, op, x2d: Tensor, args: tuple, device_type: Optional[str]):
+    if torch._C._are_functorch_transforms_active():
+        # torch.func (grad, vjp, jacrev, vmap): the fused autograd.Function has no functorch rule, so
+        # run the torch reference's forward, plain differentiable torch ops the transforms can follow
+        forced = _registry.forced_backend()
+        if forced not in (None, "torch"):
+            raise RuntimeError(f"{eager_fn.OP}: under torch.func transforms only the torch backend runs (its forward "
+                               f"is plain torch ops), but {forced!r} is forced")
+        return _ops.REFERENCE[eager_fn.OP].forward(*args)
     if device_type is not None:
         with torch.autocast(device_type, enabled=False):
             return _run(eager_fn, op, x2d, args, None)
@@ -211,7 +220,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
         dropout_p outside [0, 1).
 
     Under ``torch.autocast`` every floating input is first cast to the autocast dtype (as
-    ``F.linear`` does).  Under gradient checkpointing the recomputed forward draws the same seed,
+    ``F.linear`` does).  Under ``torch.func`` transforms (grad, vmap of grad, ...) the torch
+    reference runs, whose forward is plain torch ops.  Under gradient checkpointing the recomputed forward draws the same seed,
     because checkpointing restores the CPU RNG state (``preserve_rng_state=True``, its default).
     """
     x2d, _, _, _ = _check_base(x, weight, bias, lora_a, lora_b)

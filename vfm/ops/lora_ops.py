@@ -41,7 +41,9 @@ def _check_torch(device: torch.device) -> Optional[str]:
     return None
 
 
-for _name, _kernels in ((LORA, LORA_TORCH), (DORA, DORA_TORCH), (ADALORA, ADALORA_TORCH), (MULTI, LORA_MULTI_TORCH)):
+# the torch backend's kernels by op: plain differentiable torch ops (lora_api runs them under torch.func)
+REFERENCE = {LORA: LORA_TORCH, DORA: DORA_TORCH, ADALORA: ADALORA_TORCH, MULTI: LORA_MULTI_TORCH}
+for _name, _kernels in REFERENCE.items():
     _registry.register(_name, "torch", _kernels, _check_torch)
 for _name, _kernels in ((LORA, LORA_CPP), (DORA, DORA_CPP), (ADALORA, ADALORA_CPP), (MULTI, LORA_MULTI_CPP)):
     _registry.register(_name, "cpp", _kernels, check_lora_cpp)
