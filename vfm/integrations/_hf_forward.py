@@ -160,10 +160,18 @@ def _loss_arguments(extras: Dict[str, Tensor], state: _State, device: torch.devi
     return out
 
 
-def _finish(output, return_dict: Optional[bool], model: nn.Module):
+def _finish(output, return_dict: Optional[bool], model: nn.Module, keep_logits_slot: bool = False):
+    """``output`` as the model returns it: a ModelOutput, or with ``return_dict=False`` its tuple.
+
+    ``keep_logits_slot`` (fused loss, no logits): the tuple is ``(loss, None, cache, ...)``, so the
+    positions are transformers' ``(loss, logits, ...)``; ``to_tuple`` alone would drop the ``None`` and
+    put the cache where callers unpack the logits.
+    """
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)
     if not return_dict and not isinstance(output, tuple):
+        if keep_logits_slot:
+            return (output.loss, None) + output.to_tuple()[1:]
         return output.to_tuple()
     return output
 
@@ -189,6 +197,21 @@ def _shift(t: Tensor, seq_dim: int, pad) -> Tensor:
     return torch.cat([t.narrow(seq_dim, 1, t.shape[seq_dim] - 1), t.new_full(pad_shape, pad)], dim=seq_dim)
 
 
+def _check_call_ignore_index(value, state: _State) -> None:
+    """transformers passes a forward ``ignore_index=`` to its loss; vfm's comes from apply_vfm (one value)."""
+    configured = state.options.get("ignore_index", -100)
+    if value is not None and value != configured:
+        raise ValueError(f"forward got ignore_index={value!r} but this model was patched with ignore_index="
+                         f"{configured!r}; vfm ignores the labels equal to apply_vfm(model, ignore_index=...): "
+                         "pass it there (transformers' Trainer counts -100 for num_items_in_batch)")
+
+
+def _check_label_dtype(name: str, labels: Tensor) -> None:
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of class ids (torch.long), got dtype {labels.dtype} "
+                        f"with shape {tuple(labels.shape)}")
+
+
 def _causal_targets(labels: Optional[Tensor], shift_labels: Optional[Tensor], extras: Dict[str, Tensor],
                     lead_shape: tuple, state: _State, device: torch.device) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Targets and batch keys aligned with the rows of the hidden states / logits (``lead_shape``)."""
@@ -196,6 +219,7 @@ def _causal_targets(labels: Optional[Tensor], shift_labels: Optional[Tensor], ex
     given = shift_labels if shift_labels is not None else labels
     if not isinstance(given, Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(given).__name__}")
+    _check_label_dtype("labels" if shift_labels is None else "shift_labels", given)
     given = given.to(device)
     shifted = shift_labels is None
     target = _shift(given, given.dim() - 1, ignore_index) if shifted else given
@@ -260,6 +284,7 @@ def _causal_forward(model: nn.Module, args: tuple, kwargs: dict):
     labels = kw.pop("labels", None)
     shift_labels = kw.pop("shift_labels", None)
     num_items = kw.pop("num_items_in_batch", None)
+    _check_call_ignore_index(kw.pop("ignore_index", None), state)
     if labels is None and shift_labels is None:
         _no_labels(extras)
         return _finish(_original(model, state)(**kw, return_dict=True), return_dict, model)
@@ -269,7 +294,7 @@ def _causal_forward(model: nn.Module, args: tuple, kwargs: dict):
     if model.training and not return_logits:
         if head is not None:
             output = _fused_causal_loss(model, kw, labels, shift_labels, extras, num_items, state, head)
-            return _finish(output, return_dict, model)
+            return _finish(output, return_dict, model, keep_logits_slot=True)
         if not state.noted_logits_path:
             state.noted_logits_path = True
             logger.warning("vfm: %s's output layer is not a plain nn.Linear (%s: an adapter or a hook on it); "
@@ -315,6 +340,9 @@ def _classification_forward(model: nn.Module, args: tuple, kwargs: dict):
         if num_items is not None:
             kw["num_items_in_batch"] = num_items
         return _finish(original(**kw, labels=labels, return_dict=True), return_dict, model)
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    _check_label_dtype("labels", labels)
     output = original(**kw, return_dict=True)
     logits = output.logits
     lead_shape = tuple(logits.shape[:-1])

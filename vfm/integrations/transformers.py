@@ -7,13 +7,15 @@ process stay independent) so that its ``forward(..., labels=...)`` computes vfm'
   OLMo2 and Starcoder2 ``*ForCausalLM`` classes, whose forward was read in transformers 5.x): in training
   mode the loss is :func:`vfm.functional.fused_linear_knowledge_cross_entropy` of the final hidden
   states and the LM head's weight (and bias), so the ``[tokens, vocab]`` logits are never materialised
-  and ``outputs.logits`` is ``None``.  Logits are still computed and returned in eval mode
+  and ``outputs.logits`` is ``None`` (with ``return_dict=False`` the tuple is ``(loss, None, cache, ...)``,
+  transformers' positions).  Logits are still computed and returned in eval mode
   (``model.eval()``, e.g. the Trainer's evaluation loop), when no labels are given (generation), when
   the call passes ``return_logits=True`` (or ``apply_vfm(..., return_logits=True)``), and when the LM
   head is not a plain ``nn.Linear`` (a PEFT LoRA layer on the head, a forward hook on it: logged
   once); the loss is then :func:`vfm.functional.knowledge_cross_entropy` of those logits.  Both paths
   give the same numbers.  Transformers' semantics are kept: ``labels`` are shifted inside the model
-  (``shift_labels=`` is used as given), ``ignore_index`` (-100) rows do not count, the Trainer's
+  (``shift_labels=`` is used as given), ``ignore_index`` (-100; set it with ``apply_vfm(model,
+  ignore_index=...)``: a different forward ``ignore_index=`` is a ValueError) rows do not count, the Trainer's
   ``num_items_in_batch`` replaces the mean's denominator (gradient accumulation), ``logits_to_keep``
   slices the hidden states first (labels must then cover the kept positions, as in transformers),
   Gemma's ``final_logit_softcapping`` becomes the loss's ``softcap``, and tied input/output
