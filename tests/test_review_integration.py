@@ -186,3 +186,24 @@ def test_trainer_accumulation_and_eval_loss_equal_unpatched(tmp_path, caplog):
         torch.testing.assert_close(vfm_acc[name], ref_big[name], rtol=1e-4, atol=2e-6, msg=name)
     assert ref_big["lm_head.weight"].abs().max() > 1e-3
     assert vfm_eval == pytest.approx(ref_eval, rel=1e-5)
+
+
+def test_data_parallel_replica_runs_its_own_modules():
+    """nn.DataParallel copies a module's __dict__ into each replica: the patched forward must follow."""
+    reference, model = pair()
+    x = ids()
+    replica = model._replicate_for_data_parallel()  # what torch.nn.parallel.replicate calls on each module
+    other_head = torch.nn.Linear(32, V, bias=False)
+    with torch.no_grad():
+        other_head.weight.copy_(torch.randn(V, 32, generator=torch.Generator().manual_seed(3)) * 3)
+    replica._modules["lm_head"] = other_head  # the replica's own (here: different) weights
+    reference.lm_head = copy.deepcopy(other_head)
+    out = replica(input_ids=x, labels=x)
+    torch.testing.assert_close(out.loss, reference(input_ids=x, labels=x).loss, rtol=1e-5, atol=1e-6)
+    assert out.logits is None
+    out.loss.backward()
+    assert other_head.weight.grad is not None and model.lm_head.weight.grad is None
+    from vfm.integrations import unapply_vfm
+
+    unapply_vfm(model)
+    assert "forward" not in model.__dict__ and "_replicate_for_data_parallel" not in model.__dict__

@@ -78,6 +78,23 @@ def _original(model: nn.Module, state: _State):
     return state.original
 
 
+_REPLICATE = "_replicate_for_data_parallel"
+
+
+def _replicate_patched(self: nn.Module) -> nn.Module:
+    """``nn.DataParallel`` replica of a patched model whose ``forward`` is bound to the replica.
+
+    ``Module._replicate_for_data_parallel`` copies ``__dict__``, so the instance ``forward`` would stay
+    bound to the original module: every replica would run the original's weights (on device 0).
+    """
+    replica = type(self)._replicate_for_data_parallel(self)
+    for name in ("forward", _REPLICATE):
+        bound = replica.__dict__.get(name)
+        if isinstance(bound, types.MethodType) and bound.__self__ is self:
+            replica.__dict__[name] = types.MethodType(bound.__func__, replica)
+    return replica
+
+
 def _patched_function(kind: str, original_signature: inspect.Signature):
     """A forward function for ``types.MethodType`` whose signature is the original's plus the batch keys."""
     impl = _causal_forward if kind == "causal" else _classification_forward

@@ -72,7 +72,8 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor, nn
 
-from vfm.integrations._hf_forward import _MISSING, _STATE, BATCH_KEYS, _original, _patched_function, _State
+from vfm.integrations._hf_forward import (_MISSING, _REPLICATE, _STATE, BATCH_KEYS, _original, _patched_function,
+                                         _replicate_patched, _State)
 from vfm.ops.kce_api import knowledge_cross_entropy
 
 # knowledge_cross_entropy arguments that come per batch or are fixed by the integration.
@@ -210,6 +211,8 @@ def apply_vfm(model: nn.Module, *, allowed_group_masks: Optional[Tensor] = None,
     target.__dict__[_STATE] = state
     target.__dict__["forward"] = types.MethodType(_patched_function(kind, inspect.signature(original_callable)),
                                                   target)
+    if _REPLICATE not in target.__dict__:  # nn.DataParallel (the Trainer on several GPUs) copies __dict__
+        target.__dict__[_REPLICATE] = types.MethodType(_replicate_patched, target)
     return model
 
 
@@ -235,6 +238,8 @@ def unapply_vfm(model: nn.Module) -> nn.Module:
         raise ValueError(f"unapply_vfm: {type(target).__name__}.forward was replaced after apply_vfm by {current!r}; "
                          "remove that wrapper first")
     del target.__dict__[_STATE]
+    if getattr(target.__dict__.get(_REPLICATE), "__func__", None) is _replicate_patched:
+        del target.__dict__[_REPLICATE]
     if state.original is _MISSING:
         del target.__dict__["forward"]
     else:
