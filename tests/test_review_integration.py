@@ -207,3 +207,40 @@ def test_data_parallel_replica_runs_its_own_modules():
 
     unapply_vfm(model)
     assert "forward" not in model.__dict__ and "_replicate_for_data_parallel" not in model.__dict__
+
+
+def test_pickled_patched_model_stays_patched():
+    """torch.save(model) / torch.load: the bound forward used to come back as the class's (unpatched) one."""
+    import io
+
+    from vfm.integrations import is_patched, unapply_vfm
+
+    reference, model = pair()
+    apply_vfm(model, z_loss=0.0)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)  # our own in-memory object, not a user's file
+    assert is_patched(loaded) and loaded.forward.__self__ is loaded
+    x = ids()
+    out = loaded(input_ids=x, labels=x)
+    assert out.logits is None  # the fused loss ran, not transformers' forward
+    torch.testing.assert_close(out.loss, reference(input_ids=x, labels=x).loss, rtol=1e-5, atol=1e-6)
+    unapply_vfm(loaded)
+    assert loaded(input_ids=x, labels=x).logits is not None
+
+
+def test_deepcopy_of_patched_model_runs_in_eval_and_generation():
+    """copy.deepcopy (an EMA or reference model) copied the 'no instance forward' sentinel into a new
+    object, so the copy's eval / no-label / generate calls failed ('object' object is not callable)."""
+    reference, model = pair()
+    copied = copy.deepcopy(model)
+    x = ids()
+    reference.eval()
+    copied.eval()
+    torch.testing.assert_close(copied(input_ids=x).logits, reference(input_ids=x).logits)
+    out = copied(input_ids=x, labels=x)
+    torch.testing.assert_close(out.loss, reference(input_ids=x, labels=x).loss, rtol=1e-5, atol=1e-6)
+    prompt = x[:1, :4]
+    torch.testing.assert_close(copied.generate(prompt, max_new_tokens=3, do_sample=False),
+                               reference.generate(prompt, max_new_tokens=3, do_sample=False))

@@ -33,7 +33,17 @@ _TEACHER_KEYS = ("teacher_logits", "teacher_topk_indices", "teacher_topk_logprob
 _TRAILING_DIMS = {"teacher_logits": 1, "teacher_topk_indices": 1, "teacher_topk_logprobs": 1, "allowed": 1,
                   "allowed_group_ids": 0, "soft_mask": 0}
 
-_MISSING = object()
+class _Missing:
+    """"No instance-level forward before patching": one object, kept by copy.deepcopy and pickle."""
+
+    def __reduce__(self):
+        return "_MISSING"  # a global of this module: copies and unpickled models get this very object
+
+    def __repr__(self) -> str:
+        return "<no instance forward>"
+
+
+_MISSING = _Missing()
 _STATE = "_vfm_state"
 
 
@@ -81,7 +91,60 @@ def _original(model: nn.Module, state: _State):
 _REPLICATE = "_replicate_for_data_parallel"
 
 
-def _replicate_patched(self: nn.Module) -> nn.Module:
+class _Bound:
+    """``function`` bound to ``module``, like ``types.MethodType``, but pickled as ``(function, module)``.
+
+    A bound method pickles as ``getattr(module, name)``, which on loading finds the *class's* forward:
+    ``torch.save(model)`` / ``torch.load`` gave a model that looked patched but ran the original forward.
+    """
+
+    def __init__(self, function, module: nn.Module):
+        self.__func__ = function
+        self.__self__ = module
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __reduce__(self):
+        return (type(self), (self.__func__, self.__self__))
+
+    def __repr__(self) -> str:
+        return f"<vfm {self.__func__.__name__} of {type(self.__self__).__name__}>"
+
+
+class _PatchedForward(_Bound):
+    """The instance ``forward`` apply_vfm installs: signature = the original's plus the batch keys."""
+
+    _vfm_patched = True
+
+    @property
+    def __doc__(self):  # noqa: D105 - shown by help(model.forward)
+        return (f"vfm-patched forward: the original forward's arguments plus the batch keys {', '.join(BATCH_KEYS)}. "
+                "See vfm.integrations.transformers.")
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        state = self.__self__.__dict__[_STATE]
+        original = inspect.signature(_original(self.__self__, state))
+        params, var_keyword = [], inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)
+        for p in original.parameters.values():
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                var_keyword = p
+            else:
+                params.append(p)
+        names = {p.name for p in params}
+        params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None)
+                   for k in BATCH_KEYS if k not in names]
+        return inspect.Signature(params + [var_keyword], return_annotation=original.return_annotation)
+
+
+def _forward_entry(self: nn.Module, *args, **kwargs):
+    """The patched forward: vfm's loss for the model kind apply_vfm found."""
+    impl = _causal_forward if self.__dict__[_STATE].kind == "causal" else _classification_forward
+    return impl(self, args, kwargs)
+
+
+def _replicate_entry(self: nn.Module) -> nn.Module:
     """``nn.DataParallel`` replica of a patched model whose ``forward`` is bound to the replica.
 
     ``Module._replicate_for_data_parallel`` copies ``__dict__``, so the instance ``forward`` would stay
@@ -90,33 +153,9 @@ def _replicate_patched(self: nn.Module) -> nn.Module:
     replica = type(self)._replicate_for_data_parallel(self)
     for name in ("forward", _REPLICATE):
         bound = replica.__dict__.get(name)
-        if isinstance(bound, types.MethodType) and bound.__self__ is self:
-            replica.__dict__[name] = types.MethodType(bound.__func__, replica)
+        if isinstance(bound, _Bound) and bound.__self__ is self:
+            replica.__dict__[name] = type(bound)(bound.__func__, replica)
     return replica
-
-
-def _patched_function(kind: str, original_signature: inspect.Signature):
-    """A forward function for ``types.MethodType`` whose signature is the original's plus the batch keys."""
-    impl = _causal_forward if kind == "causal" else _classification_forward
-
-    def forward(self, *args, **kwargs):
-        return impl(self, args, kwargs)
-
-    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    var_keyword = inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)
-    for p in original_signature.parameters.values():
-        if p.kind is inspect.Parameter.VAR_KEYWORD:
-            var_keyword = p
-        else:
-            params.append(p)
-    names = {p.name for p in params}
-    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None) for k in BATCH_KEYS if k not in names]
-    forward.__signature__ = inspect.Signature(params + [var_keyword],
-                                              return_annotation=original_signature.return_annotation)
-    forward.__doc__ = (f"vfm-patched forward ({kind}): the original forward's arguments plus the batch keys "
-                       f"{', '.join(BATCH_KEYS)}. See vfm.integrations.transformers.")
-    forward._vfm_patched = True
-    return forward
 
 
 def _named_arguments(model: nn.Module, state: _State, args: tuple, kwargs: dict) -> dict:

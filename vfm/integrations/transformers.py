@@ -66,14 +66,13 @@ Example::
 from __future__ import annotations
 
 import inspect
-import types
 from typing import Any, Dict, Optional
 
 import torch
 from torch import Tensor, nn
 
-from vfm.integrations._hf_forward import (_MISSING, _REPLICATE, _STATE, BATCH_KEYS, _original, _patched_function,
-                                         _replicate_patched, _State)
+from vfm.integrations._hf_forward import (_MISSING, _REPLICATE, _STATE, BATCH_KEYS, _Bound, _forward_entry,
+                                         _PatchedForward, _replicate_entry, _State)
 from vfm.ops.kce_api import knowledge_cross_entropy
 
 # knowledge_cross_entropy arguments that come per batch or are fixed by the integration.
@@ -207,12 +206,10 @@ def apply_vfm(model: nn.Module, *, allowed_group_masks: Optional[Tensor] = None,
     original = previous.original if previous is not None else target.__dict__.get("forward", _MISSING)
     state = _State(kind, dict(loss_options), allowed_group_masks, return_logits, teacher_frame,
                    dict(fused_options or {}), original)
-    original_callable = _original(target, state)
     target.__dict__[_STATE] = state
-    target.__dict__["forward"] = types.MethodType(_patched_function(kind, inspect.signature(original_callable)),
-                                                  target)
+    target.__dict__["forward"] = _PatchedForward(_forward_entry, target)
     if _REPLICATE not in target.__dict__:  # nn.DataParallel (the Trainer on several GPUs) copies __dict__
-        target.__dict__[_REPLICATE] = types.MethodType(_replicate_patched, target)
+        target.__dict__[_REPLICATE] = _Bound(_replicate_entry, target)
     return model
 
 
@@ -234,11 +231,11 @@ def unapply_vfm(model: nn.Module) -> nn.Module:
     if state is None:
         raise ValueError(f"unapply_vfm: this {type(target).__name__} is not patched by apply_vfm (nothing to undo)")
     current = target.__dict__.get("forward")
-    if not getattr(getattr(current, "__func__", None), "_vfm_patched", False):
+    if not isinstance(current, _PatchedForward) or current.__self__ is not target:
         raise ValueError(f"unapply_vfm: {type(target).__name__}.forward was replaced after apply_vfm by {current!r}; "
                          "remove that wrapper first")
     del target.__dict__[_STATE]
-    if getattr(target.__dict__.get(_REPLICATE), "__func__", None) is _replicate_patched:
+    if getattr(target.__dict__.get(_REPLICATE), "__func__", None) is _replicate_entry:
         del target.__dict__[_REPLICATE]
     if state.original is _MISSING:
         del target.__dict__["forward"]
