@@ -15,13 +15,7 @@ def _esc(s):
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small shapes: one thread is faster, and immune to a busy machine's scheduling stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: torch on one thread
 
 # ------------------------------------------------------------------------- bad input --
 def _base():

@@ -26,13 +26,7 @@ N_LAYERS = 2 * len(TARGETS)
 KIND_OPS = {"lora": "lora_linear", "rslora": "lora_linear", "dora": "dora_linear", "adalora": "adalora_linear"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread is faster, and immune to a busy machine's scheduling stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: torch on one thread
 
 
 def llama(bias=True, dtype=torch.float32):

@@ -22,8 +22,10 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 import vfm.peft  # noqa: E402
 from vfm import _peft_mixed, _registry  # noqa: E402
-from test_peft_accelerate import (  # noqa: E402,F401 (_one_thread: the same autouse one-thread fixture)
-    N_LAYERS, TARGETS, _one_thread, assert_same_step, batch, llama, peft_config, perturb_adapters)
+from test_peft_accelerate import (  # noqa: E402
+    N_LAYERS, TARGETS, assert_same_step, batch, llama, peft_config, perturb_adapters)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: torch on one thread
 
 NAMES = ["b", "default", "__base__", "c", "b", "default"]
 

@@ -23,12 +23,7 @@ COMMON = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_att
               num_key_value_heads=2, vocab_size=V)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: torch on one thread
 
 
 def llama(**kw):
