@@ -308,6 +308,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
+    if args.device not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available to torch "
+                     f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'none'})")
     gpu = args.device == "cuda"
     n_rows = args.rows or (8192 if gpu else 2048)
     vocab = args.vocab or (128256 if gpu else 32000)
@@ -317,7 +322,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     for c in cases:
         if c not in CASES:
             parser.error(f"--cases: unknown case {c!r}; choose from {CASES}")
+    for name, value in (("--rows", args.rows), ("--vocab", args.vocab), ("--repeat", args.repeat)):
+        if value is not None and value < 1:
+            parser.error(f"{name} must be a positive integer, got {value}")
     only = args.providers.split(",") if args.providers else None
+    if only:
+        known = list(providers(args.device))
+        unknown = [p for p in only if p not in known]
+        if unknown:  # a typo would otherwise print an empty table
+            parser.error(f"--providers: unknown {unknown}; available on {args.device}: {', '.join(known)}")
     print(f"vfm bench: device={args.device} N={n_rows} V={vocab} dtype={dtype} torch={torch.__version__} "
           f"threads={torch.get_num_threads()}", flush=True)
     rows = run_report(args.device, n_rows, vocab, dtype, cases, repeat, not args.no_memory, only)

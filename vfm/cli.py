@@ -57,9 +57,13 @@ def doctor() -> int:
         if "cuda" not in devices:
             for name, reason in _registry.unavailable_reasons(op, "cuda").items():
                 print(f"  cuda/{name}: {reason}")
-    forced = _registry.forced_backend()
+    try:
+        forced = _registry.forced_backend()
+    except _registry.BackendUnavailableError as exc:  # VFM_BACKEND names no backend: say so, do not crash
+        print(f"forced backend: error: {exc}; every op call will raise until it is fixed or unset")
+        return 0
     if forced:
-        print(f"forced backend: {forced}")
+        print(f"forced backend: {forced} (every op call runs it or raises; 'runs by default' above ignores it)")
     return 0
 
 

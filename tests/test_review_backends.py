@@ -1,0 +1,172 @@
+"""Review of what a user meets when installing and selecting backends: vfm without its native
+extension or without triton (each in a fresh interpreter), ``vfm doctor`` with a bad
+``VFM_BACKEND``, and ``vfm bench``'s argument checks.
+
+References are independent: plain torch formulas and an unaccelerated PEFT model.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from vfm import cli
+from vfm.bench import main as bench_main
+
+# Runs in a fresh interpreter after the prelude (which hides vfm._C or triton); prints OK lines.
+_OPS_SCRIPT = textwrap.dedent(
+    """
+    import copy, torch, torch.nn as nn, torch.nn.functional as F
+    import vfm, vfm.functional as VF
+    from vfm._registry import CALLS
+    torch.manual_seed(0)
+    tol = dict(atol=1e-5, rtol=1e-5)
+    # knowledge CE vs plain cross_entropy (value and gradient)
+    z = torch.randn(7, 11, requires_grad=True); t = torch.randint(0, 11, (7,)); t[2] = -100
+    loss = VF.knowledge_cross_entropy(z, t); (g,) = torch.autograd.grad(loss, z)
+    z2 = z.detach().requires_grad_(); ref = F.cross_entropy(z2, t); (g2,) = torch.autograd.grad(ref, z2)
+    assert torch.allclose(loss, ref, **tol) and torch.allclose(g, g2, **tol)
+    # fused linear + CE vs linear then cross_entropy
+    h = torch.randn(6, 5); w = torch.randn(9, 5); t6 = torch.randint(0, 9, (6,))
+    assert torch.allclose(VF.fused_linear_knowledge_cross_entropy(h, w, t6), F.cross_entropy(h @ w.T, t6), **tol)
+    # lora_linear vs x W^T + b + s (x A^T) B^T, and the gradient of A
+    x = torch.randn(5, 8); W = torch.randn(6, 8); b = torch.randn(6)
+    A = torch.randn(3, 8, requires_grad=True); B = torch.randn(6, 3)
+    y = VF.lora_linear(x, W, b, A, B, 0.5); (gA,) = torch.autograd.grad(y.square().sum(), A)
+    A2 = A.detach().requires_grad_(); y2 = x @ W.T + b + 0.5 * (x @ A2.T) @ B.T
+    (gA2,) = torch.autograd.grad(y2.square().sum(), A2)
+    assert torch.allclose(y, y2, **tol) and torch.allclose(gA, gA2, atol=1e-4, rtol=1e-5)
+    # a tiny PEFT model: vfm.peft.accelerate gives PEFT's outputs and gradients
+    from peft import LoraConfig, get_peft_model
+    base = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    ref_m = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"],
+                                                           init_lora_weights=False))
+    acc_m = copy.deepcopy(ref_m); rep = vfm.peft.accelerate(acc_m)
+    xin = torch.randn(5, 8)
+    CALLS.clear()
+    out = acc_m(xin); out.square().sum().backward(); ref_m(xin).square().sum().backward()
+    assert CALLS, "accelerate did not route through vfm"
+    assert torch.allclose(out, ref_m(xin), **tol)
+    for (n1, p1), (n2, p2) in zip(acc_m.named_parameters(), ref_m.named_parameters()):
+        if p1.requires_grad:
+            assert torch.allclose(p1.grad, p2.grad, atol=1e-4, rtol=1e-4), n1
+    print("BACKENDS", sorted({backend for _, backend in CALLS}))
+    print("OK ops")
+    """
+)
+
+
+def _run(prelude: str, body: str, **env) -> subprocess.CompletedProcess:
+    e = dict(os.environ)
+    e.pop("VFM_BACKEND", None)
+    e.update(env)
+    return subprocess.run([sys.executable, "-c", prelude + "\n" + body], capture_output=True, text=True,
+                          env=e, timeout=240)
+
+
+NO_EXT = "import sys; sys.modules['vfm._C'] = None"
+NO_TRITON = "import sys; sys.modules['triton'] = None"
+
+
+def test_without_the_extension_every_op_runs_on_torch_and_cpp_explains_why():
+    body = _OPS_SCRIPT + textwrap.dedent(
+        """
+        assert vfm.available_backends(device="cpu") == ["torch"], vfm.available_backends(device="cpu")
+        try:
+            with vfm.use_backend("cpp"):
+                VF.knowledge_cross_entropy(z, t)
+        except vfm.BackendUnavailableError as exc:
+            assert "vfm._C" in str(exc), exc
+        else:
+            raise AssertionError("forced cpp ran without the extension")
+        from vfm.cli import main
+        assert main(["doctor"]) == 0
+        """
+    )
+    r = _run(NO_EXT, body, TRITON_INTERPRET="0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "OK ops" in r.stdout and "BACKENDS ['torch']" in r.stdout, r.stdout[-2000:]
+    assert "extension vfm._C: not loaded (the native extension vfm._C failed to import" in r.stdout
+
+
+def test_vfm_backend_cpp_without_the_extension_raises_naming_why():
+    body = ("import torch, vfm\n"
+            "try:\n"
+            "    vfm.functional.lora_linear(torch.randn(2, 3), torch.randn(4, 3), None, torch.randn(1, 3),"
+            " torch.randn(4, 1), 1.0)\n"
+            "except vfm.BackendUnavailableError as exc:\n"
+            "    print('RAISED', exc)\n")
+    r = _run(NO_EXT, body, VFM_BACKEND="cpp")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "RAISED backend 'cpp' was forced for lora_linear" in r.stdout and "vfm._C" in r.stdout, r.stdout
+
+
+def test_without_triton_ops_run_and_triton_is_not_listed_even_under_the_interpreter():
+    body = _OPS_SCRIPT + textwrap.dedent(
+        """
+        assert "triton" not in vfm.available_backends(device="cpu"), vfm.available_backends(device="cpu")
+        try:
+            with vfm.use_backend("triton"):
+                VF.knowledge_cross_entropy(z, t)
+        except vfm.BackendUnavailableError as exc:
+            assert "triton is not installed" in str(exc), exc
+        else:
+            raise AssertionError("forced triton ran without triton")
+        assert "triton" not in sys.modules or sys.modules["triton"] is None
+        """
+    )
+    r = _run(NO_TRITON, body, TRITON_INTERPRET="1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "OK ops" in r.stdout, r.stdout[-2000:]
+
+
+@pytest.mark.parametrize("value", ["CPP", "cpu"])
+def test_doctor_with_a_misspelt_vfm_backend_reports_it_and_exits_0(monkeypatch, capsys, value):
+    # Before the fix the last line of doctor raised BackendUnavailableError (a traceback, exit 1).
+    monkeypatch.setenv("VFM_BACKEND", value)
+    assert cli.main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert f"VFM_BACKEND={value!r} is not a backend" in out
+    assert "op knowledge_cross_entropy:" in out  # the rest of the report is still there
+
+
+def test_doctor_names_the_forced_backend(monkeypatch, capsys):
+    monkeypatch.setenv("VFM_BACKEND", "torch")
+    assert cli.main(["doctor"]) == 0
+    assert "forced backend: torch" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--providers", "vfm[cpu]"], "--providers: unknown ['vfm[cpu]']; available on cpu:"),
+    (["--rows", "0"], "--rows must be a positive integer, got 0"),
+    (["--vocab", "-5"], "--vocab must be a positive integer, got -5"),
+    (["--repeat", "0"], "--repeat must be a positive integer, got 0"),
+    (["--device", "cuda:0"], "--device must be cpu or cuda"),
+])
+def test_bench_rejects_bad_arguments_before_measuring(capsys, argv, needle):
+    # Before the fix a misspelt provider printed an empty table and --rows 0 silently meant 2048.
+    with pytest.raises(SystemExit) as info:
+        bench_main(["--no-memory", "--cases", "ce"] + argv)
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert needle in captured.err, captured.err
+    assert "| case |" not in captured.out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_bench_device_cuda_without_cuda_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        bench_main(["--device", "cuda"])
+    assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_bench_known_provider_runs_at_the_smallest_size(capsys):
+    assert bench_main(["--rows", "4", "--vocab", "8", "--repeat", "1", "--cases", "ce", "--no-memory",
+                       "--providers", "torch eager"]) == 0
+    out = capsys.readouterr().out
+    assert "| CE | torch eager |" in out
