@@ -170,3 +170,62 @@ def test_bench_known_provider_runs_at_the_smallest_size(capsys):
                        "--providers", "torch eager"]) == 0
     out = capsys.readouterr().out
     assert "| CE | torch eager |" in out
+
+
+def test_use_backend_is_per_asyncio_task_and_restores_after_exceptions():
+    # Before the fix the forced backend was one stack per thread: a task inside
+    # `with use_backend("torch")` saw another task's "cpp" across an await, and the exits popped
+    # each other's entries.
+    import asyncio
+    import threading
+
+    import vfm
+
+    seen = {}
+
+    async def task(name, delay):
+        with vfm.use_backend(name):
+            await asyncio.sleep(delay)
+            seen[name, "mid"] = vfm.forced_backend()
+            await asyncio.sleep(delay)
+            seen[name, "end"] = vfm.forced_backend()
+        seen[name, "after"] = vfm.forced_backend()
+
+    async def both():
+        await asyncio.gather(task("torch", 0.01), task("cpp", 0.015))
+
+    asyncio.run(both())
+    assert seen == {("torch", "mid"): "torch", ("torch", "end"): "torch", ("torch", "after"): None,
+                    ("cpp", "mid"): "cpp", ("cpp", "end"): "cpp", ("cpp", "after"): None}
+    with vfm.use_backend("cpp"):
+        with pytest.raises(KeyError):
+            with vfm.use_backend("torch"):
+                assert vfm.forced_backend() == "torch"
+                raise KeyError("x")
+        assert vfm.forced_backend() == "cpp"
+        other = []
+        thread = threading.Thread(target=lambda: other.append(vfm.forced_backend()))
+        thread.start()
+        thread.join()
+        assert other == [None]  # documented: the setting belongs to the calling thread
+    assert vfm.forced_backend() is None
+
+
+def test_use_backend_inside_torch_compile_is_honoured():
+    # Before the fix dynamo traced the thread-local stack's push/pop as deferred side effects, so
+    # the custom op ran with nothing forced: the cpp kernels ran inside `use_backend("torch")`.
+    import vfm
+    from vfm._registry import CALLS
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    x, w, a, b = (torch.randn(*s, generator=g) for s in ((5, 8), (6, 8), (3, 8), (6, 3)))
+
+    def fn(x):
+        with vfm.use_backend("torch"):
+            return vfm.functional.lora_linear(x, w, None, a, b, 0.5)
+
+    CALLS.clear()
+    y = torch.compile(fn, backend="eager")(x)
+    torch.testing.assert_close(y, x @ w.T + 0.5 * (x @ a.T) @ b.T, rtol=1e-5, atol=1e-5)
+    assert CALLS[("lora_linear", "torch")] == 1 and CALLS[("lora_linear", "cpp")] == 0, dict(CALLS)

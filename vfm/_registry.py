@@ -17,8 +17,8 @@ one; forcing a backend that is unavailable, or that does not support the call's 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -47,7 +47,9 @@ class OpEntry:
 
 
 _OPS: Dict[str, OpEntry] = {}
-_state = threading.local()
+# The use_backend stack, innermost last.  A ContextVar (not a threading.local) so that asyncio
+# tasks each see their own with-blocks; a new thread starts with none, as before.
+_FORCED_STACK: contextvars.ContextVar = contextvars.ContextVar("vfm_forced_backends", default=())
 #: How many times each (op, backend) pair ran; tests read it to prove which kernel ran.
 CALLS: Counter = Counter()
 
@@ -62,7 +64,7 @@ def register(op: str, backend: str, impl: Callable, check: Callable[[torch.devic
 
 
 def _forced() -> Optional[str]:
-    stack = getattr(_state, "stack", None)
+    stack = _FORCED_STACK.get()
     if stack:
         return stack[-1]
     env = os.environ.get("VFM_BACKEND", "").strip()
@@ -77,21 +79,24 @@ def _forced() -> Optional[str]:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force backend ``name`` for every op called inside the ``with`` block (this thread).
+    """Force backend ``name`` for every op called inside the ``with`` block.
+
+    The setting belongs to the calling thread (and asyncio task): other threads, such as
+    ``nn.DataParallel``'s replica threads or autograd's CUDA backward threads, do not see it; use
+    ``VFM_BACKEND`` to force a backend process-wide.  Inside a ``torch.compile``'d function the
+    ``with`` block runs outside the graph (a graph break; ``fullgraph=True`` refuses it), so it is
+    honoured there too.
 
     Raises:
         ValueError: ``name`` is not one of ``torch``, ``cpp``, ``triton``, ``cuda``.
     """
     if name not in BACKENDS:
         raise ValueError(f"use_backend: name must be one of {BACKENDS}, got {name!r}")
-    stack = getattr(_state, "stack", None)
-    if stack is None:
-        stack = _state.stack = []
-    stack.append(name)
+    token = _FORCED_STACK.set(_FORCED_STACK.get() + (name,))
     try:
         yield
     finally:
-        stack.pop()
+        _FORCED_STACK.reset(token)
 
 
 def forced_backend() -> Optional[str]:
