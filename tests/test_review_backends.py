@@ -229,3 +229,80 @@ def test_use_backend_inside_torch_compile_is_honoured():
     y = torch.compile(fn, backend="eager")(x)
     torch.testing.assert_close(y, x @ w.T + 0.5 * (x @ a.T) @ b.T, rtol=1e-5, atol=1e-5)
     assert CALLS[("lora_linear", "torch")] == 1 and CALLS[("lora_linear", "cpp")] == 0, dict(CALLS)
+
+
+def _lora_family_calls():
+    import torch
+
+    import vfm.functional as VF
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(5, 8, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    a = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    bb = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    m = (torch.rand(5, dtype=torch.float64) + 0.5).requires_grad_()
+    e = torch.randn(2, 1, dtype=torch.float64, requires_grad=True)
+    sa = torch.randn(2, 2, 8, dtype=torch.float64, requires_grad=True)
+    sb = torch.randn(2, 5, 2, dtype=torch.float64, requires_grad=True)
+    return {
+        "lora_linear": lambda: VF.lora_linear(x, w, b, a, bb, 0.5, dropout_p=0.2, seed=3),
+        "dora_linear": lambda: VF.dora_linear(x, w, b, a, bb, m, 0.5),
+        "adalora_linear": lambda: VF.adalora_linear(x, w, b, a, e, bb, 0.5, 2.0),
+        "lora_linear_multi": lambda: VF.lora_linear_multi(x, w, b, sa, sb, [1.0, 0.5], torch.tensor([0, 1, -1, 0, 1, 1])),
+    }
+
+
+@pytest.mark.parametrize("where", ["after the with block", "on another thread"])
+def test_backward_runs_the_backend_the_forward_was_forced_to(where):
+    # the LoRA family's backward picked its backend again at backward time: a forward under
+    # use_backend("torch") had its backward run on cpp (and on CUDA autograd's device threads never
+    # see the forced backend at all)
+    import threading
+
+    import vfm
+    from vfm import _registry
+
+    if "cpp" not in vfm.available_backends("lora_linear", "cpu"):
+        pytest.skip("needs the cpp backend as the automatic choice")
+    for op, call in _lora_family_calls().items():
+        _registry.CALLS.clear()
+        with vfm.use_backend("torch"):
+            y = call()
+        if where == "after the with block":
+            y.sum().backward()
+        else:
+            t = threading.Thread(target=lambda: y.sum().backward())
+            t.start()
+            t.join()
+        assert dict(_registry.CALLS) == {(op, "torch"): 2}, (op, dict(_registry.CALLS))
+
+
+def test_custom_op_backward_runs_the_backend_the_forward_was_forced_to():
+    # the same through the registered custom op (the path torch.compile and tracing take)
+    import torch
+
+    import vfm
+    from vfm import _registry
+
+    if "cpp" not in vfm.available_backends("lora_linear", "cpu"):
+        pytest.skip("needs the cpp backend as the automatic choice")
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 8, dtype=torch.float64)
+    a = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    seed = torch.tensor(3)
+    _registry.CALLS.clear()
+    with vfm.use_backend("torch"):
+        y, _ = torch.ops.vfm.lora_linear(x, w, None, a, b, 0.5, 0.2, seed)
+    y.sum().backward()
+    assert dict(_registry.CALLS) == {("lora_linear", "torch"): 2}
+    grads = [t.grad.clone() for t in (x, a, b)]
+    for t in (x, a, b):
+        t.grad = None
+    _registry.CALLS.clear()
+    y, _ = torch.ops.vfm.lora_linear(x, w, None, a, b, 0.5, 0.2, seed)  # nothing forced: cpp both ways
+    y.sum().backward()
+    assert dict(_registry.CALLS) == {("lora_linear", "cpp"): 2}
+    for t, g in zip((x, a, b), grads):
+        torch.testing.assert_close(t.grad, g)

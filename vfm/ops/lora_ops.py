@@ -68,6 +68,33 @@ def kernels(op: str, x: Tensor):
     return _registry.resolve(op, x.device, lambda backend: _unsupported(backend, x))[1]
 
 
+def _choose(op: str, x: Tensor) -> Tuple[str, object]:
+    """(backend name, kernels) for a forward: its backward runs the same backend (:func:`_chosen`)."""
+    return _registry.resolve(op, x.device, lambda backend: _unsupported(backend, x))
+
+
+def _backward_kernels(op: str, x: Tensor, backend: str):
+    """A backward custom op's kernels: ``backend`` when its forward ran under a forced one, else the
+    choice for ``x`` (the one the forward made: same device and dtype)."""
+    if not backend:
+        return kernels(op, x)
+    with _registry.use_backend(backend):
+        return kernels(op, x)
+
+
+def _forced_at_forward() -> str:
+    """The backend forced when a forward runs ("" for none), kept for its backward (see :func:`_chosen`)."""
+    return _registry.forced_backend() or ""
+
+
+def _chosen(op: str, choice: Tuple[str, object]):
+    """The kernels the forward ran, for its backward: a backend forced around the forward
+    (``vfm.use_backend``) is no longer in force when autograd runs the backward (after the ``with``
+    block, or on autograd's own device threads), and the backward must not switch kernels."""
+    _registry.CALLS[(op, choice[0])] += 1
+    return choice[1]
+
+
 def _no_double_backward(op: str) -> None:
     if torch.is_grad_enabled():
         raise RuntimeError(
@@ -105,13 +132,14 @@ def _(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
 @torch.library.custom_op("vfm::lora_linear_backward", mutates_args=())
 def lora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, xa: Tensor,
                             scale: float, dropout_p: float, seed: Tensor,
-                            needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = kernels(LORA, x).backward(grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p, seed, tuple(needs))
+                            needs: List[bool], backend: str = "") -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _backward_kernels(LORA, x, backend).backward(grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p, seed,
+                                                         tuple(needs))
     return _empty_if_none(grads, x)
 
 
 @lora_linear_backward_op.register_fake
-def _(grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p, seed, needs):
+def _(grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p, seed, needs, backend=""):
     return (_grad_like(needs[0], x, x), _grad_like(needs[1], x, weight),
             _grad_like(needs[2], x, grad_y, (grad_y.shape[1],)),
             _grad_like(needs[3], x, lora_a), _grad_like(needs[4], x, lora_b))
@@ -119,7 +147,7 @@ def _(grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p, seed, needs):
 
 def _lora_setup(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scale, dropout_p, seed = inputs
-    ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, _forced_at_forward()
     ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], seed)
 
 
@@ -130,7 +158,7 @@ def _lora_backward(ctx, grad_y, grad_xa):
         return (None,) * 8
     _no_double_backward("lora_linear")
     grads = torch.ops.vfm.lora_linear_backward(grad_y, x, weight, lora_a, lora_b, xa, ctx.scale, ctx.dropout_p, seed,
-                                               needs)
+                                               needs, ctx.backend)
     return _none_if_unneeded(grads, needs) + (None,) * 3
 
 
@@ -144,7 +172,8 @@ class EagerLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
-        y, xa = kernels(LORA, x).forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
+        ctx.choice = _choose(LORA, x)
+        y, xa = ctx.choice[1].forward(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed)
         ctx.scale, ctx.dropout_p = scale, dropout_p
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa, seed)
         ctx.mark_non_differentiable(xa)
@@ -158,7 +187,8 @@ class EagerLoRALinear(torch.autograd.Function):
         if grad_y is None or not any(needs):
             return (None,) * 8
         _no_double_backward("lora_linear")
-        grads = kernels(LORA, x).backward(grad_y, x, weight, lora_a, lora_b, xa, ctx.scale, ctx.dropout_p, seed, needs)
+        grads = _chosen(LORA, ctx.choice).backward(grad_y, x, weight, lora_a, lora_b, xa, ctx.scale, ctx.dropout_p,
+                                                   seed, needs)
         return _none_if_unneeded(grads, needs) + (None,) * 3
 
 
@@ -182,16 +212,18 @@ def dora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: T
                             magnitude: Tensor, xa: Tensor, weight_norm: Tensor, scale: float, dropout_p: float,
                             seed: Tensor, needs: List[bool],
                             y: Optional[Tensor] = None,
-                            bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                            bias: Optional[Tensor] = None,
+                            backend: str = "") -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """y, bias: the forward's output and the base bias without dropout (grad_magnitude from them), else None."""
-    grads = kernels(DORA, x).backward(grad_y, x, weight, lora_a, lora_b, magnitude, xa, weight_norm, scale,
-                                      dropout_p, seed, tuple(needs), y, bias)
+    kern = _backward_kernels(DORA, x, backend)
+    grads = kern.backward(grad_y, x, weight, lora_a, lora_b, magnitude, xa, weight_norm, scale, dropout_p, seed,
+                          tuple(needs), y, bias)
     return _empty_if_none(grads, x)
 
 
 @dora_linear_backward_op.register_fake
 def _(grad_y, x, weight, lora_a, lora_b, magnitude, xa, weight_norm, scale, dropout_p, seed, needs, y=None,
-      bias=None):
+      bias=None, backend=""):
     return (_grad_like(needs[0], x, x), _grad_like(needs[1], x, weight),
             _grad_like(needs[2], x, grad_y, (grad_y.shape[1],)),
             _grad_like(needs[3], x, lora_a), _grad_like(needs[4], x, lora_b), _grad_like(needs[5], x, magnitude))
@@ -216,7 +248,7 @@ def _saved_tensor_hooks_active() -> bool:
 
 def _dora_setup(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed = inputs
-    ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, _forced_at_forward()
     out = _dora_output_for_backward(bias, dropout_p, output[0])
     ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, output[1], output[2], seed, out,
                           bias if out is not None else None)
@@ -229,7 +261,7 @@ def _dora_backward(ctx, grad_y, grad_xa, grad_wn):
         return (None,) * 9
     _no_double_backward("dora_linear")
     grads = torch.ops.vfm.dora_linear_backward(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, ctx.scale,
-                                               ctx.dropout_p, seed, needs, y, bias)
+                                               ctx.dropout_p, seed, needs, y, bias, ctx.backend)
     return _none_if_unneeded(grads, needs) + (None,) * 3
 
 
@@ -243,7 +275,8 @@ class EagerDoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed):
-        y, xa, wn = kernels(DORA, x).forward(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed)
+        ctx.choice = _choose(DORA, x)
+        y, xa, wn = ctx.choice[1].forward(x, weight, bias, lora_a, lora_b, magnitude, scale, dropout_p, seed)
         ctx.scale, ctx.dropout_p = scale, dropout_p
         out = _dora_output_for_backward(bias, dropout_p, y)
         if out is not None and _saved_tensor_hooks_active():
@@ -265,8 +298,8 @@ class EagerDoRALinear(torch.autograd.Function):
             return (None,) * 9
         _no_double_backward("dora_linear")
         y = ctx.y if ctx.y is not None and ctx.y._version == ctx.y_version else None
-        grads = kernels(DORA, x).backward(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, ctx.scale,
-                                          ctx.dropout_p, seed, needs, y, bias)
+        grads = _chosen(DORA, ctx.choice).backward(grad_y, x, weight, lora_a, lora_b, magnitude, xa, wn, ctx.scale,
+                                                   ctx.dropout_p, seed, needs, y, bias)
         return _none_if_unneeded(grads, needs) + (None,) * 3
 
 
@@ -288,14 +321,15 @@ def _(x, weight, bias, lora_a, lora_e, lora_b, scale, ranknum, dropout_p, seed):
 def adalora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, lora_a: Tensor, lora_e: Tensor,
                                lora_b: Tensor, ranknum: Tensor, xa: Tensor, scale: float, dropout_p: float,
                                seed: Tensor,
-                               needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = kernels(ADALORA, x).backward(grad_y, x, weight, lora_a, lora_e, lora_b, ranknum, xa, scale, dropout_p,
-                                         seed, tuple(needs))
+                               needs: List[bool],
+                               backend: str = "") -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    kern = _backward_kernels(ADALORA, x, backend)
+    grads = kern.backward(grad_y, x, weight, lora_a, lora_e, lora_b, ranknum, xa, scale, dropout_p, seed, tuple(needs))
     return _empty_if_none(grads, x)
 
 
 @adalora_linear_backward_op.register_fake
-def _(grad_y, x, weight, lora_a, lora_e, lora_b, ranknum, xa, scale, dropout_p, seed, needs):
+def _(grad_y, x, weight, lora_a, lora_e, lora_b, ranknum, xa, scale, dropout_p, seed, needs, backend=""):
     return (_grad_like(needs[0], x, x), _grad_like(needs[1], x, weight),
             _grad_like(needs[2], x, grad_y, (grad_y.shape[1],)),
             _grad_like(needs[3], x, lora_a), _grad_like(needs[4], x, lora_e), _grad_like(needs[5], x, lora_b))
@@ -303,7 +337,7 @@ def _(grad_y, x, weight, lora_a, lora_e, lora_b, ranknum, xa, scale, dropout_p, 
 
 def _adalora_setup(ctx, inputs, output):
     x, weight, bias, lora_a, lora_e, lora_b, scale, ranknum, dropout_p, seed = inputs
-    ctx.scale, ctx.dropout_p = scale, dropout_p
+    ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, _forced_at_forward()
     ctx.save_for_backward(x, weight, lora_a, lora_e, lora_b, ranknum, output[1], seed)
 
 
@@ -314,7 +348,7 @@ def _adalora_backward(ctx, grad_y, grad_xa):
         return (None,) * 10
     _no_double_backward("adalora_linear")
     grads = torch.ops.vfm.adalora_linear_backward(grad_y, x, weight, lora_a, lora_e, lora_b, ranknum, xa, ctx.scale,
-                                                  ctx.dropout_p, seed, needs)
+                                                  ctx.dropout_p, seed, needs, ctx.backend)
     return _none_if_unneeded(grads, needs) + (None,) * 4
 
 
@@ -328,7 +362,8 @@ class EagerAdaLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_e, lora_b, scale, ranknum, dropout_p, seed):
-        y, xa = kernels(ADALORA, x).forward(x, weight, bias, lora_a, lora_e, lora_b, scale, ranknum, dropout_p, seed)
+        ctx.choice = _choose(ADALORA, x)
+        y, xa = ctx.choice[1].forward(x, weight, bias, lora_a, lora_e, lora_b, scale, ranknum, dropout_p, seed)
         ctx.scale, ctx.dropout_p = scale, dropout_p
         ctx.save_for_backward(x, weight, lora_a, lora_e, lora_b, ranknum, xa, seed)
         ctx.mark_non_differentiable(xa)
@@ -342,8 +377,8 @@ class EagerAdaLoRALinear(torch.autograd.Function):
         if grad_y is None or not any(needs):
             return (None,) * 10
         _no_double_backward("adalora_linear")
-        grads = kernels(ADALORA, x).backward(grad_y, x, weight, lora_a, lora_e, lora_b, ranknum, xa, ctx.scale,
-                                             ctx.dropout_p, seed, needs)
+        grads = _chosen(ADALORA, ctx.choice).backward(grad_y, x, weight, lora_a, lora_e, lora_b, ranknum, xa,
+                                                      ctx.scale, ctx.dropout_p, seed, needs)
         return _none_if_unneeded(grads, needs) + (None,) * 4
 
 
@@ -364,14 +399,16 @@ def _(x, weight, bias, a_stack, b_stack, scalings, adapter_ids, dropout_p, seed)
 @torch.library.custom_op("vfm::lora_linear_multi_backward", mutates_args=())
 def lora_linear_multi_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, a_stack: Tensor, b_stack: Tensor,
                                   scalings: Tensor, adapter_ids: Tensor, xa: Tensor, dropout_p: float, seed: Tensor,
-                                  needs: List[bool]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = kernels(MULTI, x).backward(grad_y, x, weight, a_stack, b_stack, scalings, adapter_ids, xa, dropout_p,
-                                       seed, tuple(needs))
+                                  needs: List[bool],
+                                  backend: str = "") -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    kern = _backward_kernels(MULTI, x, backend)
+    grads = kern.backward(grad_y, x, weight, a_stack, b_stack, scalings, adapter_ids, xa, dropout_p, seed,
+                          tuple(needs))
     return _empty_if_none(grads, x)
 
 
 @lora_linear_multi_backward_op.register_fake
-def _(grad_y, x, weight, a_stack, b_stack, scalings, adapter_ids, xa, dropout_p, seed, needs):
+def _(grad_y, x, weight, a_stack, b_stack, scalings, adapter_ids, xa, dropout_p, seed, needs, backend=""):
     return (_grad_like(needs[0], x, x), _grad_like(needs[1], x, weight),
             _grad_like(needs[2], x, grad_y, (grad_y.shape[1],)),
             _grad_like(needs[3], x, a_stack), _grad_like(needs[4], x, b_stack))
@@ -379,7 +416,7 @@ def _(grad_y, x, weight, a_stack, b_stack, scalings, adapter_ids, xa, dropout_p,
 
 def _multi_setup(ctx, inputs, output):
     x, weight, bias, a_stack, b_stack, scalings, adapter_ids, dropout_p, seed = inputs
-    ctx.dropout_p = dropout_p
+    ctx.dropout_p, ctx.backend = dropout_p, _forced_at_forward()
     ctx.save_for_backward(x, weight, a_stack, b_stack, scalings, adapter_ids, output[1], seed)
 
 
@@ -390,7 +427,7 @@ def _multi_backward(ctx, grad_y, grad_xa):
         return (None,) * 9
     _no_double_backward("lora_linear_multi")
     grads = torch.ops.vfm.lora_linear_multi_backward(grad_y, x, weight, a_stack, b_stack, scalings, adapter_ids, xa,
-                                                     ctx.dropout_p, seed, needs)
+                                                     ctx.dropout_p, seed, needs, ctx.backend)
     return _none_if_unneeded(grads, needs) + (None,) * 4
 
 
@@ -404,7 +441,8 @@ class EagerLoRALinearMulti(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, a_stack, b_stack, scalings, adapter_ids, dropout_p, seed):
-        y, xa = kernels(MULTI, x).forward(x, weight, bias, a_stack, b_stack, scalings, adapter_ids, dropout_p, seed)
+        ctx.choice = _choose(MULTI, x)
+        y, xa = ctx.choice[1].forward(x, weight, bias, a_stack, b_stack, scalings, adapter_ids, dropout_p, seed)
         ctx.dropout_p = dropout_p
         ctx.save_for_backward(x, weight, a_stack, b_stack, scalings, adapter_ids, xa, seed)
         ctx.mark_non_differentiable(xa)
@@ -418,6 +456,6 @@ class EagerLoRALinearMulti(torch.autograd.Function):
         if grad_y is None or not any(needs):
             return (None,) * 9
         _no_double_backward("lora_linear_multi")
-        grads = kernels(MULTI, x).backward(grad_y, x, weight, a_stack, b_stack, scalings, adapter_ids, xa,
-                                           ctx.dropout_p, seed, needs)
+        grads = _chosen(MULTI, ctx.choice).backward(grad_y, x, weight, a_stack, b_stack, scalings, adapter_ids,
+                                                    xa, ctx.dropout_p, seed, needs)
         return _none_if_unneeded(grads, needs) + (None,) * 4
