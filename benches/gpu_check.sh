@@ -46,7 +46,7 @@ log "2/5 GPU tests"
 VFM_TEST_GPU=1 timeout 200 $PY -m pytest -q -p no:cacheprovider -rf -m gpu --maxfail=30 \
   tests/test_gpu_knowledge_ce.py tests/test_gpu_cuda_kce.py tests/test_gpu_cuda_lora.py tests/test_gpu_lora.py \
   tests/test_kce_prologue.py tests/test_fused_linear_ce.py tests/test_fused_linear_ce_extra.py tests/test_flce_filter.py \
-  tests/test_peft_mixed.py \
+  tests/test_peft_mixed.py tests/test_review_backends.py \
   -k "not 128256" 2>&1 | tail -60 | tee "$OUT/gpu_tests.txt"
 
 log "3/5 knowledge CE benchmark (N=8192, V=128256, bf16)"

@@ -306,3 +306,62 @@ def test_custom_op_backward_runs_the_backend_the_forward_was_forced_to():
     assert dict(_registry.CALLS) == {("lora_linear", "cpp"): 2}
     for t, g in zip((x, a, b), grads):
         torch.testing.assert_close(t.grad, g)
+
+
+@pytest.mark.gpu
+def test_deterministic_mode_makes_the_filtered_weight_gradient_bitwise_repeatable():
+    # the gradient filter's scattered row updates used index_add_ (atomics) on CUDA in either mode
+    import torch
+
+    import vfm
+    from vfm.ops.flce_filter import scatter_add_rows
+
+    torch.manual_seed(0)
+    idx = torch.randint(0, 7, (20000,), device="cuda")
+    values = torch.randn(20000, 64, device="cuda")
+    was = vfm.deterministic()
+    try:
+        vfm.deterministic(True)
+        runs = []
+        for _ in range(3):
+            acc = torch.zeros(7, 64, device="cuda")
+            scatter_add_rows(acc, idx, values)
+            runs.append(acc)
+    finally:
+        vfm.deterministic(was)
+    want = torch.zeros(7, 64, dtype=torch.float64).index_add_(0, idx.cpu(), values.double().cpu())
+    torch.testing.assert_close(runs[0].double().cpu(), want, rtol=1e-5, atol=1e-4)
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+def test_triton_that_fails_to_import_is_not_an_available_backend(tmp_path):
+    # find_spec alone listed a broken triton as available: a forced triton raised a bare ImportError,
+    # and on CUDA the automatic choice (triton) would have failed on every call
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text("raise ImportError('broken build')\n")
+    body = textwrap.dedent(
+        """
+        import torch, vfm
+        assert vfm.available_backends(device="cpu") == ["cpp", "torch"] or "cpp" not in \\
+            vfm.available_backends(device="cpu"), vfm.available_backends(device="cpu")
+        assert "triton" not in vfm.available_backends(device="cpu")
+        try:
+            with vfm.use_backend("triton"):
+                vfm.functional.knowledge_cross_entropy(torch.randn(3, 5), torch.tensor([1, 2, 3]))
+        except vfm.BackendUnavailableError as err:
+            assert "failed to import" in str(err) and "broken build" in str(err), err
+            print("OK triton")
+        """
+    )
+    proc = _run("", body, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                TRITON_INTERPRET="1")
+    assert "OK triton" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_cli_version(capsys):
+    from vfm import __version__
+    from vfm.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"vfm {__version__}"

@@ -207,8 +207,10 @@ def deterministic(enabled: Optional[bool] = None) -> bool:
     """Get, or set with ``enabled``, vfm's deterministic mode.
 
     In deterministic mode kernels avoid atomics whose order could change results from run to
-    run (the knowledge cross-entropy kernels use none in either mode).  Returns the mode in force
-    after the call.
+    run.  The knowledge cross-entropy and LoRA kernels use none in either mode; the one place that
+    does is the opt-in gradient filter of the fused linear loss (``grad_filter``), whose scattered
+    row updates on CUDA then add in a fixed (sorted) order instead of by atomics.  Returns the mode
+    in force after the call.
     """
     if enabled is not None:
         if not isinstance(enabled, bool):

@@ -99,6 +99,9 @@ def check_rules(rules_path: str, data_path: Optional[str], text_field: str = "te
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``vfm`` command."""
     parser = argparse.ArgumentParser(prog="vfm", description="vfm: vertical-domain adaptation engine")
+    from vfm._version import __version__
+
+    parser.add_argument("--version", action="version", version=f"vfm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="versions, native extension and available backends")
     sub.add_parser("bench", help="benchmark the knowledge cross-entropy (see vfm bench --help)", add_help=False)

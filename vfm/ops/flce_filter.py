@@ -41,6 +41,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from vfm import _registry
+
 #: Vocabulary columns per chunk (the unit that is kept or skipped).
 CHUNK = 256
 #: At most this many GEMM pairs per block; the closest kept runs are merged beyond it.
@@ -69,10 +71,12 @@ def _count(key: str, n: int = 1) -> None:
 def scatter_add_rows(acc: Tensor, idx: Tensor, values: Tensor) -> None:
     """acc[idx[i]] += values[i] (repeated indices add up).
 
-    ``index_add_`` on CUDA (atomics); on CPU ``index_put_(accumulate=True)``, which is more than
-    ten times faster there than ``index_add_`` into a large ``acc``.
+    ``index_add_`` on CUDA (atomics, so the order of the additions varies from run to run); on CPU,
+    and on CUDA in deterministic mode (:func:`vfm.deterministic`), ``index_put_(accumulate=True)``,
+    which sorts the indices and adds in a fixed order (on CPU more than ten times faster than
+    ``index_add_`` into a large ``acc``).
     """
-    if acc.device.type == "cpu":
+    if acc.device.type == "cpu" or _registry.deterministic():
         acc.index_put_((idx,), values, accumulate=True)
     else:
         acc.index_add_(0, idx, values)

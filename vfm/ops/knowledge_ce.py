@@ -50,7 +50,7 @@ def _interpret() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return importlib.util.find_spec("triton") is not None and _triton_import_error() is None
 
 
 def use_device_path(t: Tensor) -> bool:
@@ -72,10 +72,25 @@ def use_device_path(t: Tensor) -> bool:
     return kind == "cpu" and flag == "1" and _interpret() and _triton_importable()
 
 
+_TRITON_IMPORT: list = []  # [None] once triton imported, or [why it failed]: tried once, on first need
+
+
+def _triton_import_error() -> Optional[str]:
+    if not _TRITON_IMPORT:
+        try:
+            import triton  # noqa: F401
+            _TRITON_IMPORT.append(None)
+        except Exception as err:  # a broken install: not an available backend, with the reason
+            _TRITON_IMPORT.append(f"triton is installed but failed to import: {type(err).__name__}: {err}")
+    return _TRITON_IMPORT[0]
+
+
 def triton_missing_reason(device: torch.device) -> Optional[str]:
     """Why Triton kernels cannot run on ``device`` (None when they can)."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
+    if device.type in ("cuda", "cpu") and _triton_import_error():
+        return _triton_import_error()
     if device.type == "cuda":
         return None if torch.cuda.is_available() else "no CUDA device is available"
     if device.type == "cpu":
