@@ -13,6 +13,24 @@ from typing import Any, Optional
 import yaml
 
 
+class NotUTF8(ValueError):
+    """A text file that is not valid UTF-8: ``line`` (1-based), ``start`` (byte offset), ``reason``."""
+
+    def __init__(self, line: int, start: int, reason: str):
+        super().__init__(f"line {line}: not valid UTF-8 ({reason} at byte {start})")
+        self.line, self.start, self.reason = line, start, reason
+
+
+def read_utf8(path: str) -> str:
+    """The file as text (UTF-8, a leading BOM dropped); :class:`NotUTF8` names where it is not UTF-8."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise NotUTF8(raw[:exc.start].count(b"\n") + 1, exc.start, exc.reason) from None
+
+
 class LineDict(dict):
     """A mapping from YAML with ``line`` (the mapping's line) and ``key_lines`` (value lines)."""
 

@@ -18,18 +18,17 @@ from typing import Dict, List
 
 import yaml
 
+from vfm.knowledge._yaml import NotUTF8, read_utf8
+
 _SPLIT = re.compile(r"[,，\t|]")
 
 
 def _read_text(path: str) -> str:
     """The file as text (UTF-8, a leading BOM dropped); invalid UTF-8 is a ValueError with path and line."""
-    with open(path, "rb") as fh:
-        raw = fh.read()
     try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8 ({exc.reason})") from None
+        return read_utf8(path)
+    except NotUTF8 as exc:
+        raise ValueError(f"{path}:{exc.line}: not valid UTF-8 ({exc.reason})") from None
 
 
 def _read_txt(path: str) -> List[List[str]]:

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Optional, Sequence
 
-from vfm.knowledge._yaml import YAMLFormatError, load_yaml_with_lines
+from vfm.knowledge._yaml import NotUTF8, YAMLFormatError, load_yaml_with_lines, read_utf8
 from vfm.knowledge.matching import Condition
 
 TASKS = ("classification", "tagging")
@@ -212,13 +212,10 @@ def load_rules(path: str) -> RuleSet:
         FileNotFoundError: no such file.
     """
     path = os.fspath(path)
-    with open(path, "rb") as fh:
-        raw = fh.read()
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise RuleError(f"not valid UTF-8 ({err.reason} at byte {err.start})", path, line) from None
+        text = read_utf8(path)
+    except NotUTF8 as err:
+        raise RuleError(f"not valid UTF-8 ({err.reason} at byte {err.start})", path, err.line) from None
     try:
         data = load_yaml_with_lines(text, path)
     except YAMLFormatError as err:

@@ -40,6 +40,8 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from vfm.knowledge._yaml import NotUTF8, read_utf8
+
 BUILTIN_MINILM = "builtin:all-minilm-l6-v2"
 
 
@@ -381,13 +383,10 @@ def config_from_dict(data: Dict[str, Any], *, source: str = "<dict>", base_dir: 
 
 def load_config(path: str) -> Config:
     """Read a ``vfm train`` YAML file (safe loader; unknown keys and wrong types name their line)."""
-    with open(path, "rb") as fh:
-        raw = fh.read()
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise ValueError(f"{path}, line {line}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        text = read_utf8(path)
+    except NotUTF8 as exc:
+        raise ValueError(f"{path}, line {exc.line}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
         loader = _LineLoader(text)
         loader.name = path
